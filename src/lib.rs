@@ -1,1 +1,25 @@
+//! strata: a layered, verifying, caching substituter for BLAKE3-addressed
+//! blobs, speaking the snix/tvix castore `BlobService` gRPC protocol.
+//!
+//! * [`blobservice`]: the one trait every tier and the server speak.
+//! * [`tiers`]: the tier kinds, one module each.
+//! * [`chunkstore`]: the chunk/index storage model shared by local tiers.
+//! * [`verify`]: where every untrusted byte is checked.
+//! * [`composition`]: composition files and the kind registry.
+//! * [`server`]: the gRPC server and its listeners.
+
+#![warn(missing_docs)]
+
+pub mod addr;
+pub mod blobservice;
+pub mod chunkstore;
+pub mod composition;
+pub mod digest;
+pub mod error;
 pub mod proto;
+pub mod server;
+pub mod tiers;
+pub mod verify;
+
+pub use digest::B3Digest;
+pub use error::{Error, Result};

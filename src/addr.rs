@@ -1,0 +1,209 @@
+//! Addresses: where a gRPC peer is (`grpc+http://`, `grpc+https://`,
+//! `grpc+unix://`) and where a server listens (`HOST:PORT` or a socket path),
+//! plus the channel and transport settings shared by every client.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// HTTP/2 stream window: large enough that a single blob stream is not
+/// throttled by flow control on a fast link (the default is 64 KiB).
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// HTTP/2 connection window: room for several bulk streams at once.
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// Default cap on a single gRPC message, in both directions.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+
+/// The address of a gRPC BlobService peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerAddr {
+    /// `grpc+http://HOST:PORT`
+    Http(String),
+    /// `grpc+https://HOST:PORT`
+    Https(String),
+    /// `grpc+unix:///PATH`
+    Unix(PathBuf),
+}
+
+/// Why an address did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid address {addr:?}: {reason}")]
+pub struct AddrError {
+    addr: String,
+    reason: &'static str,
+}
+
+impl FromStr for PeerAddr {
+    type Err = AddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let fail = |reason| AddrError {
+            addr: s.to_owned(),
+            reason,
+        };
+        let authority = |rest: &str| -> Result<String, AddrError> {
+            let rest = rest.trim_end_matches('/');
+            if rest.is_empty() || rest.contains('/') {
+                return Err(fail("expected HOST:PORT after the scheme"));
+            }
+            Ok(rest.to_owned())
+        };
+        if let Some(rest) = s.strip_prefix("grpc+http://") {
+            Ok(PeerAddr::Http(authority(rest)?))
+        } else if let Some(rest) = s.strip_prefix("grpc+https://") {
+            Ok(PeerAddr::Https(authority(rest)?))
+        } else if let Some(rest) = s.strip_prefix("grpc+unix:") {
+            // Accept grpc+unix:///abs/path and grpc+unix:/abs/path.
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if !path.starts_with('/') {
+                return Err(fail("expected an absolute socket path, as in grpc+unix:///run/x.sock"));
+            }
+            Ok(PeerAddr::Unix(PathBuf::from(path)))
+        } else {
+            Err(fail("expected grpc+http://, grpc+https:// or grpc+unix://"))
+        }
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerAddr::Http(a) => write!(f, "grpc+http://{a}"),
+            PeerAddr::Https(a) => write!(f, "grpc+https://{a}"),
+            PeerAddr::Unix(p) => write!(f, "grpc+unix://{}", p.display()),
+        }
+    }
+}
+
+impl PeerAddr {
+    /// A channel to the peer. It connects lazily, so a peer that is down at
+    /// start-up does not stop the caller from starting, and reconnects after
+    /// failures.
+    pub fn channel(&self, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+        let tune = |e: Endpoint| {
+            e.connect_timeout(connect_timeout)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_while_idle(false)
+        };
+        Ok(match self {
+            PeerAddr::Http(a) => tune(Endpoint::from_shared(format!("http://{a}"))?).connect_lazy(),
+            PeerAddr::Https(a) => tune(
+                Endpoint::from_shared(format!("https://{a}"))?
+                    .tls_config(ClientTlsConfig::new().with_native_roots())?,
+            )
+            .connect_lazy(),
+            PeerAddr::Unix(path) => {
+                let path = path.clone();
+                // The URI is unused: the connector below ignores it.
+                tune(Endpoint::from_static("http://unix.socket")).connect_with_connector_lazy(
+                    tower::service_fn(move |_| {
+                        let path = path.clone();
+                        async move {
+                            let stream = tokio::net::UnixStream::connect(path).await?;
+                            Ok::<_, std::io::Error>(TokioIo::new(stream))
+                        }
+                    }),
+                )
+            }
+        })
+    }
+}
+
+/// Where a server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `HOST:PORT`
+    Tcp(String),
+    /// A filesystem path for a unix socket.
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = AddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(PeerAddr::Unix(path)) = s.parse::<PeerAddr>() {
+            return Ok(ListenAddr::Unix(path));
+        }
+        if s.contains('/') {
+            return Ok(ListenAddr::Unix(PathBuf::from(s)));
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(ListenAddr::Tcp(s.to_owned()))
+            }
+            _ => Err(AddrError {
+                addr: s.to_owned(),
+                reason: "expected HOST:PORT or a unix socket path",
+            }),
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => f.write_str(a),
+            ListenAddr::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// The default TCP listener.
+pub const DEFAULT_TCP_LISTEN: &str = "127.0.0.1:8000";
+
+/// The default unix socket: `$XDG_RUNTIME_DIR/strata/strata.sock`, or
+/// `/tmp/strata-$UID/strata.sock` where there is no runtime directory.
+pub fn default_socket_path() -> PathBuf {
+    match dirs::runtime_dir() {
+        Some(dir) => dir.join("strata").join("strata.sock"),
+        None => std::env::temp_dir()
+            .join(format!("strata-{}", rustix::process::getuid().as_raw()))
+            .join("strata.sock"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addresses() {
+        assert_eq!(
+            "grpc+http://127.0.0.1:8000".parse(),
+            Ok(PeerAddr::Http("127.0.0.1:8000".into()))
+        );
+        assert_eq!(
+            "grpc+https://cache.example:443/".parse(),
+            Ok(PeerAddr::Https("cache.example:443".into()))
+        );
+        assert_eq!(
+            "grpc+unix:///run/strata.sock".parse(),
+            Ok(PeerAddr::Unix("/run/strata.sock".into()))
+        );
+        assert!("http://x:1".parse::<PeerAddr>().is_err());
+        assert!("grpc+unix://relative".parse::<PeerAddr>().is_err());
+        assert!("grpc+http://x:1/path".parse::<PeerAddr>().is_err());
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            "127.0.0.1:8000".parse(),
+            Ok(ListenAddr::Tcp("127.0.0.1:8000".into()))
+        );
+        assert_eq!("[::1]:9".parse(), Ok(ListenAddr::Tcp("[::1]:9".into())));
+        assert_eq!(
+            "/run/s.sock".parse(),
+            Ok(ListenAddr::Unix("/run/s.sock".into()))
+        );
+        assert!("nonsense".parse::<ListenAddr>().is_err());
+    }
+}

@@ -1,0 +1,120 @@
+//! The [`BlobService`] trait: the one interface every tier, combinator and
+//! the gRPC server speak.
+//!
+//! # Contract
+//!
+//! * Blobs are named by the BLAKE3 digest of their contents. A service never
+//!   returns bytes for a digest that do not hash to it: tiers that hold data
+//!   they did not write themselves pass it through [`crate::verify`] before
+//!   handing it out.
+//! * The empty blob ([`B3Digest::EMPTY`]) always exists; services answer it
+//!   without storing it.
+//! * A blob may be stored as a list of physical chunks ([`ChunkMeta`]), each
+//!   itself a blob: [`BlobService::stat`] lists them, and every listed chunk
+//!   can be stat'ed and read by its own digest on the same service.
+//! * Reads and writes stream with bounded memory whatever the blob size:
+//!   [`BlobReader`] is an `AsyncRead + AsyncSeek`, and [`BlobWriter`] takes
+//!   `Bytes` pieces and keeps at most a few chunks of them in flight.
+//! * "Absent" is `Ok(None)`, not an error. Errors mean the service could not
+//!   answer (I/O, an unreachable or lying peer, ...).
+
+mod reader;
+
+pub use reader::{BlobReader, BufferedReader, SpooledReader};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::digest::B3Digest;
+use crate::error::Result;
+
+/// One physical chunk of a blob: its digest and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkMeta {
+    /// BLAKE3 digest of the chunk's bytes.
+    pub digest: B3Digest,
+    /// Length of the chunk in bytes.
+    pub size: u64,
+}
+
+/// What [`BlobService::stat`] knows about a blob.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BlobStat {
+    /// Length of the blob in bytes.
+    pub size: u64,
+    /// The blob's physical chunks, in order. Empty when the blob is stored
+    /// as a single piece.
+    pub chunks: Vec<ChunkMeta>,
+}
+
+/// What a completed write produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutResult {
+    /// BLAKE3 digest of everything written.
+    pub digest: B3Digest,
+    /// Number of bytes written.
+    pub size: u64,
+    /// The physical chunks the blob was stored as (empty for a single piece).
+    pub chunks: Vec<ChunkMeta>,
+}
+
+/// A store of BLAKE3-addressed blobs. See the module docs for the contract.
+#[async_trait]
+pub trait BlobService: Send + Sync + 'static {
+    /// Whether the blob is present (and complete).
+    async fn has(&self, digest: &B3Digest) -> Result<bool> {
+        Ok(self.stat(digest).await?.is_some())
+    }
+
+    /// Size and chunk list of a blob, or `None` if it is absent.
+    async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>>;
+
+    /// A seekable reader over the blob's verified contents, or `None` if it
+    /// is absent.
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>>;
+
+    /// Starts writing a new blob. Nothing is visible until
+    /// [`BlobWriter::close`] succeeds; dropping the writer abandons it.
+    async fn open_write(&self) -> Result<Box<dyn BlobWriter>>;
+}
+
+/// An in-progress blob upload.
+#[async_trait]
+pub trait BlobWriter: Send {
+    /// Appends `data` to the blob.
+    async fn write(&mut self, data: Bytes) -> Result<()>;
+
+    /// Finishes the blob and makes it visible. Returns its digest, size and
+    /// chunk list.
+    async fn close(self: Box<Self>) -> Result<PutResult>;
+}
+
+#[async_trait]
+impl<T: BlobService + ?Sized> BlobService for std::sync::Arc<T> {
+    async fn has(&self, digest: &B3Digest) -> Result<bool> {
+        (**self).has(digest).await
+    }
+    async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        (**self).stat(digest).await
+    }
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+        (**self).open_read(digest).await
+    }
+    async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+        (**self).open_write().await
+    }
+}
+
+/// Reads a whole blob into memory. Meant for blobs known to be small (chunks,
+/// inline data); `limit` guards against anything larger.
+pub async fn read_to_bytes(reader: &mut dyn BlobReader, limit: u64) -> Result<Bytes> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let n = (&mut *reader).take(limit + 1).read_to_end(&mut buf).await?;
+    if n as u64 > limit {
+        return Err(crate::Error::InvalidRequest(format!(
+            "blob is larger than the {limit} bytes allowed here"
+        )));
+    }
+    Ok(buf.into())
+}

@@ -1,0 +1,163 @@
+//! Chunk stores: the storage model shared by every local tier kind.
+//!
+//! A [`ChunkStore`] keeps two kinds of objects, both named by BLAKE3 digest:
+//! chunks (pieces of at most [`MAX_CHUNK_SIZE`] bytes, cut by FastCDC) and
+//! blob indexes (the ordered chunk list of a blob that has two or more
+//! chunks). A blob of a single chunk is just that chunk, and the empty blob is
+//! never stored. This is the layout snix's objectstore blob service uses, so
+//! the same model serves memory, disk and object storage alike.
+//!
+//! [`ChunkedBlobService`] turns any chunk store into a [`BlobService`]: it
+//! chunks and hashes on write ([`writer`]) and reads through a seekable,
+//! read-ahead reader that verifies every chunk ([`reader`]). The backends
+//! only move bytes.
+
+mod reader;
+mod writer;
+
+pub use reader::ChunkedReader;
+pub use writer::{AVG_CHUNK_SIZE, ChunkingWriter, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tracing::instrument;
+
+use crate::blobservice::{
+    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta,
+};
+use crate::digest::B3Digest;
+use crate::error::{Error, Result};
+use crate::verify::verify_chunk;
+
+/// The chunk list of a blob made of two or more chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobIndex {
+    /// Length of the blob in bytes (the sum of the chunk sizes).
+    pub size: u64,
+    /// The chunks, in order.
+    pub chunks: Vec<ChunkMeta>,
+}
+
+impl BlobIndex {
+    /// Builds an index from its chunk list.
+    pub fn new(chunks: Vec<ChunkMeta>) -> Self {
+        BlobIndex {
+            size: chunks.iter().map(|c| c.size).sum(),
+            chunks,
+        }
+    }
+}
+
+/// A backend that stores chunks and blob indexes. Implementations only move
+/// bytes; chunking, hashing and verification live in [`ChunkedBlobService`].
+#[async_trait]
+pub trait ChunkStore: Send + Sync + 'static {
+    /// The chunk's bytes, or `None` if absent. The bytes are not trusted:
+    /// callers verify them against `digest`.
+    async fn get_chunk(&self, digest: &B3Digest) -> Result<Option<Bytes>>;
+
+    /// The chunk's length, or `None` if absent.
+    async fn chunk_size(&self, digest: &B3Digest) -> Result<Option<u64>>;
+
+    /// Whether the chunk is present.
+    async fn has_chunk(&self, digest: &B3Digest) -> Result<bool> {
+        Ok(self.chunk_size(digest).await?.is_some())
+    }
+
+    /// Stores a chunk whose digest the caller has computed.
+    async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()>;
+
+    /// The index of a multi-chunk blob, or `None` if there is none.
+    async fn get_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>>;
+
+    /// Stores the index of a multi-chunk blob. Called only after all of its
+    /// chunks are stored, so a visible index means a complete blob.
+    async fn put_index(&self, digest: B3Digest, index: BlobIndex) -> Result<()>;
+
+    /// Whether chunks can disappear behind an index (caches that evict).
+    /// If so, [`ChunkedBlobService`] checks that every chunk of an index is
+    /// still present before it calls a blob present.
+    fn evicts(&self) -> bool;
+
+    /// How many chunks a reader may fetch ahead of the one being read.
+    fn read_ahead(&self) -> usize {
+        4
+    }
+}
+
+/// A [`BlobService`] over a [`ChunkStore`].
+pub struct ChunkedBlobService<S> {
+    store: Arc<S>,
+}
+
+impl<S: ChunkStore> ChunkedBlobService<S> {
+    /// Serves the blobs in `store`.
+    pub fn new(store: S) -> Self {
+        ChunkedBlobService {
+            store: Arc::new(store),
+        }
+    }
+
+    /// The backend.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The index of `digest`, if it has one and (for evicting stores) all of
+    /// its chunks are still there.
+    async fn complete_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
+        let Some(index) = self.store.get_index(digest).await? else {
+            return Ok(None);
+        };
+        if self.store.evicts() {
+            for chunk in &index.chunks {
+                if !self.store.has_chunk(&chunk.digest).await? {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(index))
+    }
+}
+
+#[async_trait]
+impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
+    #[instrument(skip(self), fields(%digest), err)]
+    async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        if digest.is_empty_blob() {
+            return Ok(Some(BlobStat::default()));
+        }
+        if let Some(index) = self.complete_index(digest).await? {
+            return Ok(Some(BlobStat {
+                size: index.size,
+                chunks: index.chunks,
+            }));
+        }
+        Ok(self.store.chunk_size(digest).await?.map(|size| BlobStat {
+            size,
+            chunks: Vec::new(),
+        }))
+    }
+
+    #[instrument(skip(self), fields(%digest), err)]
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+        if digest.is_empty_blob() {
+            return Ok(Some(Box::new(BufferedReader::new(Bytes::new()))));
+        }
+        if let Some(index) = self.complete_index(digest).await? {
+            let reader = ChunkedReader::new(*digest, index.chunks, self.store.clone());
+            return Ok(Some(Box::new(reader)));
+        }
+        let Some(data) = self.store.get_chunk(digest).await? else {
+            return Ok(None);
+        };
+        verify_chunk(digest, &data).map_err(Error::from)?;
+        Ok(Some(Box::new(BufferedReader::new(data))))
+    }
+
+    async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+        Ok(Box::new(ChunkingWriter::new(self.store.clone())))
+    }
+}

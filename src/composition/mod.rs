@@ -1,0 +1,401 @@
+//! Composition files: which tiers exist, how they are wired, and what the
+//! server listens on.
+//!
+//! ```toml
+//! [server]
+//! listen = ["127.0.0.1:8000", "/run/strata/strata.sock"]
+//!
+//! [blobservices.root]
+//! type = "memory"
+//! max_size = "512MiB"
+//! ```
+//!
+//! Each `[blobservices.NAME]` table has a `type` naming a kind in the
+//! [`Registry`]; the kind parses the rest of the table and rejects unknown
+//! fields. The tier called `root` is the one served. snix composition files
+//! load unchanged: their `directoryservices` and `pathinfoservices` tables
+//! are ignored with a warning. Every error names the file, the line and the
+//! tier.
+
+mod registry;
+mod size;
+
+pub use registry::{Kind, Registry, TierConfig};
+pub use size::ByteSize;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use crate::blobservice::BlobService;
+use crate::error::Result;
+
+/// The tier that is served.
+pub const ROOT: &str = "root";
+
+/// Top-level tables of snix composition files that strata does not use.
+const IGNORED_TABLES: [&str; 2] = ["directoryservices", "pathinfoservices"];
+
+/// The composition used when `strata serve` gets no `--config`.
+pub const DEFAULT_COMPOSITION: &str = include_str!("default.toml");
+
+/// A configuration error, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file (or a description of where the text came from).
+    pub file: String,
+    /// 1-based line of the offending text, when known.
+    pub line: Option<usize>,
+    /// The tier the error is about, when it is about one.
+    pub tier: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        write!(f, ": ")?;
+        if let Some(tier) = &self.tier {
+            write!(f, "tier `{tier}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Settings of the `[server]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Addresses to listen on: `HOST:PORT` or a filesystem path (unix socket).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Largest gRPC message accepted from clients (default 4 MiB).
+    pub max_message_size: Option<ByteSize>,
+    /// Largest blob returned inline by Stat, whatever the client asks for
+    /// (default 1 MiB).
+    pub max_inline_size: Option<ByteSize>,
+}
+
+/// One parsed `[blobservices.NAME]` table.
+#[derive(Debug)]
+pub struct TierSpec {
+    /// The `type` string.
+    pub kind: String,
+    /// 1-based line of the table in its file.
+    pub line: usize,
+    /// The kind-specific settings.
+    pub config: Box<dyn TierConfig>,
+}
+
+/// A validated composition file.
+#[derive(Debug)]
+pub struct Composition {
+    /// Where it came from, for messages.
+    pub file: String,
+    /// The tiers by name.
+    pub tiers: BTreeMap<String, TierSpec>,
+    /// The `[server]` table.
+    pub server: ServerConfig,
+}
+
+impl Composition {
+    /// Reads and validates the file at `path` with the default registry.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: None,
+            tier: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&src, &file, &Registry::default())
+    }
+
+    /// The embedded default composition.
+    pub fn default_composition() -> Result<Self, ConfigError> {
+        Self::parse(
+            DEFAULT_COMPOSITION,
+            "<default composition>",
+            &Registry::default(),
+        )
+    }
+
+    /// Parses and validates `src`; `file` names it in errors.
+    pub fn parse(src: &str, file: &str, registry: &Registry) -> Result<Self, ConfigError> {
+        let err = |span: Option<std::ops::Range<usize>>, tier: Option<&str>, message: String| {
+            ConfigError {
+                file: file.to_owned(),
+                line: span.map(|s| line_of(src, s.start)),
+                tier: tier.map(str::to_owned),
+                message,
+            }
+        };
+        let doc = DeTable::parse(src).map_err(|e| err(e.span(), None, e.message().to_owned()))?;
+
+        let mut tiers = BTreeMap::new();
+        let mut server = ServerConfig::default();
+        let mut saw_blobservices = false;
+        for (key, value) in doc.into_inner() {
+            let value_span = value.span();
+            match key.get_ref().as_ref() {
+                "blobservices" => {
+                    saw_blobservices = true;
+                    let DeValue::Table(table) = value.into_inner() else {
+                        return Err(err(
+                            Some(value_span),
+                            None,
+                            "`blobservices` must be a table of tiers".into(),
+                        ));
+                    };
+                    for (name, spec) in table {
+                        let name = name.into_inner().into_owned();
+                        let spec = parse_tier(src, registry, &name, spec)
+                            .map_err(|(span, msg)| err(span, Some(&name), msg))?;
+                        tiers.insert(name, spec);
+                    }
+                }
+                "server" => {
+                    server = ServerConfig::deserialize(ValueDeserializer::from(value))
+                        .map_err(|e| {
+                            err(e.span().or(Some(value_span)), None, format!("[server]: {}", e.message()))
+                        })?;
+                }
+                other if IGNORED_TABLES.contains(&other) => {
+                    tracing::warn!(file, table = other, "ignoring a table strata does not use");
+                }
+                other => {
+                    return Err(err(
+                        Some(key.span()),
+                        None,
+                        format!(
+                            "unknown top-level key `{other}` (expected `blobservices`, `server`, \
+                             `directoryservices` or `pathinfoservices`)"
+                        ),
+                    ));
+                }
+            }
+        }
+        if !saw_blobservices || !tiers.contains_key(ROOT) {
+            return Err(err(
+                None,
+                None,
+                format!("no tier named `{ROOT}`: add a [blobservices.{ROOT}] table to say what is served"),
+            ));
+        }
+        let composition = Composition {
+            file: file.to_owned(),
+            tiers,
+            server,
+        };
+        composition.check_references()?;
+        Ok(composition)
+    }
+
+    fn error(&self, tier: &str, message: String) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: self.tiers.get(tier).map(|t| t.line),
+            tier: Some(tier.to_owned()),
+            message,
+        }
+    }
+
+    /// Rejects dangling references and cycles.
+    fn check_references(&self) -> Result<(), ConfigError> {
+        for (name, spec) in &self.tiers {
+            for r in spec.config.references() {
+                if !self.tiers.contains_key(&r) {
+                    return Err(self.error(name, format!("refers to `{r}`, which is not defined")));
+                }
+            }
+        }
+        self.build_order().map(|_| ())
+    }
+
+    /// Tier names in an order where every tier comes after those it refers to.
+    fn build_order(&self) -> Result<Vec<String>, ConfigError> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            Visiting,
+            Done,
+        }
+        fn visit(
+            c: &Composition,
+            name: &str,
+            marks: &mut HashMap<String, Mark>,
+            path: &mut Vec<String>,
+            order: &mut Vec<String>,
+        ) -> Result<(), ConfigError> {
+            match marks.get(name) {
+                Some(Mark::Done) => return Ok(()),
+                Some(Mark::Visiting) => {
+                    path.push(name.to_owned());
+                    let start = path.iter().position(|n| n == name).unwrap_or(0);
+                    return Err(c.error(
+                        name,
+                        format!("reference cycle: {}", path[start..].join(" -> ")),
+                    ));
+                }
+                None => {}
+            }
+            marks.insert(name.to_owned(), Mark::Visiting);
+            path.push(name.to_owned());
+            if let Some(spec) = c.tiers.get(name) {
+                for r in spec.config.references() {
+                    visit(c, &r, marks, path, order)?;
+                }
+            }
+            path.pop();
+            marks.insert(name.to_owned(), Mark::Done);
+            order.push(name.to_owned());
+            Ok(())
+        }
+        let mut marks = HashMap::new();
+        let mut order = Vec::new();
+        for name in self.tiers.keys() {
+            visit(self, name, &mut marks, &mut Vec::new(), &mut order)?;
+        }
+        Ok(order)
+    }
+
+    /// Builds every tier reachable from `root` and returns `root`.
+    pub async fn build(&self) -> Result<Arc<dyn BlobService>> {
+        let mut ctx = BuildContext {
+            built: HashMap::new(),
+        };
+        for name in self.build_order().map_err(|e| crate::Error::InvalidRequest(e.to_string()))? {
+            let spec = &self.tiers[&name];
+            let service = spec.config.build(&ctx).await?;
+            ctx.built.insert(name, service);
+        }
+        ctx.built
+            .remove(ROOT)
+            .ok_or_else(|| crate::Error::InvalidRequest(format!("no tier named `{ROOT}`")))
+    }
+
+    /// The tier graph from `root`, one tier per line, indented by depth.
+    pub fn describe(&self) -> String {
+        fn walk(c: &Composition, name: &str, depth: usize, out: &mut String) {
+            let Some(spec) = c.tiers.get(name) else {
+                return;
+            };
+            out.push_str(&format!(
+                "{:indent$}{name}: {}\n",
+                "",
+                spec.config.describe(),
+                indent = depth * 2
+            ));
+            for r in spec.config.references() {
+                walk(c, &r, depth + 1, out);
+            }
+        }
+        let mut out = String::new();
+        walk(self, ROOT, 0, &mut out);
+        let unused: Vec<_> = self
+            .tiers
+            .keys()
+            .filter(|n| !self.reachable_from_root().contains(*n))
+            .cloned()
+            .collect();
+        if !unused.is_empty() {
+            out.push_str(&format!("unused: {}\n", unused.join(", ")));
+        }
+        out
+    }
+
+    fn reachable_from_root(&self) -> Vec<String> {
+        let mut seen = vec![ROOT.to_owned()];
+        let mut i = 0;
+        while i < seen.len() {
+            if let Some(spec) = self.tiers.get(&seen[i]) {
+                for r in spec.config.references() {
+                    if !seen.contains(&r) {
+                        seen.push(r);
+                    }
+                }
+            }
+            i += 1;
+        }
+        seen
+    }
+}
+
+/// What a tier's `build` can see: the tiers it refers to, already built.
+pub struct BuildContext {
+    built: HashMap<String, Arc<dyn BlobService>>,
+}
+
+impl BuildContext {
+    /// The built tier called `name`.
+    pub fn tier(&self, name: &str) -> Result<Arc<dyn BlobService>> {
+        self.built
+            .get(name)
+            .cloned()
+            .ok_or_else(|| crate::Error::InvalidRequest(format!("tier `{name}` is not built")))
+    }
+}
+
+type SpanError = (Option<std::ops::Range<usize>>, String);
+
+/// Parses one tier table: finds its `type`, looks the kind up, and lets the
+/// kind parse the rest.
+fn parse_tier(
+    src: &str,
+    registry: &Registry,
+    name: &str,
+    spec: serde_spanned::Spanned<DeValue<'_>>,
+) -> Result<TierSpec, SpanError> {
+    let span = spec.span();
+    let DeValue::Table(table) = spec.into_inner() else {
+        return Err((Some(span), format!("`blobservices.{name}` must be a table")));
+    };
+    let mut kind_name = None;
+    let mut rest = DeTable::new();
+    for (key, value) in table {
+        if key.get_ref() == "type" {
+            let type_span = value.span();
+            match value.into_inner() {
+                DeValue::String(s) => kind_name = Some((s.into_owned(), type_span)),
+                _ => return Err((Some(type_span), "`type` must be a string".into())),
+            }
+        } else {
+            rest.insert(key, value);
+        }
+    }
+    let Some((kind_name, type_span)) = kind_name else {
+        return Err((Some(span.clone()), "missing `type`".into()));
+    };
+    let Some(kind) = registry.get(&kind_name) else {
+        let known: Vec<_> = registry.names().collect();
+        return Err((
+            Some(type_span),
+            format!("unknown type `{kind_name}` (known: {})", known.join(", ")),
+        ));
+    };
+    let rest = serde_spanned::Spanned::new(span.clone(), DeValue::Table(rest));
+    let config = kind
+        .parse(ValueDeserializer::from(rest))
+        .map_err(|e| (e.span().or(Some(span.clone())), e.message().to_owned()))?;
+    Ok(TierSpec {
+        kind: kind_name,
+        line: line_of(src, span.start),
+        config,
+    })
+}
+
+/// 1-based line number of byte offset `pos` in `src`.
+fn line_of(src: &str, pos: usize) -> usize {
+    src.as_bytes()[..pos.min(src.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}

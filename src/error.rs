@@ -1,0 +1,107 @@
+//! The library's error type.
+
+use std::io;
+
+use crate::digest::{B3Digest, DigestError};
+
+/// Errors from blob services, tiers and the composition engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A digest was malformed (wrong length, bad text).
+    #[error(transparent)]
+    InvalidDigest(#[from] DigestError),
+
+    /// A request was malformed in some other way.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+
+    /// Data failed verification against the digest it was requested by.
+    #[error("verification failed: {0}")]
+    Verification(#[from] VerifyError),
+
+    /// A peer answered with an error status or broke the connection.
+    #[error("peer {peer}: {status}")]
+    Peer {
+        /// The peer's address.
+        peer: String,
+        /// What it said (or what went wrong talking to it).
+        status: Box<tonic::Status>,
+    },
+
+    /// A peer could not be reached.
+    #[error("peer {peer}: cannot connect: {message}")]
+    Connect {
+        /// The peer's address.
+        peer: String,
+        /// Why.
+        message: String,
+    },
+
+    /// A blob that a store's index lists has lost one of its chunks.
+    #[error("blob {blob} is incomplete: chunk {chunk} is missing")]
+    MissingChunk {
+        /// The blob being read.
+        blob: B3Digest,
+        /// The chunk that is gone.
+        chunk: B3Digest,
+    },
+
+    /// Local I/O failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Ways in which data can fail to match the digest it was asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The bytes hash to something else.
+    #[error("{what} {expected}: data hashes to {actual}")]
+    DigestMismatch {
+        /// "blob" or "chunk".
+        what: &'static str,
+        /// The digest asked for.
+        expected: B3Digest,
+        /// What the data hashed to.
+        actual: B3Digest,
+    },
+    /// More or fewer bytes arrived than announced.
+    #[error("{what} {expected}: expected {expected_len} bytes, got {actual_len}")]
+    LengthMismatch {
+        /// "blob" or "chunk".
+        what: &'static str,
+        /// The digest asked for.
+        expected: B3Digest,
+        /// The announced length.
+        expected_len: u64,
+        /// The length that arrived (or at least arrived, when it overran).
+        actual_len: u64,
+    },
+}
+
+/// Shorthand for results with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an error for `std::io` interfaces (`AsyncRead` and friends),
+    /// keeping the original reachable through [`io::Error::get_ref`].
+    pub fn into_io(self) -> io::Error {
+        match self {
+            Error::Io(e) => e,
+            other => io::Error::other(other),
+        }
+    }
+
+    /// Recovers a library error from an `io::Error` produced by
+    /// [`Error::into_io`], or wraps a plain one.
+    pub fn from_io(err: io::Error) -> Self {
+        if !err.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            return Error::Io(err);
+        }
+        let kind = err.kind();
+        match err.into_inner().map(|inner| inner.downcast::<Error>()) {
+            Some(Ok(inner)) => *inner,
+            Some(Err(other)) => Error::Io(io::Error::new(kind, other)),
+            None => Error::Io(io::Error::from(kind)),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The gRPC server: the BlobService under both package names, the gRPC
+//! health service, and the TCP and unix-socket listeners.
+
+mod service;
+
+pub use service::{BlobServer, to_status};
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tracing::info;
+
+use crate::addr::{CONNECTION_WINDOW, DEFAULT_MAX_MESSAGE_SIZE, ListenAddr, STREAM_WINDOW};
+use crate::blobservice::BlobService;
+use crate::proto::{snix, tvix};
+
+/// Default cap on blobs returned inline by Stat.
+pub const DEFAULT_MAX_INLINE_SIZE: u64 = 1024 * 1024;
+
+/// How to serve.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Where to listen.
+    pub listen: Vec<ListenAddr>,
+    /// Largest message accepted from a client.
+    pub max_message_size: usize,
+    /// Largest blob Stat returns inline.
+    pub max_inline_size: u64,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            listen: Vec::new(),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_inline_size: DEFAULT_MAX_INLINE_SIZE,
+        }
+    }
+}
+
+/// A bound listener, ready to serve.
+enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+/// Binds every listener up front, so a bad address fails before anything
+/// is served.
+async fn bind(addr: &ListenAddr) -> std::io::Result<Bound> {
+    match addr {
+        ListenAddr::Tcp(a) => Ok(Bound::Tcp(TcpListener::bind(a.as_str()).await?)),
+        ListenAddr::Unix(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            remove_stale_socket(path).await?;
+            let listener = UnixListener::bind(path)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+            Ok(Bound::Unix(listener, path.clone()))
+        }
+    }
+}
+
+/// Removes a socket file left by a server that is gone; refuses to touch one
+/// that a live server still answers on, or anything that is not a socket.
+async fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("another server is listening on {}", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
+/// Serves `service` on every listener in `opts` until `shutdown` is
+/// cancelled, then lets in-flight requests finish.
+pub async fn serve(
+    service: Arc<dyn BlobService>,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut bound = Vec::new();
+    for addr in &opts.listen {
+        let b = bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        bound.push(b);
+    }
+    if bound.is_empty() {
+        anyhow::bail!("no listeners configured");
+    }
+
+    let server = BlobServer::new(service, opts.max_inline_size);
+    let snix_svc = snix::blob_service_server::BlobServiceServer::new(server.clone())
+        .max_decoding_message_size(opts.max_message_size)
+        .max_encoding_message_size(opts.max_message_size);
+    let tvix_svc = tvix::blob_service_server::BlobServiceServer::new(server)
+        .max_decoding_message_size(opts.max_message_size)
+        .max_encoding_message_size(opts.max_message_size);
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<snix::blob_service_server::BlobServiceServer<BlobServer>>()
+        .await;
+    health
+        .set_serving::<tvix::blob_service_server::BlobServiceServer<BlobServer>>()
+        .await;
+    let routes = Routes::new(snix_svc)
+        .add_service(tvix_svc)
+        .add_service(health_svc);
+
+    let builder = || {
+        Server::builder()
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .tcp_nodelay(true)
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for b in bound {
+        let routes = routes.clone();
+        let stop = shutdown.clone().cancelled_owned();
+        match b {
+            Bound::Tcp(listener) => {
+                info!(addr = %listener.local_addr()?, "listening (tcp)");
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                let router = builder().add_routes(routes);
+                tasks.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, stop)
+                        .await
+                        .map_err(anyhow::Error::from)
+                });
+            }
+            Bound::Unix(listener, path) => {
+                info!(path = %path.display(), "listening (unix)");
+                let incoming = UnixListenerStream::new(listener);
+                let router = builder().add_routes(routes);
+                tasks.spawn(async move {
+                    let result = router.serve_with_incoming_shutdown(incoming, stop).await;
+                    let _ = std::fs::remove_file(&path);
+                    result.map_err(anyhow::Error::from)
+                });
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! The BlobService gRPC handlers, shared by the snix and tvix package names.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tokio_util::io::ReaderStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, info_span, warn};
+
+use crate::blobservice::{BlobService, read_to_bytes};
+use crate::digest::B3Digest;
+use crate::error::Error;
+use crate::proto::snix::{
+    BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
+    stat_blob_response,
+};
+use crate::proto::{snix, tvix};
+
+/// Size of the pieces a Read response is cut into.
+const READ_PIECE: usize = 256 * 1024;
+
+/// Serves a [`BlobService`] over gRPC.
+#[derive(Clone)]
+pub struct BlobServer {
+    service: Arc<dyn BlobService>,
+    max_inline_size: u64,
+}
+
+impl BlobServer {
+    /// Serves `service`; Stat never inlines blobs larger than `max_inline_size`.
+    pub fn new(service: Arc<dyn BlobService>, max_inline_size: u64) -> Self {
+        BlobServer {
+            service,
+            max_inline_size,
+        }
+    }
+
+    async fn do_stat(&self, req: StatBlobRequest) -> Result<StatBlobResponse, Status> {
+        let digest = parse_digest(&req.digest)?;
+        let stat = self
+            .service
+            .stat(&digest)
+            .await
+            .map_err(to_status)?
+            .ok_or_else(|| not_found(&digest))?;
+        let mut resp = StatBlobResponse {
+            size: stat.size,
+            ..Default::default()
+        };
+        if req.send_chunks {
+            resp.chunks = stat
+                .chunks
+                .iter()
+                .map(|c| stat_blob_response::ChunkMeta {
+                    digest: c.digest.into(),
+                    size: c.size,
+                })
+                .collect();
+        }
+        if stat.size <= req.inline_max_size.min(self.max_inline_size) && stat.size > 0 {
+            let mut reader = self
+                .service
+                .open_read(&digest)
+                .await
+                .map_err(to_status)?
+                .ok_or_else(|| not_found(&digest))?;
+            resp.inline_data = read_to_bytes(reader.as_mut(), self.max_inline_size)
+                .await
+                .map_err(to_status)?;
+        }
+        Ok(resp)
+    }
+
+    async fn do_read(&self, req: ReadBlobRequest) -> Result<ReadStream, Status> {
+        let digest = parse_digest(&req.digest)?;
+        let reader = self
+            .service
+            .open_read(&digest)
+            .await
+            .map_err(to_status)?
+            .ok_or_else(|| not_found(&digest))?;
+        let stream = ReaderStream::with_capacity(reader, READ_PIECE).map(move |piece| {
+            piece
+                .map(|data| BlobChunk { data })
+                .map_err(|e| {
+                    warn!(%digest, error = %e, "read failed mid-stream");
+                    to_status(Error::from_io(e))
+                })
+        });
+        Ok(Box::pin(stream))
+    }
+
+    async fn do_put(&self, mut stream: Streaming<BlobChunk>) -> Result<PutBlobResponse, Status> {
+        let mut writer = self.service.open_write().await.map_err(to_status)?;
+        while let Some(msg) = stream.next().await {
+            writer.write(msg?.data).await.map_err(to_status)?;
+        }
+        let result = writer.close().await.map_err(to_status)?;
+        tracing::Span::current().record("digest", tracing::field::display(result.digest));
+        Ok(PutBlobResponse {
+            digest: result.digest.into(),
+        })
+    }
+}
+
+/// The stream type of Read responses.
+pub type ReadStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send + 'static>>;
+
+fn parse_digest(raw: &[u8]) -> Result<B3Digest, Status> {
+    B3Digest::try_from(raw).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn not_found(digest: &B3Digest) -> Status {
+    Status::not_found(format!("blob {digest} not found"))
+}
+
+/// Maps library errors to gRPC statuses.
+pub fn to_status(err: Error) -> Status {
+    match &err {
+        Error::InvalidDigest(_) | Error::InvalidRequest(_) => {
+            Status::invalid_argument(err.to_string())
+        }
+        Error::Verification(_) | Error::MissingChunk { .. } => Status::data_loss(err.to_string()),
+        Error::Peer { .. } | Error::Connect { .. } => Status::unavailable(err.to_string()),
+        Error::Io(_) => Status::internal(err.to_string()),
+    }
+}
+
+/// Implements one package's generated server trait by delegating to the
+/// shared handlers, inside a span naming the package and the RPC.
+macro_rules! impl_package {
+    ($pkg:ident) => {
+        #[tonic::async_trait]
+        impl $pkg::blob_service_server::BlobService for BlobServer {
+            async fn stat(
+                &self,
+                request: Request<StatBlobRequest>,
+            ) -> Result<Response<StatBlobResponse>, Status> {
+                let req = request.into_inner();
+                let span = info_span!("rpc", package = stringify!($pkg), method = "Stat",
+                    digest = %hex_or_raw(&req.digest), send_chunks = req.send_chunks);
+                self.do_stat(req).instrument(span).await.map(Response::new)
+            }
+
+            type ReadStream = ReadStream;
+
+            async fn read(
+                &self,
+                request: Request<ReadBlobRequest>,
+            ) -> Result<Response<Self::ReadStream>, Status> {
+                let req = request.into_inner();
+                let span = info_span!("rpc", package = stringify!($pkg), method = "Read",
+                    digest = %hex_or_raw(&req.digest));
+                self.do_read(req).instrument(span).await.map(Response::new)
+            }
+
+            async fn put(
+                &self,
+                request: Request<Streaming<BlobChunk>>,
+            ) -> Result<Response<PutBlobResponse>, Status> {
+                let span = info_span!("rpc", package = stringify!($pkg), method = "Put",
+                    digest = tracing::field::Empty);
+                self.do_put(request.into_inner()).instrument(span).await.map(Response::new)
+            }
+        }
+    };
+}
+
+impl_package!(snix);
+impl_package!(tvix);
+
+/// The digest for logs: hex when well-formed, else its length.
+fn hex_or_raw(raw: &[u8]) -> String {
+    match B3Digest::try_from(raw) {
+        Ok(d) => d.to_hex(),
+        Err(_) => format!("<{} bytes>", raw.len()),
+    }
+}

@@ -1,0 +1,144 @@
+//! `memory`: a byte-bounded in-memory cache of chunks and blob indexes.
+//!
+//! ```toml
+//! [blobservices.mem]
+//! type = "memory"
+//! max_size = "512MiB"   # optional, default 512 MiB
+//! ```
+//!
+//! Entries are evicted by moka's TinyLFU policy (recency and frequency)
+//! once their total weight exceeds `max_size`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::blobservice::BlobService;
+use crate::chunkstore::{BlobIndex, ChunkStore, ChunkedBlobService};
+use crate::composition::{BuildContext, ByteSize, TierConfig};
+use crate::digest::B3Digest;
+use crate::error::Result;
+
+/// Default `max_size` of a memory tier.
+pub const DEFAULT_MAX_SIZE: u64 = 512 * 1024 * 1024;
+
+/// Configuration of a `memory` tier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Upper bound on the bytes held (chunk bytes plus index overhead).
+    #[serde(default = "default_max_size")]
+    pub max_size: ByteSize,
+}
+
+fn default_max_size() -> ByteSize {
+    ByteSize(DEFAULT_MAX_SIZE)
+}
+
+#[async_trait]
+impl TierConfig for MemoryConfig {
+    fn describe(&self) -> String {
+        format!("memory (max_size = {})", self.max_size)
+    }
+
+    async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
+        Ok(Arc::new(ChunkedBlobService::new(MemoryStore::new(
+            self.max_size.0,
+        ))))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Chunk(B3Digest),
+    Index(B3Digest),
+}
+
+#[derive(Clone)]
+enum Entry {
+    Chunk(Bytes),
+    Index(Arc<BlobIndex>),
+}
+
+impl Entry {
+    /// Approximate bytes of memory the entry pins.
+    fn weight(&self) -> u32 {
+        const OVERHEAD: usize = 64;
+        let bytes = match self {
+            Entry::Chunk(data) => data.len(),
+            Entry::Index(index) => index.chunks.len() * size_of::<crate::blobservice::ChunkMeta>(),
+        };
+        u32::try_from(bytes + OVERHEAD).unwrap_or(u32::MAX)
+    }
+}
+
+/// The [`ChunkStore`] behind a `memory` tier.
+pub struct MemoryStore {
+    cache: moka::sync::Cache<Key, Entry>,
+}
+
+impl MemoryStore {
+    /// An empty store holding at most about `max_size` bytes.
+    pub fn new(max_size: u64) -> Self {
+        MemoryStore {
+            cache: moka::sync::Cache::builder()
+                .max_capacity(max_size)
+                .weigher(|_, entry: &Entry| entry.weight())
+                .build(),
+        }
+    }
+
+    /// Bytes currently accounted for (after pending evictions run).
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.weighted_size()
+    }
+}
+
+#[async_trait]
+impl ChunkStore for MemoryStore {
+    async fn get_chunk(&self, digest: &B3Digest) -> Result<Option<Bytes>> {
+        Ok(match self.cache.get(&Key::Chunk(*digest)) {
+            Some(Entry::Chunk(data)) => Some(data),
+            _ => None,
+        })
+    }
+
+    async fn chunk_size(&self, digest: &B3Digest) -> Result<Option<u64>> {
+        Ok(match self.cache.get(&Key::Chunk(*digest)) {
+            Some(Entry::Chunk(data)) => Some(data.len() as u64),
+            _ => None,
+        })
+    }
+
+    async fn has_chunk(&self, digest: &B3Digest) -> Result<bool> {
+        Ok(self.cache.contains_key(&Key::Chunk(*digest)))
+    }
+
+    async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
+        // Copy into an allocation of its own: `data` may be a slice of a
+        // larger buffer, which would otherwise stay pinned uncounted.
+        let data = Bytes::copy_from_slice(&data);
+        self.cache.insert(Key::Chunk(digest), Entry::Chunk(data));
+        Ok(())
+    }
+
+    async fn get_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
+        Ok(match self.cache.get(&Key::Index(*digest)) {
+            Some(Entry::Index(index)) => Some((*index).clone()),
+            _ => None,
+        })
+    }
+
+    async fn put_index(&self, digest: B3Digest, index: BlobIndex) -> Result<()> {
+        self.cache
+            .insert(Key::Index(digest), Entry::Index(Arc::new(index)));
+        Ok(())
+    }
+
+    fn evicts(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,141 @@
+//! Verification: the one place where bytes are checked against the digest
+//! they were asked for.
+//!
+//! Every read that crosses a trust boundary (a peer, a shared bucket, a
+//! local cache file that may have rotted) goes through one of these before a
+//! byte of it is handed out or written into another tier.
+
+use crate::digest::B3Digest;
+use crate::error::VerifyError;
+
+/// Checks that `data` is the chunk (or small blob) named `expected`.
+pub fn verify_chunk(expected: &B3Digest, data: &[u8]) -> Result<(), VerifyError> {
+    let actual = B3Digest::of(data);
+    if actual == *expected {
+        Ok(())
+    } else {
+        Err(VerifyError::DigestMismatch {
+            what: "chunk",
+            expected: *expected,
+            actual,
+        })
+    }
+}
+
+/// Verifies a blob that arrives as a stream of pieces: feed every piece to
+/// [`StreamVerifier::update`], then call [`StreamVerifier::finish`]. Nothing
+/// fed to it may be released before `finish` succeeds.
+pub struct StreamVerifier {
+    expected: B3Digest,
+    expected_len: Option<u64>,
+    hasher: blake3::Hasher,
+    seen: u64,
+}
+
+impl StreamVerifier {
+    /// Expects the blob `expected`, of `expected_len` bytes if known.
+    pub fn new(expected: B3Digest, expected_len: Option<u64>) -> Self {
+        StreamVerifier {
+            expected,
+            expected_len,
+            hasher: blake3::Hasher::new(),
+            seen: 0,
+        }
+    }
+
+    /// Feeds the next piece. Fails as soon as more bytes arrive than announced.
+    pub fn update(&mut self, data: &[u8]) -> Result<(), VerifyError> {
+        self.seen += data.len() as u64;
+        if let Some(expected_len) = self.expected_len
+            && self.seen > expected_len
+        {
+            return Err(self.length_mismatch(expected_len));
+        }
+        self.hasher.update(data);
+        Ok(())
+    }
+
+    /// Bytes fed so far.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    /// Checks the length and the digest of everything fed.
+    pub fn finish(self) -> Result<(), VerifyError> {
+        if let Some(expected_len) = self.expected_len
+            && self.seen != expected_len
+        {
+            return Err(self.length_mismatch(expected_len));
+        }
+        let actual = B3Digest::from(self.hasher.finalize());
+        if actual == self.expected {
+            Ok(())
+        } else {
+            Err(VerifyError::DigestMismatch {
+                what: "blob",
+                expected: self.expected,
+                actual,
+            })
+        }
+    }
+
+    fn length_mismatch(&self, expected_len: u64) -> VerifyError {
+        VerifyError::LengthMismatch {
+            what: "blob",
+            expected: self.expected,
+            expected_len,
+            actual_len: self.seen,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_verification() {
+        let d = B3Digest::of(b"abc");
+        assert!(verify_chunk(&d, b"abc").is_ok());
+        assert!(matches!(
+            verify_chunk(&d, b"abd"),
+            Err(VerifyError::DigestMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn stream_verification_in_pieces() {
+        let d = B3Digest::of(b"hello world");
+        let mut v = StreamVerifier::new(d, Some(11));
+        v.update(b"hello ").unwrap();
+        v.update(b"world").unwrap();
+        assert!(v.finish().is_ok());
+    }
+
+    #[test]
+    fn stream_rejects_overrun_early_and_short_at_finish() {
+        let d = B3Digest::of(b"hello");
+        let mut v = StreamVerifier::new(d, Some(5));
+        assert!(matches!(
+            v.update(b"hello!"),
+            Err(VerifyError::LengthMismatch { .. })
+        ));
+        let mut v = StreamVerifier::new(d, Some(5));
+        v.update(b"hell").unwrap();
+        assert!(matches!(
+            v.finish(),
+            Err(VerifyError::LengthMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn stream_rejects_wrong_content() {
+        let d = B3Digest::of(b"hello");
+        let mut v = StreamVerifier::new(d, None);
+        v.update(b"jello").unwrap();
+        assert!(matches!(
+            v.finish(),
+            Err(VerifyError::DigestMismatch { .. })
+        ));
+    }
+}
