@@ -1,0 +1,96 @@
+//! Subcommands and what they share: the server address, the client, logs
+//! and progress bars.
+
+pub mod check;
+pub mod get;
+pub mod put;
+pub mod serve;
+pub mod stat;
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use strata::addr::{DEFAULT_TCP_LISTEN, PeerAddr, default_socket_path};
+use strata::proto::snix::blob_service_client::BlobServiceClient;
+use tonic::transport::Channel;
+
+/// The `--addr` flag shared by the client subcommands.
+#[derive(clap::Args, Debug)]
+pub struct AddrArg {
+    /// Server address: grpc+http://HOST:PORT or grpc+unix:///PATH.
+    /// Defaults to $STRATA_ADDR, then the local default listener.
+    #[arg(long, env = "STRATA_ADDR")]
+    pub addr: Option<String>,
+}
+
+impl AddrArg {
+    /// The address to talk to.
+    pub fn resolve(&self) -> anyhow::Result<PeerAddr> {
+        match &self.addr {
+            Some(a) => a.parse().context("--addr"),
+            None => {
+                let socket = default_socket_path();
+                if socket.exists() {
+                    Ok(PeerAddr::Unix(socket))
+                } else {
+                    Ok(PeerAddr::Http(DEFAULT_TCP_LISTEN.to_owned()))
+                }
+            }
+        }
+    }
+
+    /// A raw BlobService client for the address.
+    pub fn client(&self) -> anyhow::Result<(PeerAddr, BlobServiceClient<Channel>)> {
+        let addr = self.resolve()?;
+        let channel = addr
+            .channel(Duration::from_secs(5))
+            .with_context(|| format!("connecting to {addr}"))?;
+        let client = BlobServiceClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(strata::addr::DEFAULT_MAX_MESSAGE_SIZE);
+        Ok((addr, client))
+    }
+}
+
+/// Sets up `tracing` on stderr, filtered by `RUST_LOG` (default `level`).
+pub fn init_tracing(level: &str, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A byte progress bar on stderr, hidden when stderr is not a terminal.
+pub fn progress(len: Option<u64>, label: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = match len {
+        Some(len) => ProgressBar::new(len).with_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{msg} {bytes} {bytes_per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    };
+    bar.set_message(label.to_owned());
+    bar
+}
+
+/// Parses a digest argument (hex or `blake3-<base64>`).
+pub fn parse_digest(s: &str) -> anyhow::Result<strata::B3Digest> {
+    s.parse().with_context(|| format!("bad digest {s:?}"))
+}

@@ -1,0 +1,75 @@
+//! `strata serve`: build the composition and serve it until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use strata::addr::{DEFAULT_TCP_LISTEN, ListenAddr, default_socket_path};
+use strata::composition::Composition;
+use strata::server::{self, ServeOptions};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Arguments of `strata serve`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Composition file (TOML). Without it, the embedded default is served.
+    #[arg(long)]
+    config: Option<PathBuf>,
+
+    /// Address to listen on: HOST:PORT or a unix socket path. Repeatable;
+    /// overrides the composition file's `[server] listen`.
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let composition = match &args.config {
+        Some(path) => Composition::load(path)?,
+        None => Composition::default_composition()?,
+    };
+    let listen_text = if !args.listen.is_empty() {
+        args.listen.clone()
+    } else if !composition.server.listen.is_empty() {
+        composition.server.listen.clone()
+    } else {
+        vec![
+            DEFAULT_TCP_LISTEN.to_owned(),
+            default_socket_path().display().to_string(),
+        ]
+    };
+    let listen = listen_text
+        .iter()
+        .map(|a| a.parse::<ListenAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("--listen")?;
+
+    let mut opts = ServeOptions {
+        listen,
+        ..Default::default()
+    };
+    if let Some(size) = composition.server.max_message_size {
+        opts.max_message_size = usize::try_from(size.0).context("max_message_size")?;
+    }
+    if let Some(size) = composition.server.max_inline_size {
+        opts.max_inline_size = size.0;
+    }
+
+    let root = composition
+        .build()
+        .await
+        .with_context(|| format!("building the tiers of {}", composition.file))?;
+    info!(file = %composition.file, "tiers built:\n{}", composition.describe());
+
+    let shutdown = CancellationToken::new();
+    let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        }
+        trigger.cancel();
+    });
+    server::serve(root, opts, shutdown).await
+}
