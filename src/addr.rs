@@ -60,7 +60,9 @@ impl FromStr for PeerAddr {
             // Accept grpc+unix:///abs/path and grpc+unix:/abs/path.
             let path = rest.strip_prefix("//").unwrap_or(rest);
             if !path.starts_with('/') {
-                return Err(fail("expected an absolute socket path, as in grpc+unix:///run/x.sock"));
+                return Err(fail(
+                    "expected an absolute socket path, as in grpc+unix:///run/x.sock",
+                ));
             }
             Ok(PeerAddr::Unix(PathBuf::from(path)))
         } else {

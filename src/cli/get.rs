@@ -50,7 +50,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => tempfile::NamedTempFile::new().context("creating a temporary file")?,
     };
     let (file, temp_path) = temp.into_parts();
-    let mut file = tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::fs::File::from_std(file));
+    let mut file =
+        tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::fs::File::from_std(file));
 
     let bar = progress(expected_len, &digest.to_hex()[..12]);
     let mut verifier = StreamVerifier::new(digest, expected_len);
@@ -108,4 +109,3 @@ fn status_error(
         anyhow::anyhow!("{addr}: {}: {}", status.code(), status.message())
     }
 }
-

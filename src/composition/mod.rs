@@ -163,9 +163,13 @@ impl Composition {
                     }
                 }
                 "server" => {
-                    server = ServerConfig::deserialize(ValueDeserializer::from(value))
-                        .map_err(|e| {
-                            err(e.span().or(Some(value_span)), None, format!("[server]: {}", e.message()))
+                    server =
+                        ServerConfig::deserialize(ValueDeserializer::from(value)).map_err(|e| {
+                            err(
+                                e.span().or(Some(value_span)),
+                                None,
+                                format!("[server]: {}", e.message()),
+                            )
                         })?;
                 }
                 other if IGNORED_TABLES.contains(&other) => {
@@ -187,7 +191,9 @@ impl Composition {
             return Err(err(
                 None,
                 None,
-                format!("no tier named `{ROOT}`: add a [blobservices.{ROOT}] table to say what is served"),
+                format!(
+                    "no tier named `{ROOT}`: add a [blobservices.{ROOT}] table to say what is served"
+                ),
             ));
         }
         let composition = Composition {
@@ -271,7 +277,10 @@ impl Composition {
         let mut ctx = BuildContext {
             built: HashMap::new(),
         };
-        for name in self.build_order().map_err(|e| crate::Error::InvalidRequest(e.to_string()))? {
+        for name in self
+            .build_order()
+            .map_err(|e| crate::Error::InvalidRequest(e.to_string()))?
+        {
             let spec = &self.tiers[&name];
             let service = spec.config.build(&ctx).await?;
             ctx.built.insert(name, service);

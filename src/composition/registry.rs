@@ -73,7 +73,8 @@ impl Registry {
     where
         C: TierConfig + DeserializeOwned + 'static,
     {
-        self.kinds.insert(name, Box::new(SerdeKind::<C>(PhantomData)));
+        self.kinds
+            .insert(name, Box::new(SerdeKind::<C>(PhantomData)));
     }
 
     /// The kind called `name`.

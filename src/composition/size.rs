@@ -38,7 +38,7 @@ impl fmt::Display for ByteSize {
         const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
         let mut value = self.0;
         let mut unit = 0;
-        while unit + 1 < UNITS.len() && value >= 1024 && value % 1024 == 0 {
+        while unit + 1 < UNITS.len() && value >= 1024 && value.is_multiple_of(1024) {
             value /= 1024;
             unit += 1;
         }

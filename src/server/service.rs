@@ -81,12 +81,10 @@ impl BlobServer {
             .map_err(to_status)?
             .ok_or_else(|| not_found(&digest))?;
         let stream = ReaderStream::with_capacity(reader, READ_PIECE).map(move |piece| {
-            piece
-                .map(|data| BlobChunk { data })
-                .map_err(|e| {
-                    warn!(%digest, error = %e, "read failed mid-stream");
-                    to_status(Error::from_io(e))
-                })
+            piece.map(|data| BlobChunk { data }).map_err(|e| {
+                warn!(%digest, error = %e, "read failed mid-stream");
+                to_status(Error::from_io(e))
+            })
         });
         Ok(Box::pin(stream))
     }

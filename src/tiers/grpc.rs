@@ -37,7 +37,9 @@ use crate::blobservice::{
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError};
-use crate::proto::snix::{BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse};
+use crate::proto::snix::{
+    BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
+};
 use crate::proto::{snix, tvix};
 use crate::verify::StreamVerifier;
 
@@ -376,7 +378,9 @@ impl GrpcWriter {
             }),
             Err(join) => Err(Error::Peer {
                 peer,
-                status: Box::new(tonic::Status::internal(format!("upload task failed: {join}"))),
+                status: Box::new(tonic::Status::internal(format!(
+                    "upload task failed: {join}"
+                ))),
             }),
         }
     }

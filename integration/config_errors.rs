@@ -1,0 +1,163 @@
+//! Malformed composition files fail with the file, the line and the tier.
+
+use crate::harness::cli;
+
+/// Runs `strata check` on `text`; returns (success, stdout, stderr).
+fn check(text: &str) -> (bool, String, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.toml");
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    let out = cli(&["check", &path]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        path,
+    )
+}
+
+fn assert_rejected(text: &str, line: usize, needles: &[&str]) {
+    let (ok, _, stderr, path) = check(text);
+    assert!(!ok, "accepted:\n{text}");
+    let location = format!("{path}:{line}:");
+    assert!(
+        stderr.contains(&location),
+        "expected {location:?} in {stderr:?}"
+    );
+    for needle in needles {
+        assert!(stderr.contains(needle), "expected {needle:?} in {stderr:?}");
+    }
+}
+
+#[test]
+fn unknown_field_names_line_and_tier() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"memory\"\nmax_size = \"1MiB\"\ncolour = \"blue\"\n",
+        4,
+        &["tier `root`", "unknown field `colour`"],
+    );
+}
+
+#[test]
+fn unknown_kind() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"memry\"\n",
+        2,
+        &["tier `root`", "unknown type `memry`", "memory"],
+    );
+}
+
+#[test]
+fn missing_type() {
+    assert_rejected(
+        "\n[blobservices.root]\nmax_size = 5\n",
+        2,
+        &["missing `type`"],
+    );
+}
+
+#[test]
+fn bad_size() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"memory\"\nmax_size = \"lots\"\n",
+        3,
+        &["tier `root`", "invalid size"],
+    );
+}
+
+#[test]
+fn bad_peer_url() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"grpc\"\n\nurl = \"http://nope:1\"\n",
+        4,
+        &["tier `root`", "grpc+http://"],
+    );
+}
+
+#[test]
+fn bad_protocol() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"grpc\"\nurl = \"grpc+http://127.0.0.1:1\"\nprotocol = \"nix\"\n",
+        4,
+        &["tier `root`", "nix"],
+    );
+}
+
+#[test]
+fn toml_syntax_error() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"memory\"\nmax_size = \n",
+        3,
+        &[],
+    );
+}
+
+#[test]
+fn unknown_top_level_table() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"memory\"\n[frobnicate]\nx = 1\n",
+        3,
+        &["unknown top-level key `frobnicate`"],
+    );
+}
+
+#[test]
+fn unknown_server_field() {
+    assert_rejected(
+        "[server]\nlisten = []\nbacklog = 3\n[blobservices.root]\ntype = \"memory\"\n",
+        3,
+        &["[server]", "unknown field `backlog`"],
+    );
+}
+
+#[test]
+fn missing_root() {
+    let (ok, _, stderr, path) = check("[blobservices.cache]\ntype = \"memory\"\n");
+    assert!(!ok);
+    assert!(stderr.contains(&path), "{stderr}");
+    assert!(stderr.contains("no tier named `root`"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_a_bad_file_with_the_same_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[blobservices.root]\ntype = \"memory\"\nsize = 1\n").unwrap();
+    let out = cli(&[
+        "serve",
+        "--config",
+        path.to_str().unwrap(),
+        "--listen",
+        dir.path().join("s.sock").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:3:", path.display()))
+            && stderr.contains("unknown field `size`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn snix_composition_with_other_services_is_accepted() {
+    let text = r#"
+[blobservices.root]
+type = "grpc"
+url = "grpc+unix:///run/snix/blobs.sock"
+
+[directoryservices.root]
+type = "memory"
+
+[pathinfoservices.root]
+type = "memory"
+"#;
+    let (ok, stdout, stderr, _) = check(text);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("root: grpc (url = grpc+unix:///run/snix/blobs.sock"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("ignoring"), "{stderr}");
+}

@@ -1,0 +1,186 @@
+//! Test harness: real `strata` processes on loopback, and clients for them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use strata::addr::PeerAddr;
+use strata::proto::{snix, tvix};
+use tonic::transport::Channel;
+
+/// Path of the binary under test.
+pub fn strata_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_strata")
+}
+
+/// A free TCP port on loopback (released again, so a process can bind it).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A running `strata serve`, killed when dropped.
+pub struct Daemon {
+    child: Child,
+    // Holds the socket, log and composition file until the daemon is gone.
+    _dir: tempfile::TempDir,
+    pub tcp: String,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `strata serve` with the given composition (or the default when
+    /// `None`), listening on a fresh TCP port and a unix socket.
+    pub fn start(config: Option<&str>) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("strata.sock");
+        let log = dir.path().join("serve.log");
+        let config_path = config.map(|config| {
+            let path = dir.path().join("composition.toml");
+            std::fs::write(&path, config).expect("write composition");
+            path
+        });
+        let mut last_err = String::new();
+        // A port picked this way can be taken by someone else before the
+        // daemon binds it; retry with another.
+        for _ in 0..5 {
+            let tcp = format!("127.0.0.1:{}", free_port());
+            let mut cmd = Command::new(strata_bin());
+            cmd.arg("serve")
+                .arg("--listen")
+                .arg(&tcp)
+                .arg("--listen")
+                .arg(&socket)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("log file"));
+            if let Some(path) = &config_path {
+                cmd.arg("--config").arg(path);
+            }
+            let mut child = cmd.spawn().expect("spawn strata serve");
+            match wait_ready(&mut child, &tcp, &socket, &log) {
+                Ok(()) => {
+                    return Daemon {
+                        child,
+                        _dir: dir,
+                        tcp,
+                        socket,
+                        log,
+                    };
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_err = e;
+                }
+            }
+        }
+        panic!("strata serve did not start: {last_err}");
+    }
+
+    /// `grpc+http://…` address of the TCP listener.
+    pub fn tcp_addr(&self) -> String {
+        format!("grpc+http://{}", self.tcp)
+    }
+
+    /// `grpc+unix://…` address of the socket listener.
+    pub fn unix_addr(&self) -> String {
+        format!("grpc+unix://{}", self.socket.display())
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the daemon (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the daemon accepts connections on both listeners.
+fn wait_ready(child: &mut Child, tcp: &str, socket: &Path, log: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(format!("exited with {status}: {text}"));
+        }
+        if std::net::TcpStream::connect(tcp).is_ok()
+            && std::os::unix::net::UnixStream::connect(socket).is_ok()
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err("not ready after 20 s".to_owned())
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the `strata` CLI with `args` and returns its output.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(strata_bin())
+        .args(args)
+        .env_remove("STRATA_ADDR")
+        .output()
+        .expect("run strata")
+}
+
+/// Runs the CLI, asserting success; returns stdout.
+pub fn cli_ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "strata {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// A channel to `addr` (`grpc+http://…` or `grpc+unix://…`).
+pub fn channel(addr: &str) -> Channel {
+    let addr: PeerAddr = addr.parse().expect("address");
+    addr.channel(Duration::from_secs(5)).expect("channel")
+}
+
+/// A snix-package client.
+pub fn snix_client(addr: &str) -> snix::blob_service_client::BlobServiceClient<Channel> {
+    snix::blob_service_client::BlobServiceClient::new(channel(addr))
+        .max_decoding_message_size(64 << 20)
+}
+
+/// A tvix-package client.
+pub fn tvix_client(addr: &str) -> tvix::blob_service_client::BlobServiceClient<Channel> {
+    tvix::blob_service_client::BlobServiceClient::new(channel(addr))
+        .max_decoding_message_size(64 << 20)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn test_data(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `data` to a file in `dir` and returns its path.
+pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, data).expect("write test file");
+    path
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: real `strata` processes on loopback.
+
+mod harness;
+
+mod concurrency;
+mod config_errors;
+mod lying_peer;
+mod roundtrip;
+mod status_codes;
