@@ -161,3 +161,6 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
         Ok(Box::new(ChunkingWriter::new(self.store.clone())))
     }
 }
+
+#[cfg(test)]
+mod tests;

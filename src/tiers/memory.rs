@@ -6,8 +6,13 @@
 //! max_size = "512MiB"   # optional, default 512 MiB
 //! ```
 //!
-//! Entries are evicted by moka's TinyLFU policy (recency and frequency)
-//! once their total weight exceeds `max_size`.
+//! Entries are evicted least-recently-used first once their total weight
+//! exceeds `max_size`. Plain LRU rather than moka's default TinyLFU: TinyLFU
+//! may refuse to admit a new entry while the cache is full of older ones,
+//! and a blob that was just put must be readable right away.
+//!
+//! A blob larger than `max_size` cannot be held whole: its first chunks are
+//! evicted while the last ones are written, and it reads as absent.
 
 use std::sync::Arc;
 
@@ -86,6 +91,7 @@ impl MemoryStore {
             cache: moka::sync::Cache::builder()
                 .max_capacity(max_size)
                 .weigher(|_, entry: &Entry| entry.weight())
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
         }
     }
