@@ -94,3 +94,47 @@ fn cli_reports_missing_blob_and_leaves_no_file() {
     assert!(String::from_utf8_lossy(&result.stderr).contains("not found"));
     assert_eq!(std::fs::read_dir(out_dir.path()).unwrap().count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_reports_serving_for_both_packages() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+    let daemon = Daemon::start(None);
+    let mut client = HealthClient::new(crate::harness::channel(&daemon.unix_addr()));
+    for service in [
+        "",
+        "snix.castore.v1.BlobService",
+        "tvix.castore.v1.BlobService",
+    ] {
+        let resp = client
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("health of {service:?}: {s}"))
+            .into_inner();
+        assert_eq!(resp.status(), ServingStatus::Serving, "{service:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversize_messages_are_refused_and_the_server_lives_on() {
+    use strata::proto::snix::BlobChunk;
+
+    let daemon = Daemon::start(None);
+    let addr = daemon.tcp_addr();
+    let big = BlobChunk {
+        data: Bytes::from(vec![7u8; 5 << 20]),
+    };
+    let status = snix_client(&addr)
+        .max_encoding_message_size(64 << 20)
+        .put(futures::stream::iter(vec![big]))
+        .await
+        .expect_err("a 5 MiB message is over the 4 MiB cap");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    // Nothing was stored and the server still answers.
+    let digest = strata::B3Digest::of(&vec![7u8; 5 << 20]);
+    assert_eq!(stat_code(&addr, false, digest.into()).await, Code::NotFound);
+}
