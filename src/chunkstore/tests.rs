@@ -78,15 +78,27 @@ async fn reads_and_seeks_return_the_right_bytes() {
     r.read_to_end(&mut all).await.unwrap();
     assert!(all == blob);
 
-    for &(pos, len) in &[(0u64, 10usize), (262_143, 5000), (2_999_990, 100), (1_500_000, 700_000)] {
+    for &(pos, len) in &[
+        (0u64, 10usize),
+        (262_143, 5000),
+        (2_999_990, 100),
+        (1_500_000, 700_000),
+    ] {
         r.seek(SeekFrom::Start(pos)).await.unwrap();
         let mut buf = vec![0u8; len];
         let n = read_up_to(&mut r, &mut buf).await;
         let end = (pos as usize + len).min(blob.len());
         assert_eq!(&buf[..n], &blob[pos as usize..end], "at {pos}");
     }
-    assert_eq!(r.seek(SeekFrom::End(-1)).await.unwrap(), blob.len() as u64 - 1);
-    assert!(r.seek(SeekFrom::Current(-(blob.len() as i64))).await.is_err());
+    assert_eq!(
+        r.seek(SeekFrom::End(-1)).await.unwrap(),
+        blob.len() as u64 - 1
+    );
+    assert!(
+        r.seek(SeekFrom::Current(-(blob.len() as i64)))
+            .await
+            .is_err()
+    );
 }
 
 async fn read_up_to(r: &mut Box<dyn BlobReader>, buf: &mut [u8]) -> usize {
@@ -110,7 +122,13 @@ async fn small_blobs_are_single_chunks_and_empty_is_implicit() {
         result.digest.to_hex(),
         "41f8394111eb713a22165c46c90ab8f0fd9399c92028fd6d288944b23ff5bf76"
     );
-    assert!(svc.store().get_index(&result.digest).await.unwrap().is_none());
+    assert!(
+        svc.store()
+            .get_index(&result.digest)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(svc.store().has_chunk(&result.digest).await.unwrap());
 
     let empty = put(&svc, b"", 1).await;
@@ -125,15 +143,27 @@ async fn a_corrupted_chunk_is_an_error_not_data() {
     let blob = data(2 << 20, 3);
     let result = put(&svc, &blob, 1 << 20).await;
     let victim = result.chunks[1];
-    let mut bad = svc.store().get_chunk(&victim.digest).await.unwrap().unwrap().to_vec();
+    let mut bad = svc
+        .store()
+        .get_chunk(&victim.digest)
+        .await
+        .unwrap()
+        .unwrap()
+        .to_vec();
     bad[10] ^= 1;
-    svc.store().put_chunk(victim.digest, bad.into()).await.unwrap();
+    svc.store()
+        .put_chunk(victim.digest, bad.into())
+        .await
+        .unwrap();
 
     let mut r = svc.open_read(&result.digest).await.unwrap().unwrap();
     let mut out = Vec::new();
     let err = r.read_to_end(&mut out).await.unwrap_err();
     assert!(matches!(Error::from_io(err), Error::Verification(_)));
-    assert!(out.len() as u64 <= result.chunks[0].size, "bytes past the bad chunk");
+    assert!(
+        out.len() as u64 <= result.chunks[0].size,
+        "bytes past the bad chunk"
+    );
 }
 
 #[tokio::test]
@@ -147,7 +177,11 @@ async fn memory_store_stays_bounded_and_keeps_the_newest() {
     }
     assert!(svc.store().weighted_size() <= max);
     let (digest, blob) = last.unwrap();
-    let mut r = svc.open_read(&digest).await.unwrap().expect("newest blob present");
+    let mut r = svc
+        .open_read(&digest)
+        .await
+        .unwrap()
+        .expect("newest blob present");
     let mut out = Vec::new();
     r.read_to_end(&mut out).await.unwrap();
     assert!(out == blob);
