@@ -4,6 +4,7 @@ mod harness;
 
 mod concurrency;
 mod config_errors;
+mod disk;
 mod examples;
 mod lying_peer;
 mod roundtrip;

@@ -46,6 +46,14 @@ pub enum Error {
         chunk: B3Digest,
     },
 
+    /// Stored metadata (a blob index) cannot be parsed.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+
+    /// A storage backend failed.
+    #[error("storage backend: {0}")]
+    Backend(String),
+
     /// Local I/O failed.
     #[error(transparent)]
     Io(#[from] io::Error),

@@ -12,11 +12,13 @@
 //! read-ahead reader that verifies every chunk ([`reader`]). The backends
 //! only move bytes.
 
+mod index;
 mod reader;
 mod writer;
 
+pub use index::BlobIndex;
 pub use reader::ChunkedReader;
-pub use writer::{AVG_CHUNK_SIZE, ChunkingWriter, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+pub use writer::{AVG_CHUNK_SIZE, Chunking, ChunkingWriter, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
 use std::sync::Arc;
 
@@ -24,30 +26,18 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tracing::instrument;
 
-use crate::blobservice::{
-    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta,
-};
+use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader};
 use crate::digest::B3Digest;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::verify::verify_chunk;
 
-/// The chunk list of a blob made of two or more chunks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlobIndex {
-    /// Length of the blob in bytes (the sum of the chunk sizes).
-    pub size: u64,
-    /// The chunks, in order.
-    pub chunks: Vec<ChunkMeta>,
-}
-
-impl BlobIndex {
-    /// Builds an index from its chunk list.
-    pub fn new(chunks: Vec<ChunkMeta>) -> Self {
-        BlobIndex {
-            size: chunks.iter().map(|c| c.size).sum(),
-            chunks,
-        }
-    }
+/// Names an object in a chunk store: a chunk or a blob index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObjectKey {
+    /// The chunk with this digest.
+    Chunk(B3Digest),
+    /// The index of the blob with this digest.
+    Index(B3Digest),
 }
 
 /// A backend that stores chunks and blob indexes. Implementations only move
@@ -81,9 +71,26 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// still present before it calls a blob present.
     fn evicts(&self) -> bool;
 
+    /// Called when a chunk read from this store failed verification, so an
+    /// evicting store can drop the bad copy and later reads miss instead of
+    /// failing again. Stores shared with others leave their data alone.
+    async fn discard_chunk(&self, _digest: &B3Digest) -> Result<()> {
+        Ok(())
+    }
+
     /// How many chunks a reader may fetch ahead of the one being read.
     fn read_ahead(&self) -> usize {
         4
+    }
+
+    /// How many chunk uploads a writer may have in flight.
+    fn write_concurrency(&self) -> usize {
+        1
+    }
+
+    /// The FastCDC parameters new blobs are cut with.
+    fn chunking(&self) -> Chunking {
+        Chunking::default()
     }
 }
 
@@ -153,7 +160,13 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
         let Some(data) = self.store.get_chunk(digest).await? else {
             return Ok(None);
         };
-        verify_chunk(digest, &data).map_err(Error::from)?;
+        if let Err(e) = verify_chunk(digest, &data) {
+            // A damaged copy of a whole blob: drop it and report a miss,
+            // so another tier (or a new Put) can supply the blob.
+            tracing::warn!(%digest, error = %e, "stored blob failed verification");
+            self.store.discard_chunk(digest).await?;
+            return Ok(None);
+        }
         Ok(Some(Box::new(BufferedReader::new(data))))
     }
 

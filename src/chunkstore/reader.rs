@@ -81,7 +81,11 @@ impl<S: ChunkStore> ChunkedReader<S> {
                     blob,
                     chunk: meta.digest,
                 })?;
-            verify_chunk(&meta.digest, &data)?;
+            if let Err(e) = verify_chunk(&meta.digest, &data) {
+                tracing::warn!(%blob, chunk = %meta.digest, error = %e, "stored chunk failed verification");
+                store.discard_chunk(&meta.digest).await?;
+                return Err(e.into());
+            }
             if data.len() as u64 != meta.size {
                 return Err(crate::error::VerifyError::LengthMismatch {
                     what: "chunk",

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use fastcdc::v2020::FastCDC;
+use tokio::task::JoinSet;
 
 use super::{BlobIndex, ChunkStore};
 use crate::blobservice::{BlobWriter, ChunkMeta, PutResult};
@@ -19,51 +20,120 @@ pub const MIN_CHUNK_SIZE: u32 = AVG_CHUNK_SIZE / 2;
 /// Maximum chunk size (average * 2).
 pub const MAX_CHUNK_SIZE: u32 = AVG_CHUNK_SIZE * 2;
 
+/// FastCDC v2020 parameters: minimum = average / 2, maximum = average * 2,
+/// as snix derives them from its `avg_chunk_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking {
+    /// Average chunk size in bytes.
+    pub avg: u32,
+}
+
+impl Default for Chunking {
+    fn default() -> Self {
+        Chunking {
+            avg: AVG_CHUNK_SIZE,
+        }
+    }
+}
+
+impl Chunking {
+    /// Smallest average FastCDC v2020 accepts with these ratios.
+    pub const MIN_AVG: u32 = 2 * fastcdc::v2020::MINIMUM_MIN;
+    /// Largest average FastCDC v2020 accepts with these ratios.
+    pub const MAX_AVG: u32 = fastcdc::v2020::MAXIMUM_MAX / 2;
+
+    /// Parameters for average chunk size `avg`, if FastCDC accepts it.
+    pub fn with_avg(avg: u32) -> Option<Self> {
+        (Self::MIN_AVG..=Self::MAX_AVG)
+            .contains(&avg)
+            .then_some(Chunking { avg })
+    }
+
+    /// Minimum chunk size.
+    pub fn min(&self) -> u32 {
+        self.avg / 2
+    }
+
+    /// Maximum chunk size.
+    pub fn max(&self) -> u32 {
+        self.avg * 2
+    }
+}
+
 /// Writes a blob into a [`ChunkStore`].
 ///
 /// Incoming bytes collect in a buffer; whenever it holds at least a maximum
 /// chunk, the next FastCDC cut point is found. A cut only depends on the bytes
 /// from the chunk start up to the maximum chunk size, so this yields exactly
 /// the chunks a streaming FastCDC v2020 chunker (snix's) produces, while
-/// memory stays at about one maximum chunk plus one write.
+/// memory stays at about one maximum chunk plus one write, plus the chunks
+/// being uploaded ([`ChunkStore::write_concurrency`] at most).
 pub struct ChunkingWriter<S> {
     store: Arc<S>,
+    chunking: Chunking,
     buf: BytesMut,
     blob_hasher: blake3::Hasher,
     chunks: Vec<ChunkMeta>,
     size: u64,
+    /// Chunk uploads in flight. Tasks, so they progress while the writer
+    /// waits for more input; aborted if the writer is dropped.
+    uploads: JoinSet<Result<()>>,
 }
 
 impl<S: ChunkStore> ChunkingWriter<S> {
     /// Starts a blob in `store`.
     pub fn new(store: Arc<S>) -> Self {
+        let chunking = store.chunking();
         ChunkingWriter {
             store,
-            buf: BytesMut::with_capacity(2 * MAX_CHUNK_SIZE as usize),
+            chunking,
+            buf: BytesMut::with_capacity(2 * chunking.max() as usize),
             blob_hasher: blake3::Hasher::new(),
             chunks: Vec::new(),
             size: 0,
+            uploads: JoinSet::new(),
         }
     }
 
     /// Cuts the next chunk off the front of the buffer and stores it.
     async fn emit_one(&mut self) -> Result<()> {
-        let cdc = FastCDC::new(&self.buf, MIN_CHUNK_SIZE, AVG_CHUNK_SIZE, MAX_CHUNK_SIZE);
+        let c = self.chunking;
+        let cdc = FastCDC::new(&self.buf, c.min(), c.avg, c.max());
         let (_, end) = cdc.cut(0, self.buf.len());
         let chunk = self.buf.split_to(end).freeze();
         self.store_chunk(chunk).await
     }
 
+    /// Starts storing `chunk` (unless the store has it), after waiting for
+    /// room in the upload window.
     async fn store_chunk(&mut self, chunk: Bytes) -> Result<()> {
         let digest = B3Digest::of(&chunk);
         self.chunks.push(ChunkMeta {
             digest,
             size: chunk.len() as u64,
         });
-        if !self.store.has_chunk(&digest).await? {
-            self.store.put_chunk(digest, chunk).await?;
+        while self.uploads.len() >= self.store.write_concurrency().max(1) {
+            self.join_one().await?;
         }
+        let store = self.store.clone();
+        self.uploads.spawn(async move {
+            if !store.has_chunk(&digest).await? {
+                store.put_chunk(digest, chunk).await?;
+            }
+            Ok(())
+        });
         Ok(())
+    }
+
+    /// Waits for one upload to finish and returns its error, if any.
+    async fn join_one(&mut self) -> Result<()> {
+        match self.uploads.join_next().await {
+            Some(Ok(result)) => result,
+            Some(Err(join)) => {
+                Err(std::io::Error::other(format!("chunk upload task: {join}")).into())
+            }
+            None => Ok(()),
+        }
     }
 }
 
@@ -73,7 +143,7 @@ impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
         self.blob_hasher.update(&data);
         self.size += data.len() as u64;
         self.buf.extend_from_slice(&data);
-        while self.buf.len() >= MAX_CHUNK_SIZE as usize {
+        while self.buf.len() >= self.chunking.max() as usize {
             self.emit_one().await?;
         }
         Ok(())
@@ -82,6 +152,9 @@ impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
     async fn close(mut self: Box<Self>) -> Result<PutResult> {
         while !self.buf.is_empty() {
             self.emit_one().await?;
+        }
+        while !self.uploads.is_empty() {
+            self.join_one().await?;
         }
         let digest = B3Digest::from(self.blob_hasher.finalize());
         let chunks = std::mem::take(&mut self.chunks);
@@ -93,6 +166,7 @@ impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
                 chunks: Vec::new(),
             });
         }
+        // Last: a visible index means every chunk is stored.
         let index = BlobIndex::new(chunks.clone());
         self.store.put_index(digest, index).await?;
         Ok(PutResult {

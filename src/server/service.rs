@@ -119,7 +119,10 @@ pub fn to_status(err: Error) -> Status {
         Error::InvalidDigest(_) | Error::InvalidRequest(_) => {
             Status::invalid_argument(err.to_string())
         }
-        Error::Verification(_) | Error::MissingChunk { .. } => Status::data_loss(err.to_string()),
+        Error::Verification(_) | Error::MissingChunk { .. } | Error::Corrupt(_) => {
+            Status::data_loss(err.to_string())
+        }
+        Error::Backend(_) => Status::unavailable(err.to_string()),
         Error::Peer { .. } | Error::Connect { .. } => Status::unavailable(err.to_string()),
         Error::Io(_) => Status::internal(err.to_string()),
     }

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::blobservice::BlobService;
-use crate::chunkstore::{BlobIndex, ChunkStore, ChunkedBlobService};
+use crate::chunkstore::{BlobIndex, ChunkStore, ChunkedBlobService, ObjectKey};
 use crate::composition::{BuildContext, ByteSize, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::Result;
@@ -55,12 +55,6 @@ impl TierConfig for MemoryConfig {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-enum Key {
-    Chunk(B3Digest),
-    Index(B3Digest),
-}
-
 #[derive(Clone)]
 enum Entry {
     Chunk(Bytes),
@@ -81,7 +75,7 @@ impl Entry {
 
 /// The [`ChunkStore`] behind a `memory` tier.
 pub struct MemoryStore {
-    cache: moka::sync::Cache<Key, Entry>,
+    cache: moka::sync::Cache<ObjectKey, Entry>,
 }
 
 impl MemoryStore {
@@ -106,33 +100,34 @@ impl MemoryStore {
 #[async_trait]
 impl ChunkStore for MemoryStore {
     async fn get_chunk(&self, digest: &B3Digest) -> Result<Option<Bytes>> {
-        Ok(match self.cache.get(&Key::Chunk(*digest)) {
+        Ok(match self.cache.get(&ObjectKey::Chunk(*digest)) {
             Some(Entry::Chunk(data)) => Some(data),
             _ => None,
         })
     }
 
     async fn chunk_size(&self, digest: &B3Digest) -> Result<Option<u64>> {
-        Ok(match self.cache.get(&Key::Chunk(*digest)) {
+        Ok(match self.cache.get(&ObjectKey::Chunk(*digest)) {
             Some(Entry::Chunk(data)) => Some(data.len() as u64),
             _ => None,
         })
     }
 
     async fn has_chunk(&self, digest: &B3Digest) -> Result<bool> {
-        Ok(self.cache.contains_key(&Key::Chunk(*digest)))
+        Ok(self.cache.contains_key(&ObjectKey::Chunk(*digest)))
     }
 
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
         // Copy into an allocation of its own: `data` may be a slice of a
         // larger buffer, which would otherwise stay pinned uncounted.
         let data = Bytes::copy_from_slice(&data);
-        self.cache.insert(Key::Chunk(digest), Entry::Chunk(data));
+        self.cache
+            .insert(ObjectKey::Chunk(digest), Entry::Chunk(data));
         Ok(())
     }
 
     async fn get_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
-        Ok(match self.cache.get(&Key::Index(*digest)) {
+        Ok(match self.cache.get(&ObjectKey::Index(*digest)) {
             Some(Entry::Index(index)) => Some((*index).clone()),
             _ => None,
         })
@@ -140,7 +135,7 @@ impl ChunkStore for MemoryStore {
 
     async fn put_index(&self, digest: B3Digest, index: BlobIndex) -> Result<()> {
         self.cache
-            .insert(Key::Index(digest), Entry::Index(Arc::new(index)));
+            .insert(ObjectKey::Index(digest), Entry::Index(Arc::new(index)));
         Ok(())
     }
 

@@ -1,0 +1,286 @@
+//! The `disk` tier: bounded, persistent, crash-safe, self-repairing.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use strata::B3Digest;
+use strata::blobservice::BlobService;
+use strata::chunkstore::{ChunkStore, ChunkedBlobService};
+use strata::proto::snix::{BlobChunk, ReadBlobRequest, StatBlobRequest};
+use strata::tiers::disk::DiskStore;
+use tokio::io::AsyncReadExt;
+
+use crate::harness::{Daemon, snix_client, test_data};
+
+/// Total bytes of the files under `dir`.
+fn du(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() {
+            du(&entry.path())
+        } else {
+            meta.len()
+        };
+    }
+    total
+}
+
+async fn put(svc: &dyn BlobService, data: &[u8]) -> B3Digest {
+    let mut w = svc.open_write().await.unwrap();
+    for piece in data.chunks(1 << 20) {
+        w.write(Bytes::copy_from_slice(piece)).await.unwrap();
+    }
+    w.close().await.unwrap().digest
+}
+
+async fn read_all(svc: &dyn BlobService, digest: &B3Digest) -> Option<Vec<u8>> {
+    let mut r = svc.open_read(digest).await.unwrap()?;
+    let mut out = Vec::new();
+    r.read_to_end(&mut out).await.unwrap();
+    Some(out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eviction_keeps_the_directory_under_max_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let max: u64 = 16 << 20;
+    let svc = ChunkedBlobService::new(DiskStore::open(dir.path().into(), max).await.unwrap());
+    // Slack: the chunks of one write window in flight (4 x 512 KiB) plus an index.
+    let slack = 4 * 512 * 1024 + 64 * 1024;
+    let mut newest = None;
+    for i in 0..40u64 {
+        // 2 MiB each: 80 MiB in all, 5x max_size.
+        let data = test_data(2 << 20, 500 + i);
+        let digest = put(&svc, &data).await;
+        let used = du(dir.path());
+        assert!(used <= max + slack, "after blob {i}: {used} bytes on disk");
+        assert!(svc.store().used_bytes() <= max);
+        newest = Some((digest, data));
+    }
+    let (digest, data) = newest.unwrap();
+    assert!(
+        read_all(&svc, &digest).await.unwrap() == data,
+        "newest blob evicted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn index_is_rebuilt_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs: Vec<Vec<u8>> = (0..5)
+        .map(|i| test_data(100_000 + i * 300_000, i as u64))
+        .collect();
+    let mut digests = Vec::new();
+    {
+        let svc =
+            ChunkedBlobService::new(DiskStore::open(dir.path().into(), 1 << 30).await.unwrap());
+        for b in &blobs {
+            digests.push(put(&svc, b).await);
+        }
+    }
+    let svc = ChunkedBlobService::new(DiskStore::open(dir.path().into(), 1 << 30).await.unwrap());
+    assert_eq!(
+        svc.store().used_bytes(),
+        du(&dir.path().join("chunks")) + du(&dir.path().join("blobs"))
+    );
+    for (d, b) in digests.iter().zip(&blobs) {
+        assert!(read_all(&svc, d).await.unwrap() == *b);
+    }
+    // Reopening with a smaller bound evicts down to it.
+    drop(svc);
+    let svc = ChunkedBlobService::new(DiskStore::open(dir.path().into(), 1 << 20).await.unwrap());
+    assert!(svc.store().used_bytes() <= 1 << 20);
+    assert!(du(dir.path()) <= 1 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_files_are_misses_and_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = ChunkedBlobService::new(DiskStore::open(dir.path().into(), 1 << 30).await.unwrap());
+    let single = test_data(50_000, 1);
+    let single_digest = put(&svc, &single).await;
+    let multi = test_data(3 << 20, 2);
+    let multi_digest = put(&svc, &multi).await;
+    let chunks = svc.stat(&multi_digest).await.unwrap().unwrap().chunks;
+    assert!(chunks.len() > 2);
+
+    let chunk_file = |d: &B3Digest| {
+        let hex = d.to_hex();
+        dir.path().join("chunks").join(&hex[..2]).join(hex)
+    };
+
+    // Bit rot in a single-chunk blob: a miss, and the file is gone.
+    let path = chunk_file(&single_digest);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    assert!(svc.open_read(&single_digest).await.unwrap().is_none());
+    assert!(!path.exists(), "corrupt file kept");
+    assert!(svc.stat(&single_digest).await.unwrap().is_none());
+
+    // A truncated chunk of a larger blob: the read fails, the chunk is
+    // removed, and the blob is a miss from then on.
+    let victim = chunks[1].digest;
+    let path = chunk_file(&victim);
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let mut r = svc.open_read(&multi_digest).await.unwrap().unwrap();
+    let mut out = Vec::new();
+    assert!(r.read_to_end(&mut out).await.is_err());
+    assert!(!path.exists());
+    assert!(svc.stat(&multi_digest).await.unwrap().is_none());
+    assert!(!svc.store().has_chunk(&victim).await.unwrap());
+
+    // A garbage index file: a miss, removed.
+    let other = test_data(2 << 20, 3);
+    let other_digest = put(&svc, &other).await;
+    let hex = other_digest.to_hex();
+    let index = dir.path().join("blobs").join(&hex[..2]).join(&hex);
+    std::fs::write(&index, b"\xff\xff\xff not protobuf").unwrap();
+    assert!(svc.stat(&other_digest).await.unwrap().is_none());
+    assert!(!index.exists());
+
+    // And the blob can be put again, whole.
+    assert_eq!(put(&svc, &multi).await, multi_digest);
+    assert!(read_all(&svc, &multi_digest).await.unwrap() == multi);
+}
+
+fn disk_config(path: &Path) -> String {
+    format!(
+        "[blobservices.root]\ntype = \"disk\"\npath = \"{}\"\nmax_size = \"1GiB\"\n",
+        path.display()
+    )
+}
+
+async fn read_via(addr: &str, digest: &B3Digest) -> Option<Vec<u8>> {
+    let stream = snix_client(addr)
+        .read(ReadBlobRequest {
+            digest: (*digest).into(),
+        })
+        .await;
+    let mut stream = match stream {
+        Ok(s) => s.into_inner(),
+        Err(s) if s.code() == tonic::Code::NotFound => return None,
+        Err(s) => panic!("read: {s}"),
+    };
+    let mut out = Vec::new();
+    while let Some(msg) = stream.next().await {
+        match msg {
+            Ok(m) => out.extend_from_slice(&m.data),
+            Err(s) if s.code() == tonic::Code::NotFound && out.is_empty() => return None,
+            Err(s) => panic!("read stream: {s}"),
+        }
+    }
+    Some(out)
+}
+
+async fn put_via(addr: &str, data: &[u8]) -> B3Digest {
+    let pieces: Vec<BlobChunk> = data
+        .chunks(256 * 1024)
+        .map(|c| BlobChunk {
+            data: Bytes::copy_from_slice(c),
+        })
+        .collect();
+    let resp = snix_client(addr)
+        .put(futures::stream::iter(pieces))
+        .await
+        .unwrap()
+        .into_inner();
+    B3Digest::try_from(&resp.digest).unwrap()
+}
+
+async fn start(config: &str) -> Daemon {
+    let config = config.to_owned();
+    tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blobs_survive_a_restart() {
+    let cache = tempfile::tempdir().unwrap();
+    let config = disk_config(cache.path());
+    let blobs: Vec<Vec<u8>> = [10, 300_000, 5 << 20]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| test_data(n, 40 + i as u64))
+        .collect();
+    let mut digests = Vec::new();
+    {
+        let daemon = start(&config).await;
+        for b in &blobs {
+            digests.push(put_via(&daemon.tcp_addr(), b).await);
+        }
+    } // killed here
+    let daemon = start(&config).await;
+    for (d, b) in digests.iter().zip(&blobs) {
+        assert!(read_via(&daemon.tcp_addr(), d).await.unwrap() == *b);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_during_put_never_leaves_a_torn_blob() {
+    let cache = tempfile::tempdir().unwrap();
+    let config = disk_config(cache.path());
+    let old = test_data(2 << 20, 77);
+    let old_digest = {
+        let daemon = start(&config).await;
+        put_via(&daemon.tcp_addr(), &old).await
+    };
+    let data = test_data(12 << 20, 78);
+    let digest = B3Digest::of(&data);
+    let pieces: Vec<Bytes> = data
+        .chunks(256 * 1024)
+        .map(Bytes::copy_from_slice)
+        .collect();
+
+    // Kill the daemon after 1, 10, 30 and all 48 pieces were sent.
+    for kill_after in [1usize, 10, 30, pieces.len()] {
+        let mut daemon = start(&config).await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<BlobChunk>(1);
+        let mut client = snix_client(&daemon.tcp_addr());
+        let put = tokio::spawn(async move {
+            client
+                .put(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        for p in &pieces[..kill_after] {
+            if tx.send(BlobChunk { data: p.clone() }).await.is_err() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        daemon.kill();
+        drop(tx);
+        let _ = put.await;
+
+        let daemon = start(&config).await;
+        let addr = daemon.tcp_addr();
+        // The new blob is either absent or whole, never torn.
+        let stat = snix_client(&addr)
+            .stat(StatBlobRequest {
+                digest: digest.into(),
+                ..Default::default()
+            })
+            .await;
+        match stat {
+            Err(s) => assert_eq!(s.code(), tonic::Code::NotFound, "after {kill_after}: {s}"),
+            Ok(_) => assert!(read_via(&addr, &digest).await.unwrap() == data),
+        }
+        // Older blobs are intact, and no temporary file survived.
+        assert!(read_via(&addr, &old_digest).await.unwrap() == old);
+        assert_eq!(
+            std::fs::read_dir(cache.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+}
