@@ -6,6 +6,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::*;
+use crate::Error;
 use crate::tiers::memory::MemoryStore;
 
 fn data(len: usize, seed: u64) -> Vec<u8> {

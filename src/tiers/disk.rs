@@ -257,7 +257,7 @@ fn prepare_and_scan(root: &Path) -> std::io::Result<Vec<(ObjectKey, u64, SystemT
     Ok(found)
 }
 
-type ScanDir = (PathBuf, fn(B3Digest) -> ObjectKey);
+type ScanDir = (PathBuf, MakeKey);
 
 fn scan_dirs(dirs: &[ScanDir]) -> std::io::Result<Vec<(ObjectKey, u64, SystemTime)>> {
     let mut found = Vec::new();
