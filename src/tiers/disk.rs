@@ -85,8 +85,11 @@ pub struct DiskStore {
     tmp_seq: AtomicU64,
 }
 
-const KINDS: [(&str, fn(B3Digest) -> ObjectKey); 2] =
-    [("chunks", ObjectKey::Chunk), ("blobs", ObjectKey::Index)];
+/// Builds the key of a file from the digest in its name.
+type MakeKey = fn(B3Digest) -> ObjectKey;
+
+/// The two top-level directories and the kind of object each holds.
+const KINDS: [(&str, MakeKey); 2] = [("chunks", ObjectKey::Chunk), ("blobs", ObjectKey::Index)];
 
 fn relative_path(key: &ObjectKey) -> PathBuf {
     let (dir, digest) = match key {
