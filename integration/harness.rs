@@ -184,3 +184,111 @@ pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     std::fs::write(&path, data).expect("write test file");
     path
 }
+
+/// A real S3 server (s3s-fs) on loopback, killed when dropped.
+pub struct S3Server {
+    child: Child,
+    pub root: tempfile::TempDir,
+    pub port: u16,
+}
+
+pub const S3_ACCESS_KEY: &str = "strata-test";
+pub const S3_SECRET_KEY: &str = "strata-test-secret";
+
+/// The s3s-fs binary: `$S3S_FS`, else on `PATH`, else in cargo's bin dir.
+fn s3s_fs_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("S3S_FS") {
+        return p.into();
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("s3s-fs"))
+            .find(|p| p.is_file())
+    });
+    if let Some(p) = on_path {
+        return p;
+    }
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .expect("neither CARGO_HOME nor HOME is set");
+    cargo_home.join("bin").join("s3s-fs")
+}
+
+impl S3Server {
+    /// Starts s3s-fs with one bucket, `bucket`. Panics (failing the test)
+    /// when the server cannot be started: `scripts/test.sh` installs it.
+    pub fn start(bucket: &str) -> S3Server {
+        let bin = s3s_fs_bin();
+        assert!(
+            bin.is_file(),
+            "s3s-fs not found at {}: run `bash scripts/test.sh`, which installs it",
+            bin.display()
+        );
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(root.path().join(bucket)).expect("bucket dir");
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(&bin)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+                .arg(root.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    last_err = format!("s3s-fs exited with {status}");
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return S3Server { child, root, port };
+                }
+                if Instant::now() > deadline {
+                    last_err = "s3s-fs did not listen within 20 s".into();
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("cannot start s3s-fs: {last_err}");
+    }
+
+    /// `object_store_options` for this server, as a TOML inline table.
+    pub fn options_toml(&self) -> String {
+        format!(
+            "{{ aws_endpoint = \"http://127.0.0.1:{}\", aws_allow_http = \"true\", \
+             aws_access_key_id = \"{S3_ACCESS_KEY}\", aws_secret_access_key = \"{S3_SECRET_KEY}\", \
+             aws_region = \"us-east-1\", aws_virtual_hosted_style_request = \"false\" }}",
+            self.port
+        )
+    }
+
+    /// The same options as key/value pairs.
+    pub fn options(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "aws_endpoint".into(),
+                format!("http://127.0.0.1:{}", self.port),
+            ),
+            ("aws_allow_http".into(), "true".into()),
+            ("aws_access_key_id".into(), S3_ACCESS_KEY.into()),
+            ("aws_secret_access_key".into(), S3_SECRET_KEY.into()),
+            ("aws_region".into(), "us-east-1".into()),
+            ("aws_virtual_hosted_style_request".into(), "false".into()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -7,5 +7,6 @@ mod config_errors;
 mod disk;
 mod examples;
 mod lying_peer;
+mod objectstore;
 mod roundtrip;
 mod status_codes;

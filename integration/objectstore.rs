@@ -1,0 +1,349 @@
+//! The `objectstore` tier: the snix bucket layout in both directions, built
+//! and checked from `docs/storage-layout.md` with hand-written code, and
+//! round trips through a real S3 server.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use strata::B3Digest;
+use strata::proto::snix::{BlobChunk, ReadBlobRequest, StatBlobRequest};
+
+use crate::harness::{Daemon, S3Server, snix_client, test_data};
+
+// --- protobuf by hand, from the layout description -------------------------
+// StatBlobResponse { repeated ChunkMeta chunks = 2; }
+// ChunkMeta { bytes digest = 1; uint64 size = 2; }
+
+fn varint(mut n: u64, out: &mut Vec<u8>) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn encode_index(chunks: &[(B3Digest, u64)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (digest, size) in chunks {
+        let mut inner = vec![0x0a, 32];
+        inner.extend_from_slice(digest.as_bytes());
+        inner.push(0x10);
+        varint(*size, &mut inner);
+        out.push(0x12);
+        varint(inner.len() as u64, &mut out);
+        out.extend_from_slice(&inner);
+    }
+    out
+}
+
+fn read_varint(buf: &[u8], pos: &mut usize) -> u64 {
+    let mut n = 0u64;
+    let mut shift = 0;
+    loop {
+        let b = buf[*pos];
+        *pos += 1;
+        n |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return n;
+        }
+        shift += 7;
+    }
+}
+
+fn decode_index(buf: &[u8]) -> Vec<(B3Digest, u64)> {
+    let mut chunks = Vec::new();
+    let mut pos = 0;
+    while pos < buf.len() {
+        let tag = read_varint(buf, &mut pos);
+        assert_eq!(tag, 0x12, "only field 2 (chunks) expected in the index");
+        let len = read_varint(buf, &mut pos) as usize;
+        let inner = &buf[pos..pos + len];
+        pos += len;
+        let (mut digest, mut size, mut p) = (None, 0, 0);
+        while p < inner.len() {
+            match read_varint(inner, &mut p) {
+                0x0a => {
+                    let l = read_varint(inner, &mut p) as usize;
+                    digest = Some(B3Digest::try_from(&inner[p..p + l]).unwrap());
+                    p += l;
+                }
+                0x10 => size = read_varint(inner, &mut p),
+                other => panic!("unexpected ChunkMeta tag {other:#x}"),
+            }
+        }
+        chunks.push((digest.expect("chunk digest"), size));
+    }
+    chunks
+}
+
+fn object_path(root: &Path, kind: &str, digest: &B3Digest) -> PathBuf {
+    let hex = digest.to_hex();
+    root.join(kind).join("b3").join(&hex[..2]).join(hex)
+}
+
+fn write_object(root: &Path, kind: &str, digest: &B3Digest, data: &[u8]) {
+    let path = object_path(root, kind, digest);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+}
+
+fn objectstore_config(url: &str, options: Option<&str>) -> String {
+    let mut config =
+        format!("[blobservices.root]\ntype = \"objectstore\"\nobject_store_url = \"{url}\"\n");
+    if let Some(options) = options {
+        config.push_str(&format!("object_store_options = {options}\n"));
+    }
+    config
+}
+
+async fn start(config: String) -> Daemon {
+    tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
+        .await
+        .unwrap()
+}
+
+async fn read(addr: &str, digest: &B3Digest) -> Vec<u8> {
+    let mut stream = snix_client(addr)
+        .read(ReadBlobRequest {
+            digest: (*digest).into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.next().await {
+        out.extend_from_slice(&msg.unwrap().data);
+    }
+    out
+}
+
+async fn put(addr: &str, data: &[u8]) -> B3Digest {
+    let pieces: Vec<BlobChunk> = data
+        .chunks(1 << 20)
+        .map(|c| BlobChunk {
+            data: Bytes::copy_from_slice(c),
+        })
+        .collect();
+    let resp = snix_client(addr)
+        .put(futures::stream::iter(pieces))
+        .await
+        .unwrap()
+        .into_inner();
+    B3Digest::try_from(&resp.digest).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bucket_in_the_snix_layout_is_served() {
+    let bucket = tempfile::tempdir().unwrap();
+    let root = bucket.path();
+
+    // "Hello World": one chunk object, compressed by a streaming encoder
+    // (no content size in the frame header), at the documented key.
+    let hello = B3Digest::of(b"Hello World");
+    let frame = zstd::stream::encode_all(&b"Hello World"[..], 3).unwrap();
+    write_object(root, "chunks", &hello, &frame);
+    assert!(
+        root.join("chunks/b3/41/41f8394111eb713a22165c46c90ab8f0fd9399c92028fd6d288944b23ff5bf76")
+            .is_file()
+    );
+
+    // A blob of three chunks with arbitrary (non-FastCDC) boundaries.
+    let blob = test_data(400_007, 11);
+    let parts = [&blob[..100_000], &blob[100_000..400_000], &blob[400_000..]];
+    let mut index = Vec::new();
+    for part in parts {
+        let d = B3Digest::of(part);
+        write_object(
+            root,
+            "chunks",
+            &d,
+            &zstd::stream::encode_all(part, 1).unwrap(),
+        );
+        index.push((d, part.len() as u64));
+    }
+    let blob_digest = B3Digest::of(&blob);
+    write_object(root, "blobs", &blob_digest, &encode_index(&index));
+
+    let daemon = start(objectstore_config(
+        &format!("file://{}", root.display()),
+        None,
+    ))
+    .await;
+    let addr = daemon.tcp_addr();
+
+    assert_eq!(read(&addr, &hello).await, b"Hello World");
+    let stat = snix_client(&addr)
+        .stat(StatBlobRequest {
+            digest: hello.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stat.size, 11);
+
+    assert!(read(&addr, &blob_digest).await == blob);
+    let stat = snix_client(&addr)
+        .stat(StatBlobRequest {
+            digest: blob_digest.into(),
+            send_chunks: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stat.size, blob.len() as u64);
+    let listed: Vec<(B3Digest, u64)> = stat
+        .chunks
+        .iter()
+        .map(|c| (B3Digest::try_from(&c.digest).unwrap(), c.size))
+        .collect();
+    assert_eq!(listed, index);
+    for (d, size) in &index {
+        assert_eq!(read(&addr, d).await.len() as u64, *size);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strata_writes_the_snix_layout() {
+    let bucket = tempfile::tempdir().unwrap();
+    let root = bucket.path();
+    let daemon = start(objectstore_config(
+        &format!("file://{}", root.display()),
+        None,
+    ))
+    .await;
+    let addr = daemon.tcp_addr();
+
+    assert_eq!(put(&addr, b"").await, B3Digest::EMPTY);
+    let hello = put(&addr, b"Hello World").await;
+    let big = test_data(3 << 20, 12);
+    let big_digest = put(&addr, &big).await;
+
+    // The empty blob is not stored; "Hello World" is one chunk, no index.
+    assert!(!object_path(root, "chunks", &B3Digest::EMPTY).exists());
+    let frame = std::fs::read(object_path(root, "chunks", &hello)).unwrap();
+    assert_eq!(
+        zstd::stream::decode_all(&frame[..]).unwrap(),
+        b"Hello World"
+    );
+    assert!(!object_path(root, "blobs", &hello).exists());
+
+    // The large blob has an index whose chunks decompress, hash to their
+    // names, concatenate to the blob, and are the FastCDC v2020 cuts.
+    let index = decode_index(&std::fs::read(object_path(root, "blobs", &big_digest)).unwrap());
+    let mut joined = Vec::new();
+    for (d, size) in &index {
+        let frame = std::fs::read(object_path(root, "chunks", d)).unwrap();
+        let data = zstd::stream::decode_all(&frame[..]).unwrap();
+        assert_eq!(data.len() as u64, *size);
+        assert_eq!(B3Digest::of(&data), *d);
+        joined.extend_from_slice(&data);
+    }
+    assert!(joined == big);
+    let cuts: Vec<u64> = fastcdc::v2020::StreamCDC::new(
+        std::io::Cursor::new(&big),
+        128 * 1024,
+        256 * 1024,
+        512 * 1024,
+    )
+    .map(|c| c.unwrap().length as u64)
+    .collect();
+    assert_eq!(index.iter().map(|(_, s)| *s).collect::<Vec<_>>(), cuts);
+
+    // Nothing else was written.
+    let mut files = 0;
+    for kind in ["chunks", "blobs"] {
+        for prefix in std::fs::read_dir(root.join(kind).join("b3")).unwrap() {
+            files += std::fs::read_dir(prefix.unwrap().path()).unwrap().count();
+        }
+    }
+    assert_eq!(files, 1 + index.len() + 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn decompression_bombs_are_refused() {
+    let bucket = tempfile::tempdir().unwrap();
+    let root = bucket.path();
+    // 17 MiB of zeros compresses to a few hundred bytes.
+    let zeros = vec![0u8; 17 << 20];
+    let bomb = B3Digest::of(&zeros);
+    write_object(
+        root,
+        "chunks",
+        &bomb,
+        &zstd::bulk::compress(&zeros, 19).unwrap(),
+    );
+    let daemon = start(objectstore_config(
+        &format!("file://{}", root.display()),
+        None,
+    ))
+    .await;
+    let status = snix_client(&daemon.tcp_addr())
+        .read(ReadBlobRequest {
+            digest: bomb.into(),
+        })
+        .await;
+    let code = match status {
+        Err(s) => s.code(),
+        Ok(resp) => match resp.into_inner().next().await {
+            Some(Err(s)) => s.code(),
+            other => panic!("bomb was served: {other:?}"),
+        },
+    };
+    assert_eq!(code, tonic::Code::DataLoss);
+}
+
+/// Digests of the FastCDC v2020 chunks of `data` (snix's parameters).
+fn chunk_digests(data: &[u8]) -> Vec<B3Digest> {
+    fastcdc::v2020::StreamCDC::new(std::io::Cursor::new(data), 128 << 10, 256 << 10, 512 << 10)
+        .map(|c| B3Digest::of(&c.unwrap().data))
+        .collect()
+}
+
+/// Counts the objects in the bucket through the S3 API.
+async fn count_objects(s3: &S3Server, bucket: &str) -> usize {
+    let url = url::Url::parse(&format!("s3://{bucket}")).unwrap();
+    let (store, _) = object_store::parse_url_opts(&url, s3.options()).unwrap();
+    store.list(None).count().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_round_trips_and_dedup() {
+    let s3 = tokio::task::spawn_blocking(|| S3Server::start("blobs"))
+        .await
+        .unwrap();
+    let daemon = start(objectstore_config("s3://blobs", Some(&s3.options_toml()))).await;
+    let addr = daemon.tcp_addr();
+
+    let mut expected = std::collections::HashSet::new();
+    for (i, size) in [0usize, 1 << 20, 300 << 20].into_iter().enumerate() {
+        let data = test_data(size, 300 + i as u64);
+        let digest = put(&addr, &data).await;
+        assert_eq!(digest, B3Digest::of(&data));
+        assert!(read(&addr, &digest).await == data, "{size} bytes");
+        let cuts = chunk_digests(&data);
+        if cuts.len() > 1 {
+            expected.insert(("index", digest));
+        }
+        expected.extend(cuts.into_iter().map(|d| ("chunk", d)));
+    }
+    let big = test_data(300 << 20, 302);
+    // Exactly one object per distinct chunk and one index per multi-chunk blob.
+    let objects = count_objects(&s3, "blobs").await;
+    assert_eq!(objects, expected.len());
+
+    // The same blob again adds nothing.
+    put(&addr, &big).await;
+    assert_eq!(count_objects(&s3, "blobs").await, objects);
+
+    // A blob sharing its first 200 MiB adds only the chunks after the
+    // shared prefix (a few) and one index.
+    let mut derived = big[..200 << 20].to_vec();
+    derived.extend_from_slice(&test_data(1 << 20, 303));
+    let derived_digest = put(&addr, &derived).await;
+    let added = count_objects(&s3, "blobs").await - objects;
+    assert!((2..=12).contains(&added), "{added} objects added");
+    assert!(read(&addr, &derived_digest).await == derived);
+}
