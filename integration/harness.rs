@@ -188,7 +188,8 @@ pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
 /// A real S3 server (s3s-fs) on loopback, killed when dropped.
 pub struct S3Server {
     child: Child,
-    pub root: tempfile::TempDir,
+    // The data directory, removed when the server is dropped.
+    _root: tempfile::TempDir,
     pub port: u16,
 }
 
@@ -246,7 +247,11 @@ impl S3Server {
                     break;
                 }
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return S3Server { child, root, port };
+                    return S3Server {
+                        child,
+                        _root: root,
+                        port,
+                    };
                 }
                 if Instant::now() > deadline {
                     last_err = "s3s-fs did not listen within 20 s".into();
