@@ -347,3 +347,49 @@ async fn s3_round_trips_and_dedup() {
     assert!((2..=12).contains(&added), "{added} objects added");
     assert!(read(&addr, &derived_digest).await == derived);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lying_index_in_a_shared_bucket_serves_nothing() {
+    let bucket = tempfile::tempdir().unwrap();
+    let root = bucket.path();
+    // Valid chunks of one blob, filed under the index of another digest.
+    let real = test_data(600_000, 21);
+    let claimed = B3Digest::of(&test_data(600_000, 22));
+    let mut index = Vec::new();
+    for part in real.chunks(200_000) {
+        let d = B3Digest::of(part);
+        write_object(root, "chunks", &d, &zstd::bulk::compress(part, 3).unwrap());
+        index.push((d, part.len() as u64));
+    }
+    write_object(root, "blobs", &claimed, &encode_index(&index));
+
+    let daemon = start(objectstore_config(
+        &format!("file://{}", root.display()),
+        None,
+    ))
+    .await;
+    let mut got = Vec::new();
+    let mut code = None;
+    match snix_client(&daemon.tcp_addr())
+        .read(ReadBlobRequest {
+            digest: claimed.into(),
+        })
+        .await
+    {
+        Err(s) => code = Some(s.code()),
+        Ok(resp) => {
+            let mut stream = resp.into_inner();
+            while let Some(msg) = stream.next().await {
+                match msg {
+                    Ok(m) => got.extend_from_slice(&m.data),
+                    Err(s) => {
+                        code = Some(s.code());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(code, Some(tonic::Code::DataLoss));
+    assert!(got.is_empty(), "{} unverified bytes released", got.len());
+}

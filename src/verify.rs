@@ -5,8 +5,14 @@
 //! local cache file that may have rotted) goes through one of these before a
 //! byte of it is handed out or written into another tier.
 
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+
+use crate::blobservice::{BlobReader, Spool};
 use crate::digest::B3Digest;
-use crate::error::VerifyError;
+use crate::error::{Result, VerifyError};
 
 /// Checks that `data` is the chunk (or small blob) named `expected`.
 pub fn verify_chunk(expected: &B3Digest, data: &[u8]) -> Result<(), VerifyError> {
@@ -87,6 +93,33 @@ impl StreamVerifier {
             actual_len: self.seen,
         }
     }
+}
+
+/// Collects a blob arriving as `pieces` into a [`Spool`] while verifying it,
+/// and returns a reader over it only once all of it hashed to `expected`
+/// (with `expected_len` bytes, if known). Memory stays bounded: large blobs
+/// spool to a temporary file in `spool_dir`.
+///
+/// This is how a blob whose chunk list or stream cannot be checked piece by
+/// piece is made safe to release.
+pub async fn spool_verified<S>(
+    expected: B3Digest,
+    expected_len: Option<u64>,
+    spool_dir: Option<PathBuf>,
+    mut pieces: S,
+) -> Result<Box<dyn BlobReader>>
+where
+    S: Stream<Item = Result<Bytes>> + Unpin,
+{
+    let mut verifier = StreamVerifier::new(expected, expected_len);
+    let mut spool = Spool::new(spool_dir, expected_len);
+    while let Some(piece) = pieces.next().await {
+        let piece = piece?;
+        verifier.update(&piece)?;
+        spool.push(piece).await?;
+    }
+    verifier.finish()?;
+    spool.into_reader().await
 }
 
 #[cfg(test)]

@@ -19,8 +19,10 @@
 //!   answer (I/O, an unreachable or lying peer, ...).
 
 mod reader;
+mod spool;
 
 pub use reader::{BlobReader, BufferedReader, SpooledReader};
+pub use spool::{SPOOL_IN_MEMORY, Spool};
 
 use async_trait::async_trait;
 use bytes::Bytes;

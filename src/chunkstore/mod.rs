@@ -24,12 +24,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
+use tokio_util::io::ReaderStream;
 use tracing::instrument;
 
 use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader};
 use crate::digest::B3Digest;
-use crate::error::Result;
-use crate::verify::verify_chunk;
+use crate::error::{Error, Result};
+use crate::verify::{spool_verified, verify_chunk};
 
 /// Names an object in a chunk store: a chunk or a blob index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,6 +78,14 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// failing again. Stores shared with others leave their data alone.
     async fn discard_chunk(&self, _digest: &B3Digest) -> Result<()> {
         Ok(())
+    }
+
+    /// Whether every index in this store was written by strata after it
+    /// hashed the whole blob itself. Stores shared with other writers (an
+    /// object-storage bucket) answer `false`: their chunk lists are checked
+    /// against the blob digest before any byte is released.
+    fn trusts_indexes(&self) -> bool {
+        true
     }
 
     /// How many chunks a reader may fetch ahead of the one being read.
@@ -154,8 +164,18 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
             return Ok(Some(Box::new(BufferedReader::new(Bytes::new()))));
         }
         if let Some(index) = self.complete_index(digest).await? {
+            let size = index.size;
             let reader = ChunkedReader::new(*digest, index.chunks, self.store.clone());
-            return Ok(Some(Box::new(reader)));
+            if self.store.trusts_indexes() {
+                return Ok(Some(Box::new(reader)));
+            }
+            // Each chunk is verified as it is read, but only the whole blob
+            // proves the chunk list belongs to this digest.
+            let pieces =
+                ReaderStream::with_capacity(reader, 256 * 1024).map(|r| r.map_err(Error::from_io));
+            return spool_verified(*digest, Some(size), None, pieces)
+                .await
+                .map(Some);
         }
         let Some(data) = self.store.get_chunk(digest).await? else {
             return Ok(None);

@@ -19,10 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,7 +31,6 @@ use tracing::{instrument, warn};
 use crate::addr::{DEFAULT_MAX_MESSAGE_SIZE, PeerAddr};
 use crate::blobservice::{
     BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, PutResult,
-    SpooledReader,
 };
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
@@ -41,11 +39,8 @@ use crate::proto::snix::{
     BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
 };
 use crate::proto::{snix, tvix};
-use crate::verify::StreamVerifier;
+use crate::verify::spool_verified;
 
-/// Blobs up to this size are spooled in memory while they are verified;
-/// larger ones go to a temporary file.
-const SPOOL_IN_MEMORY: usize = 4 * 1024 * 1024;
 /// Largest message sent in a Put stream.
 const PUT_MESSAGE_SIZE: usize = 1024 * 1024;
 
@@ -208,34 +203,27 @@ impl GrpcBlobService {
         let req = ReadBlobRequest {
             digest: (*digest).into(),
         };
-        let mut stream = match call!(self.client, read(req)) {
+        let stream = match call!(self.client, read(req)) {
             Ok(resp) => resp.into_inner(),
             Err(status) if status.code() == tonic::Code::NotFound => return Ok(None),
             Err(status) => return Err(self.peer_error(status)),
         };
-        let mut verifier = StreamVerifier::new(*digest, expected_len);
-        let mut spool = Spool::new(self.spool_dir.clone(), expected_len);
-        let mut first = true;
-        while let Some(msg) = stream.next().await {
-            let msg = match msg {
-                Ok(msg) => msg,
-                Err(status) if first && status.code() == tonic::Code::NotFound => {
-                    return Ok(None);
-                }
-                Err(status) => return Err(self.peer_error(status)),
-            };
-            first = false;
-            if let Err(e) = verifier.update(&msg.data) {
+        // The status may also come as the first item of the stream.
+        let mut stream = stream.peekable();
+        if let Some(Err(status)) = std::pin::Pin::new(&mut stream).peek().await
+            && status.code() == tonic::Code::NotFound
+        {
+            return Ok(None);
+        }
+        let pieces = stream.map(|msg| msg.map(|m| m.data).map_err(|s| self.peer_error(s)));
+        match spool_verified(*digest, expected_len, self.spool_dir.clone(), pieces).await {
+            Ok(reader) => Ok(Some(reader)),
+            Err(e @ Error::Verification(_)) => {
                 warn!(peer = %self.addr, %digest, error = %e, "peer sent bad data");
-                return Err(e.into());
+                Err(e)
             }
-            spool.push(msg.data).await?;
+            Err(e) => Err(e),
         }
-        if let Err(e) = verifier.finish() {
-            warn!(peer = %self.addr, %digest, error = %e, "peer sent bad data");
-            return Err(e.into());
-        }
-        Ok(Some(spool.into_reader().await?))
     }
 }
 
@@ -285,74 +273,6 @@ impl BlobService for GrpcBlobService {
             size: 0,
             closed: false,
         }))
-    }
-}
-
-/// Holds a blob being verified: in memory while small, then in a temporary file.
-enum Spool {
-    Memory {
-        buf: BytesMut,
-        dir: Option<PathBuf>,
-    },
-    File {
-        file: tokio::io::BufWriter<tokio::fs::File>,
-        path: tempfile::TempPath,
-        len: u64,
-    },
-}
-
-impl Spool {
-    fn new(dir: Option<PathBuf>, expected_len: Option<u64>) -> Self {
-        let capacity = expected_len.map_or(0, |l| l.min(SPOOL_IN_MEMORY as u64) as usize);
-        Spool::Memory {
-            buf: BytesMut::with_capacity(capacity),
-            dir,
-        }
-    }
-
-    async fn push(&mut self, data: Bytes) -> Result<()> {
-        match self {
-            Spool::Memory { buf, dir } => {
-                if buf.len() + data.len() <= SPOOL_IN_MEMORY {
-                    buf.extend_from_slice(&data);
-                    return Ok(());
-                }
-                let named = match dir {
-                    Some(dir) => tempfile::NamedTempFile::new_in(dir)?,
-                    None => tempfile::NamedTempFile::new()?,
-                };
-                let (file, path) = named.into_parts();
-                let mut file = tokio::io::BufWriter::with_capacity(
-                    1024 * 1024,
-                    tokio::fs::File::from_std(file),
-                );
-                file.write_all(buf).await?;
-                file.write_all(&data).await?;
-                let len = (buf.len() + data.len()) as u64;
-                *self = Spool::File { file, path, len };
-            }
-            Spool::File { file, len, .. } => {
-                file.write_all(&data).await?;
-                *len += data.len() as u64;
-            }
-        }
-        Ok(())
-    }
-
-    async fn into_reader(self) -> Result<Box<dyn BlobReader>> {
-        Ok(match self {
-            Spool::Memory { buf, .. } => Box::new(BufferedReader::new(buf.freeze())),
-            Spool::File {
-                mut file,
-                path,
-                len,
-            } => {
-                file.flush().await?;
-                let mut file = file.into_inner();
-                file.seek(std::io::SeekFrom::Start(0)).await?;
-                Box::new(SpooledReader::new(file, path, len))
-            }
-        })
     }
 }
 

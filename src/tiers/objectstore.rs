@@ -256,6 +256,11 @@ impl ChunkStore for ObjectStoreChunks {
         false
     }
 
+    fn trusts_indexes(&self) -> bool {
+        // A bucket may be written by snix, tvix or anyone with credentials.
+        false
+    }
+
     fn read_ahead(&self) -> usize {
         self.read_ahead
     }
