@@ -9,7 +9,7 @@ use strata::B3Digest;
 use strata::blobservice::BlobService;
 use strata::chunkstore::{ChunkStore, ChunkedBlobService};
 use strata::proto::snix::{BlobChunk, ReadBlobRequest, StatBlobRequest};
-use strata::tiers::disk::DiskStore;
+use strata::kinds::disk::DiskStore;
 use tokio::io::AsyncReadExt;
 
 use crate::harness::{Daemon, snix_client, test_data};

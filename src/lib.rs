@@ -2,7 +2,7 @@
 //! blobs, speaking the snix/tvix castore `BlobService` gRPC protocol.
 //!
 //! * [`blobservice`]: the one trait every tier and the server speak.
-//! * [`tiers`]: the tier kinds, one module each.
+//! * [`kinds`]: the tier kinds, one module each, and their registration.
 //! * [`chunkstore`]: the chunk/index storage model shared by local tiers.
 //! * [`verify`]: where every untrusted byte is checked.
 //! * [`composition`]: composition files and the kind registry.
@@ -16,9 +16,9 @@ pub mod chunkstore;
 pub mod composition;
 pub mod digest;
 pub mod error;
+pub mod kinds;
 pub mod proto;
 pub mod server;
-pub mod tiers;
 pub mod verify;
 
 pub use digest::B3Digest;

@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::*;
 use crate::Error;
-use crate::tiers::memory::MemoryStore;
+use crate::kinds::memory::MemoryStore;
 
 fn data(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;

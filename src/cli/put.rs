@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use bytes::BytesMut;
 use strata::blobservice::BlobService;
-use strata::tiers::grpc::{GrpcBlobService, Protocol};
+use strata::kinds::grpc::{GrpcBlobService, Protocol};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::{AddrArg, progress};

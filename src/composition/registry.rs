@@ -92,7 +92,7 @@ impl Default for Registry {
     /// Every kind strata ships.
     fn default() -> Self {
         let mut registry = Registry::empty();
-        crate::tiers::register_all(&mut registry);
+        crate::kinds::register_all(&mut registry);
         registry
     }
 }
