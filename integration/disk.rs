@@ -8,8 +8,8 @@ use futures::StreamExt;
 use strata::B3Digest;
 use strata::blobservice::BlobService;
 use strata::chunkstore::{ChunkStore, ChunkedBlobService};
-use strata::proto::snix::{BlobChunk, ReadBlobRequest, StatBlobRequest};
 use strata::kinds::disk::DiskStore;
+use strata::proto::snix::{BlobChunk, ReadBlobRequest, StatBlobRequest};
 use tokio::io::AsyncReadExt;
 
 use crate::harness::{Daemon, snix_client, test_data};

@@ -53,6 +53,9 @@ impl Daemon {
                 .arg("--listen")
                 .arg(&socket)
                 .env("RUST_LOG", "info")
+                // The default composition's disk cache goes here, not into
+                // the user's cache directory.
+                .env("XDG_CACHE_HOME", dir.path().join("cache"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).expect("log file"));

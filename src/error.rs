@@ -57,6 +57,24 @@ pub enum Error {
     /// Local I/O failed.
     #[error(transparent)]
     Io(#[from] io::Error),
+
+    /// The error of a piece of work this request shared with others
+    /// (single-flight).
+    #[error(transparent)]
+    Shared(std::sync::Arc<Error>),
+
+    /// No tier could answer; every failure is listed.
+    #[error("no tier could answer: {}", .0.join("; "))]
+    AllTiersFailed(Vec<String>),
+
+    /// A tier took longer than its `timeout`.
+    #[error("tier `{tier}` timed out after {after:?}")]
+    Timeout {
+        /// The tier's name.
+        tier: String,
+        /// Its timeout.
+        after: std::time::Duration,
+    },
 }
 
 /// Ways in which data can fail to match the digest it was asked for.
@@ -90,6 +108,14 @@ pub enum VerifyError {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The error behind any [`Error::Shared`] wrappers.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Shared(inner) => inner.root(),
+            other => other,
+        }
+    }
+
     /// Wraps an error for `std::io` interfaces (`AsyncRead` and friends),
     /// keeping the original reachable through [`io::Error::get_ref`].
     pub fn into_io(self) -> io::Error {

@@ -19,6 +19,7 @@ pub mod error;
 pub mod kinds;
 pub mod proto;
 pub mod server;
+pub mod singleflight;
 pub mod verify;
 
 pub use digest::B3Digest;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-use crate::blobservice::{BlobReader, Spool};
+use crate::blobservice::{BlobReader, SharedSpool, Spool};
 use crate::digest::B3Digest;
 use crate::error::{Result, VerifyError};
 
@@ -106,8 +106,25 @@ pub async fn spool_verified<S>(
     expected: B3Digest,
     expected_len: Option<u64>,
     spool_dir: Option<PathBuf>,
-    mut pieces: S,
+    pieces: S,
 ) -> Result<Box<dyn BlobReader>>
+where
+    S: Stream<Item = Result<Bytes>> + Unpin,
+{
+    spool_verified_shared(expected, expected_len, spool_dir, pieces)
+        .await?
+        .open()
+        .await
+}
+
+/// Like [`spool_verified`], but returns the spool itself, which several
+/// readers can open.
+pub async fn spool_verified_shared<S>(
+    expected: B3Digest,
+    expected_len: Option<u64>,
+    spool_dir: Option<PathBuf>,
+    mut pieces: S,
+) -> Result<SharedSpool>
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
@@ -119,7 +136,7 @@ where
         spool.push(piece).await?;
     }
     verifier.finish()?;
-    spool.into_reader().await
+    spool.into_shared().await
 }
 
 #[cfg(test)]

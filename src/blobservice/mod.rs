@@ -22,7 +22,7 @@ mod reader;
 mod spool;
 
 pub use reader::{BlobReader, BufferedReader, SpooledReader};
-pub use spool::{SPOOL_IN_MEMORY, Spool};
+pub use spool::{SPOOL_IN_MEMORY, SharedSpool, Spool};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -78,6 +78,12 @@ pub trait BlobService: Send + Sync + 'static {
     /// Starts writing a new blob. Nothing is visible until
     /// [`BlobWriter::close`] succeeds; dropping the writer abandons it.
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>>;
+
+    /// Finishes background work (queued fills, ...) before the process
+    /// exits. Combinators forward it to the tiers they use.
+    async fn shutdown(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// An in-progress blob upload.
@@ -104,6 +110,9 @@ impl<T: BlobService + ?Sized> BlobService for std::sync::Arc<T> {
     }
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
         (**self).open_write().await
+    }
+    async fn shutdown(&self) -> Result<()> {
+        (**self).shutdown().await
     }
 }
 

@@ -58,17 +58,17 @@ impl AsyncSeek for BufferedReader {
 }
 
 /// A reader over a temporary file holding a verified blob; the file is
-/// deleted when the reader is dropped.
+/// deleted when the last reader (or other holder of `path`) is dropped.
 pub struct SpooledReader {
     file: tokio::fs::File,
     len: u64,
-    // Keeps the file's path alive until the reader is dropped.
-    _path: tempfile::TempPath,
+    // Keeps the file alive until the reader is dropped.
+    _path: std::sync::Arc<tempfile::TempPath>,
 }
 
 impl SpooledReader {
-    /// Serves `len` bytes from `file`, rewound to the start.
-    pub fn new(file: tokio::fs::File, path: tempfile::TempPath, len: u64) -> Self {
+    /// Serves `len` bytes from `file`, positioned at the start.
+    pub fn new(file: tokio::fs::File, path: std::sync::Arc<tempfile::TempPath>, len: u64) -> Self {
         SpooledReader {
             file,
             len,

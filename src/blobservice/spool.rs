@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
 
 use super::{BlobReader, BufferedReader, SpooledReader};
 use crate::error::Result;
@@ -70,17 +72,65 @@ impl Spool {
 
     /// A reader over everything pushed. Call only once the blob verified.
     pub async fn into_reader(self) -> Result<Box<dyn BlobReader>> {
+        self.into_shared().await?.open().await
+    }
+
+    /// Finishes the spool so it can be read any number of times.
+    pub async fn into_shared(self) -> Result<SharedSpool> {
         Ok(match self.0 {
-            Inner::Memory { buf, .. } => Box::new(BufferedReader::new(buf.freeze())),
+            Inner::Memory { buf, .. } => SharedSpool::Memory(buf.freeze()),
             Inner::File {
                 mut file,
                 path,
                 len,
             } => {
                 file.flush().await?;
-                let mut file = file.into_inner();
-                file.seek(std::io::SeekFrom::Start(0)).await?;
-                Box::new(SpooledReader::new(file, path, len))
+                SharedSpool::File {
+                    path: Arc::new(path),
+                    len,
+                }
+            }
+        })
+    }
+}
+
+/// A finished, verified spool that several readers can open: the client's
+/// reader and a background fill, for instance. A spool file is deleted when
+/// the last holder is dropped.
+#[derive(Clone)]
+pub enum SharedSpool {
+    /// A small blob, in memory.
+    Memory(Bytes),
+    /// A larger blob, in a temporary file.
+    File {
+        /// The file (deleted on drop of the last holder).
+        path: Arc<tempfile::TempPath>,
+        /// Its length.
+        len: u64,
+    },
+}
+
+impl SharedSpool {
+    /// Length of the spooled blob.
+    pub fn len(&self) -> u64 {
+        match self {
+            SharedSpool::Memory(b) => b.len() as u64,
+            SharedSpool::File { len, .. } => *len,
+        }
+    }
+
+    /// Whether the spooled blob is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A new reader from the start of the blob.
+    pub async fn open(&self) -> Result<Box<dyn BlobReader>> {
+        Ok(match self {
+            SharedSpool::Memory(b) => Box::new(BufferedReader::new(b.clone())),
+            SharedSpool::File { path, len } => {
+                let file = tokio::fs::File::open(path.as_ref() as &std::path::Path).await?;
+                Box::new(SpooledReader::new(file, path.clone(), *len))
             }
         })
     }

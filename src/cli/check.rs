@@ -7,12 +7,15 @@ use strata::composition::Composition;
 /// Arguments of `strata check`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The composition file to check.
-    file: PathBuf,
+    /// The composition file to check; without it, the embedded default.
+    file: Option<PathBuf>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let composition = Composition::load(&args.file)?;
+    let composition = match &args.file {
+        Some(file) => Composition::load(file)?,
+        None => Composition::default_composition()?,
+    };
     print!("{}", composition.describe());
     if !composition.server.listen.is_empty() {
         println!("listen: {}", composition.server.listen.join(", "));

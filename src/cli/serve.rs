@@ -71,5 +71,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         trigger.cancel();
     });
-    server::serve(root, opts, shutdown).await
+    let served = server::serve(root.clone(), opts, shutdown).await;
+    // Finish background work (queued fills) before exiting.
+    root.shutdown()
+        .await
+        .context("finishing background work at shutdown")?;
+    served
 }

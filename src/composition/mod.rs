@@ -17,11 +17,15 @@
 //! are ignored with a warning. Every error names the file, the line and the
 //! tier.
 
+mod duration;
 mod registry;
 mod size;
+mod timeout;
 
-pub use registry::{Kind, Registry, TierConfig};
+pub use duration::Duration;
+pub use registry::{Kind, Registry, TierConfig, UrlParser};
 pub use size::ByteSize;
+pub use timeout::TimeoutService;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -40,8 +44,25 @@ pub const ROOT: &str = "root";
 /// Top-level tables of snix composition files that strata does not use.
 const IGNORED_TABLES: [&str; 2] = ["directoryservices", "pathinfoservices"];
 
-/// The composition used when `strata serve` gets no `--config`.
-pub const DEFAULT_COMPOSITION: &str = include_str!("default.toml");
+/// The composition used when `strata serve` gets no `--config`, with
+/// `@CACHE_DIR@` standing for the disk cache's directory.
+const DEFAULT_COMPOSITION: &str = include_str!("default.toml");
+
+/// Where the default composition keeps its disk cache:
+/// `$XDG_CACHE_HOME/strata/blobs` (or the platform's equivalent).
+pub fn default_cache_dir() -> std::path::PathBuf {
+    dirs::cache_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("strata")
+        .join("blobs")
+}
+
+/// The text of the default composition, for a disk cache in `cache_dir`.
+pub fn default_composition_text(cache_dir: &Path) -> String {
+    // Escape the path as a TOML string (quotes included in the template).
+    let quoted = toml::Value::String(cache_dir.display().to_string()).to_string();
+    DEFAULT_COMPOSITION.replace("\"@CACHE_DIR@\"", &quoted)
+}
 
 /// A configuration error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,8 +110,11 @@ pub struct ServerConfig {
 pub struct TierSpec {
     /// The `type` string.
     pub kind: String,
-    /// 1-based line of the table in its file.
+    /// 1-based line of the table in its file (for an anonymous tier, of the
+    /// table that named it).
     pub line: usize,
+    /// `timeout`, which any tier may carry.
+    pub timeout: Option<Duration>,
     /// The kind-specific settings.
     pub config: Box<dyn TierConfig>,
 }
@@ -119,10 +143,11 @@ impl Composition {
         Self::parse(&src, &file, &Registry::default())
     }
 
-    /// The embedded default composition.
+    /// The embedded default composition: memory in front of a disk cache in
+    /// [`default_cache_dir`].
     pub fn default_composition() -> Result<Self, ConfigError> {
         Self::parse(
-            DEFAULT_COMPOSITION,
+            &default_composition_text(&default_cache_dir()),
             "<default composition>",
             &Registry::default(),
         )
@@ -196,11 +221,12 @@ impl Composition {
                 ),
             ));
         }
-        let composition = Composition {
+        let mut composition = Composition {
             file: file.to_owned(),
             tiers,
             server,
         };
+        composition.add_anonymous_tiers(registry)?;
         composition.check_references()?;
         Ok(composition)
     }
@@ -212,6 +238,36 @@ impl Composition {
             tier: Some(tier.to_owned()),
             message,
         }
+    }
+
+    /// Defines a tier for every reference that is a URL (`memory://`,
+    /// `grpc+unix:///…`, `objectstore+file:///…`), named by the URL itself.
+    fn add_anonymous_tiers(&mut self, registry: &Registry) -> Result<(), ConfigError> {
+        let mut anonymous = Vec::new();
+        for (name, spec) in &self.tiers {
+            for r in spec.config.references() {
+                if self.tiers.contains_key(&r) || !r.contains("://") {
+                    continue;
+                }
+                let Some((kind, config)) = registry.from_url(&r) else {
+                    return Err(self.error(name, format!("no tier kind handles the URL `{r}`")));
+                };
+                let config = config.map_err(|e| self.error(name, format!("`{r}`: {e}")))?;
+                anonymous.push((
+                    r,
+                    TierSpec {
+                        kind: kind.to_owned(),
+                        line: spec.line,
+                        timeout: None,
+                        config,
+                    },
+                ));
+            }
+        }
+        for (name, spec) in anonymous {
+            self.tiers.entry(name).or_insert(spec);
+        }
+        Ok(())
     }
 
     /// Rejects dangling references and cycles.
@@ -276,13 +332,18 @@ impl Composition {
     pub async fn build(&self) -> Result<Arc<dyn BlobService>> {
         let mut ctx = BuildContext {
             built: HashMap::new(),
+            specs: &self.tiers,
         };
-        for name in self
+        let reachable = self.reachable_from_root();
+        let order = self
             .build_order()
-            .map_err(|e| crate::Error::InvalidRequest(e.to_string()))?
-        {
+            .map_err(|e| crate::Error::InvalidRequest(e.to_string()))?;
+        for name in order.into_iter().filter(|n| reachable.contains(n)) {
             let spec = &self.tiers[&name];
-            let service = spec.config.build(&ctx).await?;
+            let mut service = spec.config.build(&ctx).await?;
+            if let Some(timeout) = spec.timeout {
+                service = Arc::new(TimeoutService::new(service, name.clone(), timeout.0));
+            }
             ctx.built.insert(name, service);
         }
         ctx.built
@@ -296,8 +357,12 @@ impl Composition {
             let Some(spec) = c.tiers.get(name) else {
                 return;
             };
+            let timeout = spec
+                .timeout
+                .map(|t| format!(" [timeout {t}]"))
+                .unwrap_or_default();
             out.push_str(&format!(
-                "{:indent$}{name}: {}\n",
+                "{:indent$}{name}: {}{timeout}\n",
                 "",
                 spec.config.describe(),
                 indent = depth * 2
@@ -337,12 +402,28 @@ impl Composition {
     }
 }
 
-/// What a tier's `build` can see: the tiers it refers to, already built.
-pub struct BuildContext {
+/// What a tier's `build` can see: the tiers it refers to, already built,
+/// and every tier's configuration.
+pub struct BuildContext<'a> {
     built: HashMap<String, Arc<dyn BlobService>>,
+    specs: &'a BTreeMap<String, TierSpec>,
 }
 
-impl BuildContext {
+impl BuildContext<'_> {
+    /// Whether the tier called `name` keeps data across restarts.
+    pub fn persistent(&self, name: &str) -> bool {
+        self.specs
+            .get(name)
+            .is_some_and(|s| s.config.persistent(self))
+    }
+
+    /// Whether a `tiers` list fills the tier called `name` by default.
+    pub fn fills_by_default(&self, name: &str) -> bool {
+        self.specs
+            .get(name)
+            .is_some_and(|s| s.config.fills_by_default())
+    }
+
     /// The built tier called `name`.
     pub fn tier(&self, name: &str) -> Result<Arc<dyn BlobService>> {
         self.built
@@ -367,9 +448,16 @@ fn parse_tier(
         return Err((Some(span), format!("`blobservices.{name}` must be a table")));
     };
     let mut kind_name = None;
+    let mut timeout = None;
     let mut rest = DeTable::new();
     for (key, value) in table {
-        if key.get_ref() == "type" {
+        if key.get_ref() == "timeout" {
+            let span = value.span();
+            timeout = Some(
+                Duration::deserialize(ValueDeserializer::from(value))
+                    .map_err(|e| (e.span().or(Some(span)), format!("timeout: {}", e.message())))?,
+            );
+        } else if key.get_ref() == "type" {
             let type_span = value.span();
             match value.into_inner() {
                 DeValue::String(s) => kind_name = Some((s.into_owned(), type_span)),
@@ -393,9 +481,11 @@ fn parse_tier(
     let config = kind
         .parse(ValueDeserializer::from(rest))
         .map_err(|e| (e.span().or(Some(span.clone())), e.message().to_owned()))?;
+    config.validate().map_err(|e| (Some(span.clone()), e))?;
     Ok(TierSpec {
         kind: kind_name,
         line: line_of(src, span.start),
+        timeout,
         config,
     })
 }

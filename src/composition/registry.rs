@@ -25,6 +25,23 @@ pub trait TierConfig: Debug + Send + Sync {
     /// One line for `strata check`: the kind and its salient settings.
     fn describe(&self) -> String;
 
+    /// Checks settings that serde cannot (non-empty lists, duplicates, ...).
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Whether the tier keeps data across restarts (the default `write_to`
+    /// of a `tiers` list is its nearest persistent tier).
+    fn persistent(&self, _ctx: &BuildContext) -> bool {
+        false
+    }
+
+    /// Whether a `tiers` list fills this tier with what it fetched from
+    /// farther tiers (caches and buckets do; peers fill themselves).
+    fn fills_by_default(&self) -> bool {
+        false
+    }
+
     /// Builds the tier. Tiers named by [`TierConfig::references`] are
     /// available through `ctx`.
     async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobService>>;
@@ -54,9 +71,14 @@ where
     }
 }
 
-/// Tier kinds by name.
+/// Builds the configuration of an anonymous tier from a URL reference
+/// (`memory://`, `grpc+unix:///run/x.sock`, ...).
+pub type UrlParser = fn(&str) -> Result<Box<dyn TierConfig>, String>;
+
+/// Tier kinds by name, and URL schemes by prefix.
 pub struct Registry {
     kinds: BTreeMap<&'static str, Box<dyn Kind>>,
+    urls: Vec<(&'static str, &'static str, UrlParser)>,
 }
 
 impl Registry {
@@ -64,6 +86,7 @@ impl Registry {
     pub fn empty() -> Self {
         Registry {
             kinds: BTreeMap::new(),
+            urls: Vec::new(),
         }
     }
 
@@ -75,6 +98,24 @@ impl Registry {
     {
         self.kinds
             .insert(name, Box::new(SerdeKind::<C>(PhantomData)));
+    }
+
+    /// Lets URLs starting with `prefix` stand for an anonymous tier of kind
+    /// `kind`, configured by `parse`.
+    pub fn register_url(&mut self, prefix: &'static str, kind: &'static str, parse: UrlParser) {
+        self.urls.push((prefix, kind, parse));
+    }
+
+    /// The kind and configuration of the anonymous tier `url` stands for;
+    /// `None` when no registered prefix matches.
+    pub fn from_url(
+        &self,
+        url: &str,
+    ) -> Option<(&'static str, Result<Box<dyn TierConfig>, String>)> {
+        self.urls
+            .iter()
+            .find(|(prefix, _, _)| url.starts_with(prefix))
+            .map(|(_, kind, parse)| (*kind, parse(url)))
     }
 
     /// The kind called `name`.

@@ -71,6 +71,14 @@ impl TierConfig for DiskConfig {
         )
     }
 
+    fn persistent(&self, _ctx: &BuildContext) -> bool {
+        true
+    }
+
+    fn fills_by_default(&self) -> bool {
+        true
+    }
+
     async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
         let store = DiskStore::open(self.path.clone(), self.max_size.0).await?;
         Ok(Arc::new(ChunkedBlobService::new(store)))

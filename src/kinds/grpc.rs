@@ -81,6 +81,10 @@ impl TierConfig for GrpcConfig {
         format!("grpc (url = {}, protocol = {:?})", self.url, self.protocol)
     }
 
+    fn persistent(&self, _ctx: &BuildContext) -> bool {
+        true
+    }
+
     async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
         Ok(Arc::new(GrpcBlobService::new(
             self.url.clone(),
@@ -88,6 +92,18 @@ impl TierConfig for GrpcConfig {
             self.spool_dir.clone(),
         )?))
     }
+}
+
+/// `grpc+http://…`, `grpc+https://…`, `grpc+unix:///…`: an anonymous peer
+/// speaking the snix package.
+pub fn from_url(url: &str) -> Result<Box<dyn TierConfig>, String> {
+    Ok(Box::new(GrpcConfig {
+        url: url
+            .parse()
+            .map_err(|e: crate::addr::AddrError| e.to_string())?,
+        protocol: Protocol::Snix,
+        spool_dir: None,
+    }))
 }
 
 /// A client of either package's BlobService, over the same message types.

@@ -42,10 +42,24 @@ fn default_max_size() -> ByteSize {
     ByteSize(DEFAULT_MAX_SIZE)
 }
 
+/// `memory://`: an anonymous memory tier of the default size.
+pub fn from_url(url: &str) -> Result<Box<dyn TierConfig>, String> {
+    match url {
+        "memory://" | "memory:///" => Ok(Box::new(MemoryConfig {
+            max_size: default_max_size(),
+        })),
+        _ => Err("a memory URL takes no path or options: use `memory://`".into()),
+    }
+}
+
 #[async_trait]
 impl TierConfig for MemoryConfig {
     fn describe(&self) -> String {
         format!("memory (max_size = {})", self.max_size)
+    }
+
+    fn fills_by_default(&self) -> bool {
+        true
     }
 
     async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {

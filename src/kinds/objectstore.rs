@@ -67,11 +67,35 @@ impl TierConfig for ObjectStoreConfig {
         )
     }
 
+    fn persistent(&self, _ctx: &BuildContext) -> bool {
+        !self.object_store_url.starts_with("memory:")
+    }
+
+    fn fills_by_default(&self) -> bool {
+        true
+    }
+
     async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
         Ok(Arc::new(ChunkedBlobService::new(ObjectStoreChunks::open(
             self,
         )?)))
     }
+}
+
+/// `objectstore+<object_store URL>`: an anonymous objectstore tier with
+/// default options, e.g. `objectstore+file:///var/lib/blobs`.
+pub fn from_url(url: &str) -> Result<Box<dyn TierConfig>, String> {
+    let inner = url
+        .strip_prefix("objectstore+")
+        .ok_or_else(|| "expected objectstore+<url>".to_owned())?;
+    url::Url::parse(inner).map_err(|e| e.to_string())?;
+    Ok(Box::new(ObjectStoreConfig {
+        object_store_url: inner.to_owned(),
+        object_store_options: BTreeMap::new(),
+        avg_chunk_size: None,
+        upload_concurrency: None,
+        read_ahead: None,
+    }))
 }
 
 /// The [`ChunkStore`] behind an `objectstore` tier.

@@ -115,14 +115,17 @@ fn not_found(digest: &B3Digest) -> Status {
 
 /// Maps library errors to gRPC statuses.
 pub fn to_status(err: Error) -> Status {
-    match &err {
+    match err.root() {
         Error::InvalidDigest(_) | Error::InvalidRequest(_) => {
             Status::invalid_argument(err.to_string())
         }
         Error::Verification(_) | Error::MissingChunk { .. } | Error::Corrupt(_) => {
             Status::data_loss(err.to_string())
         }
-        Error::Backend(_) => Status::unavailable(err.to_string()),
+        Error::Backend(_) | Error::AllTiersFailed(_) | Error::Timeout { .. } => {
+            Status::unavailable(err.to_string())
+        }
+        Error::Shared(_) => Status::internal(err.to_string()),
         Error::Peer { .. } | Error::Connect { .. } => Status::unavailable(err.to_string()),
         Error::Io(_) => Status::internal(err.to_string()),
     }

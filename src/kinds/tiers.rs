@@ -1,0 +1,716 @@
+//! `tiers`: strata's main combinator. An ordered list of tiers, near to far;
+//! reads are answered by the nearest tier that has the blob, and what comes
+//! from far is written into the near tiers on the way.
+//!
+//! ```toml
+//! [blobservices.root]
+//! type = "tiers"
+//! tiers = ["mem", "disk", "peer", "s3"]   # near -> far; order = priority
+//! fill = "sync"                           # or "async", "off"
+//! write_to = ["disk"]                     # default: the nearest persistent tier
+//! fill_to = ["mem", "disk"]               # default: the caching kinds in the list
+//! ```
+//!
+//! # Reads
+//!
+//! 1. Each tier is asked for the blob's Stat, in order. A tier that errors
+//!    or times out counts as a miss (logged and counted); the first one that
+//!    has the blob, tier *k*, provides its size and chunk list.
+//! 2. If *k* is the nearest tier, or `fill = "off"`, or no tier before *k*
+//!    takes fills, the blob is read from *k* (falling back to the tiers after
+//!    *k* if that fails). Every tier's reader is verified (the
+//!    [`BlobService`] contract).
+//! 3. Otherwise the blob is fetched chunk by chunk: each chunk from the
+//!    nearest fill tier that already holds it (dedup across blobs), else
+//!    from *k* or a later tier, verified against its digest, a bounded
+//!    number in flight. The chunks stream into a writer on every fill tier
+//!    before *k*. A writer publishes a blob only under the digest it
+//!    computed itself, so a far tier's chunk list is never trusted: if the
+//!    result does not hash to the digest asked for, the source is recorded as
+//!    lying and nothing is published under that digest.
+//!    * `sync`: the read is answered from the near tier once the fill
+//!      completed.
+//!    * `async`: the fetched blob is verified into a spool, the read is
+//!      answered from the spool at once, and a background worker writes the
+//!      spool into the fill tiers (bounded queue; a full queue drops the fill
+//!      and counts it; shutdown drains the queue).
+//!
+//! Concurrent reads of one blob share one fetch (single-flight).
+//!
+//! # Writes
+//!
+//! Puts go to every tier in `write_to` (default: the nearest persistent
+//! tier, else the nearest tier).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::io::ReaderStream;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::blobservice::{
+    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, PutResult,
+    SharedSpool, read_to_bytes,
+};
+use crate::composition::{BuildContext, TierConfig};
+use crate::digest::B3Digest;
+use crate::error::{Error, Result, VerifyError};
+use crate::singleflight::SingleFlight;
+use crate::verify::{spool_verified_shared, verify_chunk};
+
+/// No chunk is larger than this (FastCDC v2020's maximum).
+const MAX_CHUNK_SIZE: u64 = fastcdc::v2020::MAXIMUM_MAX as u64;
+/// Default number of chunks fetched concurrently during a fill.
+const DEFAULT_READ_AHEAD: usize = 8;
+/// Default bound of the async fill queue.
+const DEFAULT_FILL_QUEUE: usize = 64;
+/// Size of the pieces a whole-blob fetch is streamed in.
+const PIECE: usize = 256 * 1024;
+
+/// When fetched data is written into the near tiers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fill {
+    /// Before the read is answered.
+    #[default]
+    Sync,
+    /// In the background, after the read is answered.
+    Async,
+    /// Never.
+    Off,
+}
+
+impl std::fmt::Display for Fill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Fill::Sync => "sync",
+            Fill::Async => "async",
+            Fill::Off => "off",
+        })
+    }
+}
+
+/// Configuration of a `tiers` combinator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TiersConfig {
+    /// Tier names (or URLs), nearest first.
+    pub tiers: Vec<String>,
+    /// Fill policy.
+    #[serde(default)]
+    pub fill: Fill,
+    /// Where Puts go (default: the nearest persistent tier).
+    pub write_to: Option<Vec<String>>,
+    /// Which tiers of the list take fills (default: those whose kind caches:
+    /// `memory`, `disk`, `objectstore`; peers fill themselves).
+    pub fill_to: Option<Vec<String>>,
+    /// Bound of the async fill queue (default 64 blobs).
+    pub fill_queue: Option<usize>,
+    /// Chunks fetched concurrently while filling (default 8).
+    pub read_ahead: Option<usize>,
+}
+
+#[async_trait]
+impl TierConfig for TiersConfig {
+    fn references(&self) -> Vec<String> {
+        let mut refs = self.tiers.clone();
+        for w in self.write_to.iter().flatten() {
+            if !refs.contains(w) {
+                refs.push(w.clone());
+            }
+        }
+        refs
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.tiers.is_empty() {
+            return Err("`tiers` must name at least one tier".into());
+        }
+        for (i, t) in self.tiers.iter().enumerate() {
+            if self.tiers[..i].contains(t) {
+                return Err(format!("`tiers` names `{t}` twice"));
+            }
+        }
+        if self.write_to.as_ref().is_some_and(Vec::is_empty) {
+            return Err("`write_to` is empty: omit it for the default".into());
+        }
+        for f in self.fill_to.iter().flatten() {
+            if !self.tiers.contains(f) {
+                return Err(format!("`fill_to` names `{f}`, which is not in `tiers`"));
+            }
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let write_to = match &self.write_to {
+            Some(w) => format!("[{}]", w.join(", ")),
+            None => "nearest persistent".into(),
+        };
+        format!(
+            "tiers [{}] (fill = {}, write_to = {write_to})",
+            self.tiers.join(", "),
+            self.fill
+        )
+    }
+
+    fn persistent(&self, ctx: &BuildContext) -> bool {
+        self.write_targets(ctx).iter().any(|t| ctx.persistent(t))
+    }
+
+    async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
+        let members = self
+            .tiers
+            .iter()
+            .map(|name| {
+                Ok(Member {
+                    name: name.clone(),
+                    svc: ctx.tier(name)?,
+                    takes_fills: match &self.fill_to {
+                        Some(fill_to) => fill_to.contains(name),
+                        None => ctx.fills_by_default(name),
+                    },
+                    counters: Arc::default(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let write_to = self
+            .write_targets(ctx)
+            .into_iter()
+            .map(|name| {
+                Ok(members
+                    .iter()
+                    .find(|m| m.name == name)
+                    .cloned()
+                    .unwrap_or(Member {
+                        svc: ctx.tier(&name)?,
+                        takes_fills: false,
+                        counters: Arc::default(),
+                        name,
+                    }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Arc::new(TiersService::new(
+            members,
+            write_to,
+            self.fill,
+            self.read_ahead.unwrap_or(DEFAULT_READ_AHEAD).max(1),
+            self.fill_queue.unwrap_or(DEFAULT_FILL_QUEUE).max(1),
+        )))
+    }
+}
+
+impl TiersConfig {
+    fn write_targets(&self, ctx: &BuildContext) -> Vec<String> {
+        match &self.write_to {
+            Some(w) => w.clone(),
+            None => {
+                let nearest_persistent = self.tiers.iter().find(|t| ctx.persistent(t));
+                vec![nearest_persistent.unwrap_or(&self.tiers[0]).clone()]
+            }
+        }
+    }
+}
+
+/// Per-tier counters: what each tier did for this combinator.
+#[derive(Debug, Default)]
+pub struct TierCounters {
+    /// Stats answered with the blob.
+    pub hits: AtomicU64,
+    /// Stats answered "absent".
+    pub misses: AtomicU64,
+    /// Calls that failed (down, error, timeout).
+    pub errors: AtomicU64,
+    /// Data that failed verification.
+    pub verification_failures: AtomicU64,
+    /// Blobs written into this tier by a fill.
+    pub fills: AtomicU64,
+    /// Async fills into this tier dropped because the queue was full.
+    pub fills_dropped: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Member {
+    name: String,
+    svc: Arc<dyn BlobService>,
+    takes_fills: bool,
+    counters: Arc<TierCounters>,
+}
+
+impl Member {
+    fn record_failure(&self, what: &str, digest: &B3Digest, err: &Error) {
+        let counter = if matches!(err.root(), Error::Verification(_)) {
+            &self.counters.verification_failures
+        } else {
+            &self.counters.errors
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        warn!(tier = %self.name, %digest, error = %err, "{what} failed; trying the next tier");
+    }
+}
+
+/// The `tiers` combinator. See the module docs.
+pub struct TiersService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    members: Vec<Member>,
+    write_to: Vec<Member>,
+    fill: Fill,
+    read_ahead: usize,
+    /// Fetch-and-fill runs by blob digest; async fills yield their spool.
+    flights: SingleFlight<B3Digest, Option<SharedSpool>>,
+    filler: Option<AsyncFiller>,
+}
+
+impl TiersService {
+    fn new(
+        members: Vec<Member>,
+        write_to: Vec<Member>,
+        fill: Fill,
+        read_ahead: usize,
+        fill_queue: usize,
+    ) -> Self {
+        let filler = (fill == Fill::Async).then(|| AsyncFiller::start(fill_queue));
+        TiersService {
+            inner: Arc::new(Inner {
+                members,
+                write_to,
+                fill,
+                read_ahead,
+                flights: SingleFlight::default(),
+                filler,
+            }),
+        }
+    }
+
+    /// Counters of the tier called `name`, if it is in the list.
+    pub fn counters(&self, name: &str) -> Option<Arc<TierCounters>> {
+        self.inner
+            .members
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.counters.clone())
+    }
+}
+
+impl Inner {
+    /// The nearest tier that has the blob, and its Stat.
+    async fn locate(&self, digest: &B3Digest) -> Result<Option<(usize, BlobStat)>> {
+        let mut failures = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            match m.svc.stat(digest).await {
+                Ok(Some(stat)) => {
+                    m.counters.hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Some((i, stat)));
+                }
+                Ok(None) => {
+                    m.counters.misses.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    m.record_failure("stat", digest, &e);
+                    failures.push(format!("{}: {e}", m.name));
+                }
+            }
+        }
+        if failures.is_empty() {
+            Ok(None)
+        } else {
+            Err(Error::AllTiersFailed(failures))
+        }
+    }
+
+    /// Tiers before `k` that take fills.
+    fn fill_targets(&self, k: usize) -> Vec<&Member> {
+        self.members[..k].iter().filter(|m| m.takes_fills).collect()
+    }
+
+    /// Reads from tier `k`, then from each later tier, until one answers.
+    async fn read_direct(
+        &self,
+        digest: &B3Digest,
+        from: usize,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
+        let mut failures = Vec::new();
+        for m in &self.members[from..] {
+            match m.svc.open_read(digest).await {
+                Ok(Some(reader)) => return Ok(Some(reader)),
+                Ok(None) => {}
+                Err(e) => {
+                    m.record_failure("read", digest, &e);
+                    failures.push(format!("{}: {e}", m.name));
+                }
+            }
+        }
+        if failures.is_empty() {
+            Ok(None)
+        } else {
+            Err(Error::AllTiersFailed(failures))
+        }
+    }
+
+    /// Reads from the fill tiers before `k` (after a fill).
+    async fn read_near(&self, digest: &B3Digest, k: usize) -> Option<Box<dyn BlobReader>> {
+        for m in self.fill_targets(k) {
+            match m.svc.open_read(digest).await {
+                Ok(Some(reader)) => return Some(reader),
+                Ok(None) => {}
+                Err(e) => m.record_failure("read", digest, &e),
+            }
+        }
+        None
+    }
+
+    /// The blob's bytes, verified piece by piece where they can be: chunk by
+    /// chunk (near fill tiers first, then `k` and later tiers) when the Stat
+    /// listed chunks, else as one stream from `k` or a later tier.
+    async fn pieces(
+        self: &Arc<Self>,
+        digest: B3Digest,
+        k: usize,
+        stat: &BlobStat,
+    ) -> Result<BoxStream<'static, Result<Bytes>>> {
+        if stat.chunks.len() >= 2 {
+            let this = self.clone();
+            let chunks = stat.chunks.clone();
+            return Ok(stream::iter(chunks)
+                .map(move |c| {
+                    let this = this.clone();
+                    async move { this.fetch_chunk(&digest, c, k).await }
+                })
+                .buffered(self.read_ahead)
+                .boxed());
+        }
+        let reader = self
+            .read_direct(&digest, k)
+            .await?
+            .ok_or(Error::AllTiersFailed(vec![format!(
+                "blob {digest} vanished from every tier"
+            )]))?;
+        Ok(ReaderStream::with_capacity(reader, PIECE)
+            .map(|piece| piece.map_err(Error::from_io))
+            .boxed())
+    }
+
+    /// One chunk of `blob`, verified: from the nearest fill tier before `k`
+    /// that holds it, else from tier `k` or a later one.
+    async fn fetch_chunk(&self, blob: &B3Digest, chunk: ChunkMeta, k: usize) -> Result<Bytes> {
+        if chunk.size > MAX_CHUNK_SIZE {
+            return Err(VerifyError::LengthMismatch {
+                what: "chunk",
+                expected: chunk.digest,
+                expected_len: MAX_CHUNK_SIZE,
+                actual_len: chunk.size,
+            }
+            .into());
+        }
+        let sources = self.fill_targets(k).into_iter().chain(&self.members[k..]);
+        for m in sources {
+            let reader = match m.svc.open_read(&chunk.digest).await {
+                Ok(Some(reader)) => reader,
+                Ok(None) => continue,
+                Err(e) => {
+                    m.record_failure("chunk read", &chunk.digest, &e);
+                    continue;
+                }
+            };
+            let mut reader = reader;
+            let checked = match read_to_bytes(reader.as_mut(), chunk.size).await {
+                Ok(data) => check_chunk(&chunk, data),
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok(data) => return Ok(data),
+                Err(e) => m.record_failure("chunk read", &chunk.digest, &e),
+            }
+        }
+        Err(Error::MissingChunk {
+            blob: *blob,
+            chunk: chunk.digest,
+        })
+    }
+
+    /// Fetches the blob found in tier `k` and writes it into every fill
+    /// tier before `k`. Succeeds only if the fill tiers computed the digest
+    /// asked for.
+    async fn fill_sync(self: Arc<Self>, digest: B3Digest, k: usize, stat: BlobStat) -> Result<()> {
+        let mut writers = Vec::new();
+        for m in self.fill_targets(k) {
+            match m.svc.open_write().await {
+                Ok(w) => writers.push((m, w)),
+                Err(e) => m.record_failure("fill", &digest, &e),
+            }
+        }
+        if writers.is_empty() {
+            return Err(Error::AllTiersFailed(vec![
+                "no fill tier accepted a write".into(),
+            ]));
+        }
+        let mut pieces = self.pieces(digest, k, &stat).await?;
+        while let Some(piece) = pieces.next().await {
+            let piece = piece?;
+            let mut i = 0;
+            while i < writers.len() {
+                match writers[i].1.write(piece.clone()).await {
+                    Ok(()) => i += 1,
+                    Err(e) => {
+                        writers[i].0.record_failure("fill", &digest, &e);
+                        drop(writers.remove(i));
+                    }
+                }
+            }
+            if writers.is_empty() {
+                return Err(Error::AllTiersFailed(vec!["every fill tier failed".into()]));
+            }
+        }
+        let mut filled = 0;
+        for (m, w) in writers {
+            match w.close().await {
+                Ok(put) if put.digest == digest => {
+                    m.counters.fills.fetch_add(1, Ordering::Relaxed);
+                    filled += 1;
+                }
+                Ok(put) => {
+                    // The source's chunk list does not make up this blob.
+                    let err = Error::from(VerifyError::DigestMismatch {
+                        what: "blob",
+                        expected: digest,
+                        actual: put.digest,
+                    });
+                    self.members[k].record_failure("fill source", &digest, &err);
+                    return Err(err);
+                }
+                Err(e) => m.record_failure("fill", &digest, &e),
+            }
+        }
+        if filled == 0 {
+            return Err(Error::AllTiersFailed(vec!["every fill tier failed".into()]));
+        }
+        debug!(%digest, source = %self.members[k].name, filled, "filled near tiers");
+        Ok(())
+    }
+
+    /// Fetches the blob found in tier `k` into a verified spool and queues a
+    /// background fill of the tiers before `k` from it.
+    async fn fill_async(
+        self: Arc<Self>,
+        digest: B3Digest,
+        k: usize,
+        stat: BlobStat,
+    ) -> Result<SharedSpool> {
+        let pieces = self.pieces(digest, k, &stat).await?;
+        let spool = match spool_verified_shared(digest, Some(stat.size), None, pieces).await {
+            Ok(spool) => spool,
+            Err(e) => {
+                self.members[k].record_failure("fetch", &digest, &e);
+                return Err(e);
+            }
+        };
+        if let Some(filler) = &self.filler {
+            let targets = self.fill_targets(k).into_iter().cloned().collect();
+            filler.enqueue(FillJob {
+                digest,
+                spool: spool.clone(),
+                targets,
+            });
+        }
+        Ok(spool)
+    }
+}
+
+/// Checks a fetched chunk's length and digest.
+fn check_chunk(chunk: &ChunkMeta, data: Bytes) -> Result<Bytes> {
+    if data.len() as u64 != chunk.size {
+        return Err(VerifyError::LengthMismatch {
+            what: "chunk",
+            expected: chunk.digest,
+            expected_len: chunk.size,
+            actual_len: data.len() as u64,
+        }
+        .into());
+    }
+    verify_chunk(&chunk.digest, &data)?;
+    Ok(data)
+}
+
+#[async_trait]
+impl BlobService for TiersService {
+    async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        Ok(self.inner.locate(digest).await?.map(|(_, stat)| stat))
+    }
+
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+        if digest.is_empty_blob() {
+            return Ok(Some(Box::new(BufferedReader::new(Bytes::new()))));
+        }
+        let inner = &self.inner;
+        let Some((k, stat)) = inner.locate(digest).await? else {
+            return Ok(None);
+        };
+        if k == 0 || inner.fill == Fill::Off || inner.fill_targets(k).is_empty() {
+            return inner.read_direct(digest, k).await;
+        }
+        let digest = *digest;
+        let span =
+            info_span!("fill", %digest, source = %inner.members[k].name, policy = %inner.fill);
+        let work = {
+            let inner = inner.clone();
+            async move {
+                match inner.fill {
+                    Fill::Async => inner.fill_async(digest, k, stat).await.map(Some),
+                    _ => inner.fill_sync(digest, k, stat).await.map(|()| None),
+                }
+            }
+            .instrument(span)
+        };
+        let (result, joined) = inner.flights.run(digest, work).await;
+        if joined {
+            debug!(%digest, "joined a fetch already in flight");
+        }
+        match result {
+            Ok(Some(spool)) => return spool.open().await.map(Some),
+            Ok(None) => {
+                if let Some(reader) = inner.read_near(&digest, k).await {
+                    return Ok(Some(reader));
+                }
+                debug!(%digest, "filled blob already gone from the near tiers");
+            }
+            Err(e) => warn!(%digest, error = %e, "fetch and fill failed; reading directly"),
+        }
+        inner.read_direct(&digest, k).await
+    }
+
+    async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+        let mut writers = Vec::with_capacity(self.inner.write_to.len());
+        for m in &self.inner.write_to {
+            writers.push(m.svc.open_write().await?);
+        }
+        if writers.len() == 1 {
+            return Ok(writers.remove(0));
+        }
+        Ok(Box::new(TeeWriter { writers }))
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        if let Some(filler) = &self.inner.filler {
+            filler.drain().await;
+        }
+        for m in &self.inner.members {
+            m.svc.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes one blob into several tiers.
+struct TeeWriter {
+    writers: Vec<Box<dyn BlobWriter>>,
+}
+
+#[async_trait]
+impl BlobWriter for TeeWriter {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        for w in &mut self.writers {
+            w.write(data.clone()).await?;
+        }
+        Ok(())
+    }
+
+    async fn close(self: Box<Self>) -> Result<PutResult> {
+        let mut first: Option<PutResult> = None;
+        for w in self.writers {
+            let put = w.close().await?;
+            match &first {
+                Some(f) if f.digest != put.digest => {
+                    return Err(Error::Io(std::io::Error::other(
+                        "write targets disagree on the digest of the same bytes",
+                    )));
+                }
+                Some(_) => {}
+                None => first = Some(put),
+            }
+        }
+        first.ok_or_else(|| Error::InvalidRequest("no write target".into()))
+    }
+}
+
+/// A queued background fill.
+struct FillJob {
+    digest: B3Digest,
+    spool: SharedSpool,
+    targets: Vec<Member>,
+}
+
+/// The worker behind `fill = "async"`: a bounded queue of fills, drained on
+/// shutdown.
+struct AsyncFiller {
+    tx: std::sync::Mutex<Option<mpsc::Sender<FillJob>>>,
+    worker: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl AsyncFiller {
+    fn start(queue: usize) -> Self {
+        let (tx, mut rx) = mpsc::channel::<FillJob>(queue);
+        let worker = tokio::spawn(async move {
+            while let Some(job) = rx.recv().await {
+                for m in &job.targets {
+                    match copy_into(&job.spool, m.svc.as_ref()).await {
+                        Ok(put) if put.digest == job.digest => {
+                            m.counters.fills.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(put) => warn!(tier = %m.name, expected = %job.digest, got = %put.digest,
+                            "async fill produced another digest"),
+                        Err(e) => m.record_failure("async fill", &job.digest, &e),
+                    }
+                }
+            }
+        });
+        AsyncFiller {
+            tx: std::sync::Mutex::new(Some(tx)),
+            worker: tokio::sync::Mutex::new(Some(worker)),
+        }
+    }
+
+    fn enqueue(&self, job: FillJob) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(tx) = tx else {
+            return;
+        };
+        if let Err(e) = tx.try_send(job) {
+            let job = match e {
+                mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => {
+                    job
+                }
+            };
+            for m in &job.targets {
+                m.counters.fills_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            warn!(digest = %job.digest, "async fill queue full; fill dropped");
+        }
+    }
+
+    /// Stops taking fills and waits for the queued ones.
+    async fn drain(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(worker) = self.worker.lock().await.take() {
+            let _ = worker.await;
+        }
+    }
+}
+
+/// Writes a spooled blob into `target`.
+async fn copy_into(spool: &SharedSpool, target: &dyn BlobService) -> Result<PutResult> {
+    let reader = spool.open().await?;
+    let mut writer = target.open_write().await?;
+    let mut pieces = ReaderStream::with_capacity(reader, PIECE);
+    while let Some(piece) = pieces.next().await {
+        writer.write(piece?).await?;
+    }
+    writer.close().await
+}
