@@ -249,10 +249,10 @@ impl Composition {
                 if self.tiers.contains_key(&r) || !r.contains("://") {
                     continue;
                 }
-                let Some((kind, config)) = registry.from_url(&r) else {
+                let Some((kind, parse)) = registry.url_kind(&r) else {
                     return Err(self.error(name, format!("no tier kind handles the URL `{r}`")));
                 };
-                let config = config.map_err(|e| self.error(name, format!("`{r}`: {e}")))?;
+                let config = parse(&r).map_err(|e| self.error(name, format!("`{r}`: {e}")))?;
                 anonymous.push((
                     r,
                     TierSpec {

@@ -106,16 +106,13 @@ impl Registry {
         self.urls.push((prefix, kind, parse));
     }
 
-    /// The kind and configuration of the anonymous tier `url` stands for;
-    /// `None` when no registered prefix matches.
-    pub fn from_url(
-        &self,
-        url: &str,
-    ) -> Option<(&'static str, Result<Box<dyn TierConfig>, String>)> {
+    /// The kind an anonymous tier `url` is, and the parser for its
+    /// configuration; `None` when no registered prefix matches.
+    pub fn url_kind(&self, url: &str) -> Option<(&'static str, UrlParser)> {
         self.urls
             .iter()
             .find(|(prefix, _, _)| url.starts_with(prefix))
-            .map(|(_, kind, parse)| (*kind, parse(url)))
+            .map(|(_, kind, parse)| (*kind, *parse))
     }
 
     /// The kind called `name`.
