@@ -33,7 +33,20 @@ impl Daemon {
     /// Starts `strata serve` with the given composition (or the default when
     /// `None`), listening on a fresh TCP port and a unix socket.
     pub fn start(config: Option<&str>) -> Daemon {
+        Daemon::start_inner(config, None)
+    }
+
+    /// Like [`Daemon::start`], with `$XDG_CACHE_HOME` (where the default
+    /// composition keeps its disk cache) set to `cache_home`.
+    pub fn start_with_cache_home(config: Option<&str>, cache_home: &Path) -> Daemon {
+        Daemon::start_inner(config, Some(cache_home))
+    }
+
+    fn start_inner(config: Option<&str>, cache_home: Option<&Path>) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
+        let cache_home = cache_home
+            .map(Path::to_owned)
+            .unwrap_or_else(|| dir.path().join("cache"));
         let socket = dir.path().join("strata.sock");
         let log = dir.path().join("serve.log");
         let config_path = config.map(|config| {
@@ -55,7 +68,7 @@ impl Daemon {
                 .env("RUST_LOG", "info")
                 // The default composition's disk cache goes here, not into
                 // the user's cache directory.
-                .env("XDG_CACHE_HOME", dir.path().join("cache"))
+                .env("XDG_CACHE_HOME", &cache_home)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).expect("log file"));
@@ -96,6 +109,16 @@ impl Daemon {
     /// Everything the daemon logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the daemon to exit on its own.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("wait for strata serve")
     }
 
     /// Kills the daemon (SIGKILL) and waits for it.

@@ -1,0 +1,347 @@
+//! The composition engine end to end: chains of real daemons, fills,
+//! single-flight, timeouts, and configuration errors.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use strata::B3Digest;
+use strata::proto::snix::blob_service_client::BlobServiceClient;
+use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
+use strata::proto::snix::{
+    BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
+};
+use tonic::transport::Channel;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::harness::{Daemon, channel, snix_client, test_data};
+
+async fn start(config: String) -> Daemon {
+    tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
+        .await
+        .unwrap()
+}
+
+async fn put(addr: &str, data: &[u8]) -> B3Digest {
+    let pieces: Vec<BlobChunk> = data
+        .chunks(1 << 20)
+        .map(|c| BlobChunk {
+            data: Bytes::copy_from_slice(c),
+        })
+        .collect();
+    let resp = snix_client(addr)
+        .put(futures::stream::iter(pieces))
+        .await
+        .unwrap()
+        .into_inner();
+    B3Digest::try_from(&resp.digest).unwrap()
+}
+
+/// Reads a blob; `Err` carries the status code.
+async fn read(addr: &str, digest: &B3Digest) -> Result<Vec<u8>, tonic::Code> {
+    let mut stream = snix_client(addr)
+        .read(ReadBlobRequest {
+            digest: (*digest).into(),
+        })
+        .await
+        .map_err(|s| s.code())?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.next().await {
+        out.extend_from_slice(&msg.map_err(|s| s.code())?.data);
+    }
+    Ok(out)
+}
+
+fn tiers_config(near: &std::path::Path, upstream: &str, fill: &str) -> String {
+    format!(
+        r#"
+[blobservices.root]
+type = "tiers"
+tiers = ["mem", "disk", "{upstream}"]
+fill = "{fill}"
+
+[blobservices.mem]
+type = "memory"
+max_size = "64MiB"
+
+[blobservices.disk]
+type = "disk"
+path = "{}"
+max_size = "1GiB"
+"#,
+        near.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_process_chain_fills_the_near_tiers() {
+    let work = tempfile::tempdir().unwrap();
+    let bucket = work.path().join("bucket");
+    std::fs::create_dir(&bucket).unwrap();
+    let mut origin = start(format!(
+        "[blobservices.root]\ntype = \"objectstore\"\nobject_store_url = \"file://{}\"\n",
+        bucket.display()
+    ))
+    .await;
+    let mut peer = start(tiers_config(
+        &work.path().join("peer"),
+        &origin.unix_addr(),
+        "sync",
+    ))
+    .await;
+    let sidecar = start(tiers_config(
+        &work.path().join("sidecar"),
+        &peer.unix_addr(),
+        "sync",
+    ))
+    .await;
+    let nofill = start(tiers_config(
+        &work.path().join("nofill"),
+        &peer.unix_addr(),
+        "off",
+    ))
+    .await;
+
+    let blobs: Vec<Vec<u8>> = [100_000usize, 5 << 20]
+        .iter()
+        .map(|&n| test_data(n, n as u64))
+        .collect();
+    let mut digests = Vec::new();
+    for b in &blobs {
+        digests.push(put(&origin.tcp_addr(), b).await);
+    }
+    for (d, b) in digests.iter().zip(&blobs) {
+        assert!(
+            read(&sidecar.tcp_addr(), d).await.unwrap() == *b,
+            "through the chain"
+        );
+        assert!(
+            read(&nofill.tcp_addr(), d).await.unwrap() == *b,
+            "fill = off still reads"
+        );
+    }
+
+    peer.kill();
+    origin.kill();
+    for (d, b) in digests.iter().zip(&blobs) {
+        assert!(
+            read(&sidecar.tcp_addr(), d).await.unwrap() == *b,
+            "the sidecar's near tiers were filled"
+        );
+        assert!(
+            read(&nofill.tcp_addr(), d).await.is_err(),
+            "fill = off kept nothing"
+        );
+    }
+    // The log names the tier that failed.
+    assert!(nofill.log_text().contains(&peer.unix_addr()) || nofill.log_text().contains("tier="));
+}
+
+/// A BlobService that forwards to an upstream and counts the bytes its Read
+/// responses carry.
+struct CountingProxy {
+    upstream: BlobServiceClient<Channel>,
+    read_bytes: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl BlobService for CountingProxy {
+    async fn stat(
+        &self,
+        request: Request<StatBlobRequest>,
+    ) -> Result<Response<StatBlobResponse>, Status> {
+        self.upstream.clone().stat(request.into_inner()).await
+    }
+
+    type ReadStream = futures::stream::BoxStream<'static, Result<BlobChunk, Status>>;
+
+    async fn read(
+        &self,
+        request: Request<ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let stream = self
+            .upstream
+            .clone()
+            .read(request.into_inner())
+            .await?
+            .into_inner();
+        let counter = self.read_bytes.clone();
+        Ok(Response::new(
+            stream
+                .inspect(move |m| {
+                    if let Ok(m) = m {
+                        counter.fetch_add(m.data.len() as u64, Ordering::SeqCst);
+                    }
+                })
+                .boxed(),
+        ))
+    }
+
+    async fn put(
+        &self,
+        _request: Request<Streaming<BlobChunk>>,
+    ) -> Result<Response<PutBlobResponse>, Status> {
+        Err(Status::unimplemented("read-only proxy"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_cold_reads_fetch_upstream_once() {
+    let origin =
+        start("[blobservices.root]\ntype = \"memory\"\nmax_size = \"512MiB\"\n".into()).await;
+    let data = test_data(100 << 20, 4242);
+    let digest = put(&origin.tcp_addr(), &data).await;
+
+    let read_bytes = Arc::new(AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = format!("grpc+http://{}", listener.local_addr().unwrap());
+    let proxy = CountingProxy {
+        upstream: BlobServiceClient::new(channel(&origin.tcp_addr()))
+            .max_decoding_message_size(64 << 20),
+        read_bytes: read_bytes.clone(),
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(BlobServiceServer::new(proxy).max_encoding_message_size(64 << 20))
+            .serve_with_incoming(TcpIncoming::from(listener)),
+    );
+
+    let work = tempfile::tempdir().unwrap();
+    let sidecar = start(tiers_config(work.path(), &proxy_addr, "sync")).await;
+    let expected = blake3::hash(&data);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let addr = if i % 2 == 0 {
+            sidecar.tcp_addr()
+        } else {
+            sidecar.unix_addr()
+        };
+        tasks.spawn(async move {
+            let mut stream = snix_client(&addr)
+                .read(ReadBlobRequest {
+                    digest: digest.into(),
+                })
+                .await
+                .expect("read")
+                .into_inner();
+            let mut hasher = blake3::Hasher::new();
+            while let Some(msg) = stream.next().await {
+                hasher.update(&msg.expect("stream").data);
+            }
+            hasher.finalize()
+        });
+    }
+    while let Some(got) = tasks.join_next().await {
+        assert_eq!(got.unwrap(), expected);
+    }
+    let upstream = read_bytes.load(Ordering::SeqCst);
+    let factor = upstream as f64 / data.len() as f64;
+    eprintln!(
+        "upstream bytes: {upstream} for a {} byte blob (factor {factor:.3})",
+        data.len()
+    );
+    assert_eq!(upstream, data.len() as u64, "upstream factor {factor}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_tier_is_skipped_after_its_timeout() {
+    // Accepts TCP connections and never says a word.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    let _keep = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in hung.incoming() {
+            held.push(conn);
+        }
+    });
+    let good = start("[blobservices.root]\ntype = \"memory\"\n".into()).await;
+    let data = test_data(300_000, 5);
+    let digest = put(&good.tcp_addr(), &data).await;
+
+    let sidecar = start(format!(
+        r#"
+[blobservices.root]
+type = "tiers"
+tiers = ["hung", "good"]
+fill = "off"
+
+[blobservices.hung]
+type = "grpc"
+url = "grpc+http://{hung_addr}"
+timeout = "300ms"
+
+[blobservices.good]
+type = "grpc"
+url = "{}"
+"#,
+        good.tcp_addr()
+    ))
+    .await;
+    let started = Instant::now();
+    let got = read(&sidecar.tcp_addr(), &digest).await.unwrap();
+    let elapsed = started.elapsed();
+    assert!(got == data);
+    // Generous bound: a hung tier must not hold a read for long.
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    assert!(
+        sidecar.log_text().contains("timed out"),
+        "{}",
+        sidecar.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn async_fills_land_and_survive_a_graceful_shutdown() {
+    let origin = start("[blobservices.root]\ntype = \"memory\"\n".into()).await;
+    let data = test_data(3 << 20, 6);
+    let digest = put(&origin.tcp_addr(), &data).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let config = tiers_config(work.path(), &origin.tcp_addr(), "async");
+    let sidecar = start(config.clone()).await;
+    assert!(read(&sidecar.tcp_addr(), &digest).await.unwrap() == data);
+    // SIGTERM right away: the queued fill must still reach the disk tier.
+    let pid = sidecar.pid();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let mut sidecar = sidecar;
+    let status = sidecar.wait();
+    assert!(status.success(), "exit status {status}");
+    drop(origin);
+
+    let sidecar = start(config).await;
+    assert!(
+        read(&sidecar.tcp_addr(), &digest).await.unwrap() == data,
+        "the async fill was lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_composition_keeps_blobs_across_restarts() {
+    let cache = tempfile::tempdir().unwrap();
+    let data = test_data(2 << 20, 7);
+    let digest = {
+        let daemon = tokio::task::spawn_blocking({
+            let cache = cache.path().to_owned();
+            move || Daemon::start_with_cache_home(None, &cache)
+        })
+        .await
+        .unwrap();
+        put(&daemon.tcp_addr(), &data).await
+    };
+    let daemon = tokio::task::spawn_blocking({
+        let cache = cache.path().to_owned();
+        move || Daemon::start_with_cache_home(None, &cache)
+    })
+    .await
+    .unwrap();
+    assert!(read(&daemon.tcp_addr(), &digest).await.unwrap() == data);
+    assert!(cache.path().join("strata/blobs/blobs").is_dir());
+}
