@@ -345,3 +345,128 @@ async fn the_default_composition_keeps_blobs_across_restarts() {
     assert!(read(&daemon.tcp_addr(), &digest).await.unwrap() == data);
     assert!(cache.path().join("strata/blobs/blobs").is_dir());
 }
+
+/// A TCP listener that accepts connections and never answers: a peer that
+/// stalls forever. Returns its `grpc+http://` address.
+fn stalled_peer() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    format!("grpc+http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_race_is_won_by_the_member_that_answers() {
+    let good = start("[blobservices.root]\ntype = \"memory\"\n".into()).await;
+    let data = test_data(1 << 20, 8);
+    let digest = put(&good.tcp_addr(), &data).await;
+
+    // The answer's own time, measured directly.
+    let started = Instant::now();
+    assert!(read(&good.tcp_addr(), &digest).await.unwrap() == data);
+    let direct = started.elapsed();
+
+    let hedge = Duration::from_millis(200);
+    let racer = start(format!(
+        r#"
+[blobservices.root]
+type = "race"
+members = ["stalled", "good"]
+hedge_after = "200ms"
+
+[blobservices.stalled]
+type = "grpc"
+url = "{}"
+
+[blobservices.good]
+type = "grpc"
+url = "{}"
+"#,
+        stalled_peer(),
+        good.tcp_addr()
+    ))
+    .await;
+    let started = Instant::now();
+    assert!(read(&racer.tcp_addr(), &digest).await.unwrap() == data);
+    let raced = started.elapsed();
+    eprintln!("direct {direct:?}, raced {raced:?}, hedge {hedge:?}");
+    // The stalled member alone would never answer; the race answers after
+    // the hedge delay plus the good member's own time (slack for a loaded
+    // machine).
+    assert!(raced >= hedge, "answered before the hedge delay: {raced:?}");
+    assert!(
+        raced < hedge + direct * 2 + Duration::from_secs(2),
+        "took {raced:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_keeps_serving_when_a_member_dies() {
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        peers.push(start("[blobservices.root]\ntype = \"memory\"\n".into()).await);
+    }
+    let config = format!(
+        r#"
+[blobservices.root]
+type = "shard"
+members = ["p0", "p1", "p2"]
+
+[blobservices.p0]
+type = "grpc"
+url = "{}"
+timeout = "2s"
+
+[blobservices.p1]
+type = "grpc"
+url = "{}"
+timeout = "2s"
+
+[blobservices.p2]
+type = "grpc"
+url = "{}"
+timeout = "2s"
+"#,
+        peers[0].unix_addr(),
+        peers[1].unix_addr(),
+        peers[2].unix_addr()
+    );
+    let front = start(config).await;
+    let blobs: Vec<Vec<u8>> = (0..30)
+        .map(|i| test_data(20_000 + i * 1000, 900 + i as u64))
+        .collect();
+    let mut digests = Vec::new();
+    for b in &blobs {
+        digests.push(put(&front.tcp_addr(), b).await);
+    }
+    // Blobs are spread over the pool.
+    let mut holders = [0usize; 3];
+    for d in &digests {
+        for (i, p) in peers.iter().enumerate() {
+            if read(&p.tcp_addr(), d).await.is_ok() {
+                holders[i] += 1;
+            }
+        }
+    }
+    assert_eq!(
+        holders.iter().sum::<usize>(),
+        blobs.len(),
+        "each blob on one member"
+    );
+    assert!(holders.iter().all(|&h| h > 0), "{holders:?}");
+
+    // Kill the member holding the most; blobs it owned now go to the
+    // next-ranked member: writes succeed and read back.
+    let victim = (0..3).max_by_key(|&i| holders[i]).unwrap();
+    peers[victim].kill();
+    for (i, b) in blobs.iter().enumerate() {
+        let d = put(&front.tcp_addr(), b).await;
+        assert_eq!(d, digests[i]);
+        assert!(read(&front.tcp_addr(), &d).await.unwrap() == *b, "blob {i}");
+    }
+}

@@ -161,3 +161,66 @@ type = "memory"
     );
     assert!(stderr.contains("ignoring"), "{stderr}");
 }
+
+#[test]
+fn dangling_reference() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"mem\", \"disk\"]\n\n[blobservices.mem]\ntype = \"memory\"\n",
+        1,
+        &["tier `root`", "refers to `disk`, which is not defined"],
+    );
+}
+
+#[test]
+fn reference_cycle() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"a\"]\n\n[blobservices.a]\ntype = \"combined\"\nnear = \"root\"\nfar = \"b\"\n\n[blobservices.b]\ntype = \"memory\"\n",
+        5,
+        &["tier `a`", "reference cycle: a -> root -> a"],
+    );
+}
+
+#[test]
+fn bad_duration() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"memory\"\ntimeout = \"soon\"\n",
+        3,
+        &["tier `root`", "invalid duration"],
+    );
+}
+
+#[test]
+fn empty_tier_list() {
+    assert_rejected(
+        "\n[blobservices.root]\ntype = \"tiers\"\ntiers = []\n",
+        2,
+        &["tier `root`", "at least one tier"],
+    );
+}
+
+#[test]
+fn unknown_url_scheme() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"ftp://example.org/blobs\"]\n",
+        1,
+        &["tier `root`", "no tier kind handles the URL"],
+    );
+}
+
+#[test]
+fn url_references_make_anonymous_tiers() {
+    let (ok, stdout, stderr, _) = check(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"memory://\", \"objectstore+file:///tmp/strata-x\", \"grpc+unix:///run/peer.sock\"]\n",
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("  memory://: memory"), "{stdout}");
+    assert!(
+        stdout
+            .contains("objectstore+file:///tmp/strata-x: objectstore (url = file:///tmp/strata-x"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("grpc+unix:///run/peer.sock: grpc"),
+        "{stdout}"
+    );
+}

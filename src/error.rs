@@ -67,6 +67,10 @@ pub enum Error {
     #[error("no tier could answer: {}", .0.join("; "))]
     AllTiersFailed(Vec<String>),
 
+    /// The service does not take writes.
+    #[error("read-only: {0}")]
+    ReadOnly(String),
+
     /// A tier took longer than its `timeout`.
     #[error("tier `{tier}` timed out after {after:?}")]
     Timeout {

@@ -3,13 +3,16 @@
 //!
 //! Stores: [`memory`], [`disk`], [`objectstore`], [`grpc`].
 //! Combinators: [`tiers`] (priority order with fills), [`combined`]
-//! (snix's near/far pair).
+//! (snix's near/far pair), [`race`] (equal-priority substituters), [`shard`]
+//! (rendezvous hashing over a pool).
 
 pub mod combined;
 pub mod disk;
 pub mod grpc;
 pub mod memory;
 pub mod objectstore;
+pub mod race;
+pub mod shard;
 pub mod tiers;
 
 use crate::composition::Registry;
@@ -22,6 +25,8 @@ pub fn register_all(registry: &mut Registry) {
     registry.register::<grpc::GrpcConfig>("grpc");
     registry.register::<memory::MemoryConfig>("memory");
     registry.register::<objectstore::ObjectStoreConfig>("objectstore");
+    registry.register::<race::RaceConfig>("race");
+    registry.register::<shard::ShardConfig>("shard");
     registry.register::<tiers::TiersConfig>("tiers");
 
     registry.register_url("memory:", "memory", memory::from_url);

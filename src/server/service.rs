@@ -126,6 +126,7 @@ pub fn to_status(err: Error) -> Status {
             Status::unavailable(err.to_string())
         }
         Error::Shared(_) => Status::internal(err.to_string()),
+        Error::ReadOnly(_) => Status::permission_denied(err.to_string()),
         Error::Peer { .. } | Error::Connect { .. } => Status::unavailable(err.to_string()),
         Error::Io(_) => Status::internal(err.to_string()),
     }

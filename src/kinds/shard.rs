@@ -1,0 +1,281 @@
+//! `shard`: spreads blobs over a pool of peers by rendezvous (highest
+//! random weight) hashing of the digest, so a fleet of sidecars shares a
+//! pool of peer caches without coordination.
+//!
+//! ```toml
+//! [blobservices.pool]
+//! type = "shard"
+//! members = ["peer-a", "peer-b", "peer-c"]
+//! weights = [1, 1, 2]   # optional, same order as members; default all 1
+//! ```
+//!
+//! Every digest ranks the members by score `weight / -ln(h)`, where `h` in
+//! (0, 1) comes from BLAKE3 of the member name and the digest; the top
+//! member owns the blob. A member that fails (down, error, timeout) is
+//! skipped for the next-ranked one, so reads continue while a peer is down,
+//! and adding or removing a member moves only the blobs it owns. An owner
+//! that answers "absent" is authoritative.
+//!
+//! Puts are spooled (memory, or a temporary file for large blobs) until the
+//! digest is known, then written to its owner (or the next-ranked member if
+//! the owner fails).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio_util::io::ReaderStream;
+use tracing::warn;
+
+use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, PutResult, Spool};
+use crate::composition::{BuildContext, TierConfig};
+use crate::digest::B3Digest;
+use crate::error::{Error, Result};
+
+/// Configuration of a `shard`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    /// The pool.
+    pub members: Vec<String>,
+    /// Relative capacities, in the order of `members` (default: all 1).
+    pub weights: Option<Vec<f64>>,
+}
+
+#[async_trait]
+impl TierConfig for ShardConfig {
+    fn references(&self) -> Vec<String> {
+        self.members.clone()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.members.is_empty() {
+            return Err("a shard needs at least one member".into());
+        }
+        if let Some(w) = &self.weights {
+            if w.len() != self.members.len() {
+                return Err(format!(
+                    "`weights` has {} entries for {} members",
+                    w.len(),
+                    self.members.len()
+                ));
+            }
+            if w.iter().any(|w| !w.is_finite() || *w <= 0.0) {
+                return Err("`weights` must be positive numbers".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        match &self.weights {
+            Some(w) => format!(
+                "shard [{}] (weights = {w:?}, rendezvous hashing)",
+                self.members.join(", ")
+            ),
+            None => format!("shard [{}] (rendezvous hashing)", self.members.join(", ")),
+        }
+    }
+
+    fn persistent(&self, ctx: &BuildContext) -> bool {
+        self.members.iter().any(|m| ctx.persistent(m))
+    }
+
+    async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
+        let members = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                Ok(Member {
+                    name: name.clone(),
+                    weight: self.weights.as_ref().map_or(1.0, |w| w[i]),
+                    svc: ctx.tier(name)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Arc::new(ShardService {
+            members: Arc::new(members),
+        }))
+    }
+}
+
+struct Member {
+    name: String,
+    weight: f64,
+    svc: Arc<dyn BlobService>,
+}
+
+/// The `shard` combinator. See the module docs.
+pub struct ShardService {
+    members: Arc<Vec<Member>>,
+}
+
+/// Member indices for `digest`, best first.
+fn ranking(members: &[Member], digest: &B3Digest) -> Vec<usize> {
+    let mut scored: Vec<(f64, usize)> = members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(m.name.as_bytes());
+            hasher.update(&[0]);
+            hasher.update(digest.as_bytes());
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+            // Map to (0, 1): never 0 (ln undefined) nor 1 (score infinite).
+            let h = (u64::from_le_bytes(word) as f64 + 1.0) / (u64::MAX as f64 + 2.0);
+            (m.weight / -h.ln(), i)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    scored.into_iter().map(|(_, i)| i).collect()
+}
+
+impl ShardService {
+    /// The owner of `digest` and its stand-ins, best first.
+    pub fn ranked_names(&self, digest: &B3Digest) -> Vec<&str> {
+        ranking(&self.members, digest)
+            .into_iter()
+            .map(|i| self.members[i].name.as_str())
+            .collect()
+    }
+}
+
+/// Asks the members in rank order until one answers without failing.
+macro_rules! first_healthy {
+    ($self:ident, $digest:ident, |$svc:ident| $call:expr) => {{
+        let mut failures = Vec::new();
+        for i in ranking(&$self.members, $digest) {
+            let m = &$self.members[i];
+            let $svc = &m.svc;
+            match $call.await {
+                Ok(answer) => return Ok(answer),
+                Err(e) => {
+                    warn!(tier = %m.name, digest = %$digest, error = %e,
+                        "shard member failed; trying the next-ranked one");
+                    failures.push(format!("{}: {e}", m.name));
+                }
+            }
+        }
+        Err(Error::AllTiersFailed(failures))
+    }};
+}
+
+#[async_trait]
+impl BlobService for ShardService {
+    async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        first_healthy!(self, digest, |svc| svc.stat(digest))
+    }
+
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+        first_healthy!(self, digest, |svc| svc.open_read(digest))
+    }
+
+    async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+        Ok(Box::new(ShardWriter {
+            members: self.members.clone(),
+            spool: Spool::new(None, None),
+            hasher: blake3::Hasher::new(),
+        }))
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        for m in self.members.iter() {
+            m.svc.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Holds a Put until its digest, and so its owner, is known.
+struct ShardWriter {
+    members: Arc<Vec<Member>>,
+    spool: Spool,
+    hasher: blake3::Hasher,
+}
+
+#[async_trait]
+impl BlobWriter for ShardWriter {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        self.hasher.update(&data);
+        self.spool.push(data).await
+    }
+
+    async fn close(self: Box<Self>) -> Result<PutResult> {
+        let digest = B3Digest::from(self.hasher.finalize());
+        let spool = self.spool.into_shared().await?;
+        let mut failures = Vec::new();
+        for i in ranking(&self.members, &digest) {
+            let m = &self.members[i];
+            let attempt = async {
+                let mut writer = m.svc.open_write().await?;
+                let mut pieces = ReaderStream::with_capacity(spool.open().await?, 256 * 1024);
+                while let Some(piece) = pieces.next().await {
+                    writer.write(piece?).await?;
+                }
+                writer.close().await
+            };
+            match attempt.await {
+                Ok(put) if put.digest == digest => return Ok(put),
+                Ok(put) => failures.push(format!("{}: stored as {}", m.name, put.digest)),
+                Err(e) => {
+                    warn!(tier = %m.name, %digest, error = %e, "shard member refused a put");
+                    failures.push(format!("{}: {e}", m.name));
+                }
+            }
+        }
+        Err(Error::AllTiersFailed(failures))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(names: &[&str], weights: &[f64]) -> Vec<Member> {
+        names
+            .iter()
+            .zip(weights)
+            .map(|(n, w)| Member {
+                name: (*n).to_owned(),
+                weight: *w,
+                svc: Arc::new(crate::chunkstore::ChunkedBlobService::new(
+                    crate::kinds::memory::MemoryStore::new(1 << 20),
+                )),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ranking_is_stable_and_spreads_by_weight() {
+        let m = members(&["a", "b", "c"], &[1.0, 1.0, 2.0]);
+        let mut owners = [0usize; 3];
+        for i in 0..20_000u32 {
+            let d = B3Digest::of(&i.to_le_bytes());
+            let r = ranking(&m, &d);
+            assert_eq!(r, ranking(&m, &d), "deterministic");
+            owners[r[0]] += 1;
+        }
+        // Expected shares 1/4, 1/4, 1/2.
+        assert!((4_300..5_700).contains(&owners[0]), "{owners:?}");
+        assert!((4_300..5_700).contains(&owners[1]), "{owners:?}");
+        assert!((9_000..11_000).contains(&owners[2]), "{owners:?}");
+    }
+
+    #[test]
+    fn removing_a_member_moves_only_its_blobs() {
+        let all = members(&["a", "b", "c"], &[1.0, 1.0, 1.0]);
+        let without_c = members(&["a", "b"], &[1.0, 1.0]);
+        for i in 0..5_000u32 {
+            let d = B3Digest::of(&i.to_le_bytes());
+            let before = &all[ranking(&all, &d)[0]].name;
+            let after = &without_c[ranking(&without_c, &d)[0]].name;
+            if before != "c" {
+                assert_eq!(before, after);
+            }
+        }
+    }
+}
