@@ -55,6 +55,15 @@ pub enum Protocol {
     Tvix,
 }
 
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Snix => "snix",
+            Protocol::Tvix => "tvix",
+        })
+    }
+}
+
 /// Configuration of a `grpc` tier.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,7 +87,7 @@ fn deserialize_peer_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PeerA
 #[async_trait]
 impl TierConfig for GrpcConfig {
     fn describe(&self) -> String {
-        format!("grpc (url = {}, protocol = {:?})", self.url, self.protocol)
+        format!("grpc (url = {}, protocol = {})", self.url, self.protocol)
     }
 
     fn persistent(&self, _ctx: &BuildContext) -> bool {
