@@ -284,3 +284,35 @@ async fn kill_during_put_never_leaves_a_torn_blob() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_puts_and_reads_of_one_digest_are_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = std::sync::Arc::new(ChunkedBlobService::new(
+        DiskStore::open(dir.path().into(), 1 << 30).await.unwrap(),
+    ));
+    let data = std::sync::Arc::new(test_data(3 << 20, 55));
+    let digest = B3Digest::of(&data);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..32 {
+        let svc = svc.clone();
+        let data = data.clone();
+        tasks.spawn(async move {
+            for _ in 0..5 {
+                if i % 2 == 0 {
+                    assert_eq!(put(svc.as_ref(), &data).await, digest);
+                } else if let Some(got) = read_all(svc.as_ref(), &digest).await {
+                    assert!(got == *data, "a reader saw different bytes");
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    assert!(read_all(svc.as_ref(), &digest).await.unwrap() == *data);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+}

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-use crate::blobservice::{BlobReader, SharedSpool, Spool};
+use crate::blobservice::{BlobReader, ChunkMeta, SharedSpool, Spool};
 use crate::digest::B3Digest;
 use crate::error::{Result, VerifyError};
 
@@ -26,6 +26,19 @@ pub fn verify_chunk(expected: &B3Digest, data: &[u8]) -> Result<(), VerifyError>
             actual,
         })
     }
+}
+
+/// Checks that `data` is the chunk `meta` describes: its length and digest.
+pub fn verify_chunk_meta(meta: &ChunkMeta, data: &[u8]) -> Result<(), VerifyError> {
+    if data.len() as u64 != meta.size {
+        return Err(VerifyError::LengthMismatch {
+            what: "chunk",
+            expected: meta.digest,
+            expected_len: meta.size,
+            actual_len: data.len() as u64,
+        });
+    }
+    verify_chunk(&meta.digest, data)
 }
 
 /// Verifies a blob that arrives as a stream of pieces: feed every piece to

@@ -15,7 +15,7 @@ use super::ChunkStore;
 use crate::blobservice::{BlobReader, ChunkMeta};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
-use crate::verify::verify_chunk;
+use crate::verify::verify_chunk_meta;
 
 /// Reads a multi-chunk blob from a [`ChunkStore`].
 ///
@@ -81,19 +81,10 @@ impl<S: ChunkStore> ChunkedReader<S> {
                     blob,
                     chunk: meta.digest,
                 })?;
-            if let Err(e) = verify_chunk(&meta.digest, &data) {
+            if let Err(e) = verify_chunk_meta(&meta, &data) {
                 tracing::warn!(%blob, chunk = %meta.digest, error = %e, "stored chunk failed verification");
                 store.discard_chunk(&meta.digest).await?;
                 return Err(e.into());
-            }
-            if data.len() as u64 != meta.size {
-                return Err(crate::error::VerifyError::LengthMismatch {
-                    what: "chunk",
-                    expected: meta.digest,
-                    expected_len: meta.size,
-                    actual_len: data.len() as u64,
-                }
-                .into());
             }
             Ok(data)
         })

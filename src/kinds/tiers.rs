@@ -61,7 +61,7 @@ use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError};
 use crate::singleflight::SingleFlight;
-use crate::verify::{spool_verified_shared, verify_chunk};
+use crate::verify::{spool_verified_shared, verify_chunk_meta};
 
 /// No chunk is larger than this (FastCDC v2020's maximum).
 const MAX_CHUNK_SIZE: u64 = fastcdc::v2020::MAXIMUM_MAX as u64;
@@ -422,7 +422,9 @@ impl Inner {
             };
             let mut reader = reader;
             let checked = match read_to_bytes(reader.as_mut(), chunk.size).await {
-                Ok(data) => check_chunk(&chunk, data),
+                Ok(data) => verify_chunk_meta(&chunk, &data)
+                    .map(|()| data)
+                    .map_err(Error::from),
                 Err(e) => Err(e),
             };
             match checked {
@@ -522,21 +524,6 @@ impl Inner {
         }
         Ok(spool)
     }
-}
-
-/// Checks a fetched chunk's length and digest.
-fn check_chunk(chunk: &ChunkMeta, data: Bytes) -> Result<Bytes> {
-    if data.len() as u64 != chunk.size {
-        return Err(VerifyError::LengthMismatch {
-            what: "chunk",
-            expected: chunk.digest,
-            expected_len: chunk.size,
-            actual_len: data.len() as u64,
-        }
-        .into());
-    }
-    verify_chunk(&chunk.digest, &data)?;
-    Ok(data)
 }
 
 #[async_trait]
