@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::StreamExt;
-use strata::B3Digest;
 use strata::proto::snix::blob_service_client::BlobServiceClient;
 use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
 use strata::proto::snix::{
@@ -17,44 +15,10 @@ use tonic::transport::Channel;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::harness::{Daemon, channel, snix_client, test_data};
-
-async fn start(config: String) -> Daemon {
-    tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
-        .await
-        .unwrap()
-}
-
-async fn put(addr: &str, data: &[u8]) -> B3Digest {
-    let pieces: Vec<BlobChunk> = data
-        .chunks(1 << 20)
-        .map(|c| BlobChunk {
-            data: Bytes::copy_from_slice(c),
-        })
-        .collect();
-    let resp = snix_client(addr)
-        .put(futures::stream::iter(pieces))
-        .await
-        .unwrap()
-        .into_inner();
-    B3Digest::try_from(&resp.digest).unwrap()
-}
-
-/// Reads a blob; `Err` carries the status code.
-async fn read(addr: &str, digest: &B3Digest) -> Result<Vec<u8>, tonic::Code> {
-    let mut stream = snix_client(addr)
-        .read(ReadBlobRequest {
-            digest: (*digest).into(),
-        })
-        .await
-        .map_err(|s| s.code())?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(msg) = stream.next().await {
-        out.extend_from_slice(&msg.map_err(|s| s.code())?.data);
-    }
-    Ok(out)
-}
+use crate::harness::{
+    Daemon, channel, put_blob as put, read_blob, snix_client, stalled_peer, start_daemon as start,
+    test_data,
+};
 
 fn tiers_config(near: &std::path::Path, upstream: &str, fill: &str) -> String {
     format!(
@@ -116,11 +80,11 @@ async fn three_process_chain_fills_the_near_tiers() {
     }
     for (d, b) in digests.iter().zip(&blobs) {
         assert!(
-            read(&sidecar.tcp_addr(), d).await.unwrap() == *b,
+            read_blob(&sidecar.tcp_addr(), d).await.unwrap() == *b,
             "through the chain"
         );
         assert!(
-            read(&nofill.tcp_addr(), d).await.unwrap() == *b,
+            read_blob(&nofill.tcp_addr(), d).await.unwrap() == *b,
             "fill = off still reads"
         );
     }
@@ -129,11 +93,11 @@ async fn three_process_chain_fills_the_near_tiers() {
     origin.kill();
     for (d, b) in digests.iter().zip(&blobs) {
         assert!(
-            read(&sidecar.tcp_addr(), d).await.unwrap() == *b,
+            read_blob(&sidecar.tcp_addr(), d).await.unwrap() == *b,
             "the sidecar's near tiers were filled"
         );
         assert!(
-            read(&nofill.tcp_addr(), d).await.is_err(),
+            read_blob(&nofill.tcp_addr(), d).await.is_err(),
             "fill = off kept nothing"
         );
     }
@@ -249,15 +213,7 @@ async fn concurrent_cold_reads_fetch_upstream_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_tier_is_skipped_after_its_timeout() {
-    // Accepts TCP connections and never says a word.
-    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let hung_addr = hung.local_addr().unwrap();
-    let _keep = std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in hung.incoming() {
-            held.push(conn);
-        }
-    });
+    let hung = stalled_peer();
     let good = start("[blobservices.root]\ntype = \"memory\"\n".into()).await;
     let data = test_data(300_000, 5);
     let digest = put(&good.tcp_addr(), &data).await;
@@ -271,7 +227,7 @@ fill = "off"
 
 [blobservices.hung]
 type = "grpc"
-url = "grpc+http://{hung_addr}"
+url = "{hung}"
 timeout = "300ms"
 
 [blobservices.good]
@@ -282,7 +238,7 @@ url = "{}"
     ))
     .await;
     let started = Instant::now();
-    let got = read(&sidecar.tcp_addr(), &digest).await.unwrap();
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
     let elapsed = started.elapsed();
     assert!(got == data);
     // Generous bound: a hung tier must not hold a read for long.
@@ -303,7 +259,7 @@ async fn async_fills_land_and_survive_a_graceful_shutdown() {
     let work = tempfile::tempdir().unwrap();
     let config = tiers_config(work.path(), &origin.tcp_addr(), "async");
     let sidecar = start(config.clone()).await;
-    assert!(read(&sidecar.tcp_addr(), &digest).await.unwrap() == data);
+    assert!(read_blob(&sidecar.tcp_addr(), &digest).await.unwrap() == data);
     // SIGTERM right away: the queued fill must still reach the disk tier.
     let pid = sidecar.pid();
     rustix::process::kill_process(
@@ -318,7 +274,7 @@ async fn async_fills_land_and_survive_a_graceful_shutdown() {
 
     let sidecar = start(config).await;
     assert!(
-        read(&sidecar.tcp_addr(), &digest).await.unwrap() == data,
+        read_blob(&sidecar.tcp_addr(), &digest).await.unwrap() == data,
         "the async fill was lost"
     );
 }
@@ -342,22 +298,8 @@ async fn the_default_composition_keeps_blobs_across_restarts() {
     })
     .await
     .unwrap();
-    assert!(read(&daemon.tcp_addr(), &digest).await.unwrap() == data);
+    assert!(read_blob(&daemon.tcp_addr(), &digest).await.unwrap() == data);
     assert!(cache.path().join("strata/blobs/blobs").is_dir());
-}
-
-/// A TCP listener that accepts connections and never answers: a peer that
-/// stalls forever. Returns its `grpc+http://` address.
-fn stalled_peer() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in listener.incoming() {
-            held.push(conn);
-        }
-    });
-    format!("grpc+http://{addr}")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -368,7 +310,7 @@ async fn a_race_is_won_by_the_member_that_answers() {
 
     // The answer's own time, measured directly.
     let started = Instant::now();
-    assert!(read(&good.tcp_addr(), &digest).await.unwrap() == data);
+    assert!(read_blob(&good.tcp_addr(), &digest).await.unwrap() == data);
     let direct = started.elapsed();
 
     let hedge = Duration::from_millis(200);
@@ -392,7 +334,7 @@ url = "{}"
     ))
     .await;
     let started = Instant::now();
-    assert!(read(&racer.tcp_addr(), &digest).await.unwrap() == data);
+    assert!(read_blob(&racer.tcp_addr(), &digest).await.unwrap() == data);
     let raced = started.elapsed();
     eprintln!("direct {direct:?}, raced {raced:?}, hedge {hedge:?}");
     // The stalled member alone would never answer; the race answers after
@@ -448,7 +390,7 @@ timeout = "2s"
     let mut holders = [0usize; 3];
     for d in &digests {
         for (i, p) in peers.iter().enumerate() {
-            if read(&p.tcp_addr(), d).await.is_ok() {
+            if read_blob(&p.tcp_addr(), d).await.is_ok() {
                 holders[i] += 1;
             }
         }
@@ -467,6 +409,9 @@ timeout = "2s"
     for (i, b) in blobs.iter().enumerate() {
         let d = put(&front.tcp_addr(), b).await;
         assert_eq!(d, digests[i]);
-        assert!(read(&front.tcp_addr(), &d).await.unwrap() == *b, "blob {i}");
+        assert!(
+            read_blob(&front.tcp_addr(), &d).await.unwrap() == *b,
+            "blob {i}"
+        );
     }
 }

@@ -4,15 +4,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use strata::B3Digest;
 use strata::blobservice::BlobService;
 use strata::chunkstore::{ChunkStore, ChunkedBlobService};
 use strata::kinds::disk::DiskStore;
-use strata::proto::snix::{BlobChunk, ReadBlobRequest, StatBlobRequest};
+use strata::proto::snix::{BlobChunk, StatBlobRequest};
 use tokio::io::AsyncReadExt;
 
-use crate::harness::{Daemon, snix_client, test_data};
+use crate::harness::{
+    put_blob as put_via, read_blob, snix_client, start_daemon as start, test_data,
+};
 
 /// Total bytes of the files under `dir`.
 fn du(dir: &Path) -> u64 {
@@ -161,50 +162,6 @@ fn disk_config(path: &Path) -> String {
     )
 }
 
-async fn read_via(addr: &str, digest: &B3Digest) -> Option<Vec<u8>> {
-    let stream = snix_client(addr)
-        .read(ReadBlobRequest {
-            digest: (*digest).into(),
-        })
-        .await;
-    let mut stream = match stream {
-        Ok(s) => s.into_inner(),
-        Err(s) if s.code() == tonic::Code::NotFound => return None,
-        Err(s) => panic!("read: {s}"),
-    };
-    let mut out = Vec::new();
-    while let Some(msg) = stream.next().await {
-        match msg {
-            Ok(m) => out.extend_from_slice(&m.data),
-            Err(s) if s.code() == tonic::Code::NotFound && out.is_empty() => return None,
-            Err(s) => panic!("read stream: {s}"),
-        }
-    }
-    Some(out)
-}
-
-async fn put_via(addr: &str, data: &[u8]) -> B3Digest {
-    let pieces: Vec<BlobChunk> = data
-        .chunks(256 * 1024)
-        .map(|c| BlobChunk {
-            data: Bytes::copy_from_slice(c),
-        })
-        .collect();
-    let resp = snix_client(addr)
-        .put(futures::stream::iter(pieces))
-        .await
-        .unwrap()
-        .into_inner();
-    B3Digest::try_from(&resp.digest).unwrap()
-}
-
-async fn start(config: &str) -> Daemon {
-    let config = config.to_owned();
-    tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn blobs_survive_a_restart() {
     let cache = tempfile::tempdir().unwrap();
@@ -216,14 +173,14 @@ async fn blobs_survive_a_restart() {
         .collect();
     let mut digests = Vec::new();
     {
-        let daemon = start(&config).await;
+        let daemon = start(config.clone()).await;
         for b in &blobs {
             digests.push(put_via(&daemon.tcp_addr(), b).await);
         }
     } // killed here
-    let daemon = start(&config).await;
+    let daemon = start(config.clone()).await;
     for (d, b) in digests.iter().zip(&blobs) {
-        assert!(read_via(&daemon.tcp_addr(), d).await.unwrap() == *b);
+        assert!(read_blob(&daemon.tcp_addr(), d).await.unwrap() == *b);
     }
 }
 
@@ -233,7 +190,7 @@ async fn kill_during_put_never_leaves_a_torn_blob() {
     let config = disk_config(cache.path());
     let old = test_data(2 << 20, 77);
     let old_digest = {
-        let daemon = start(&config).await;
+        let daemon = start(config.clone()).await;
         put_via(&daemon.tcp_addr(), &old).await
     };
     let data = test_data(12 << 20, 78);
@@ -245,7 +202,7 @@ async fn kill_during_put_never_leaves_a_torn_blob() {
 
     // Kill the daemon after 1, 10, 30 and all 48 pieces were sent.
     for kill_after in [1usize, 10, 30, pieces.len()] {
-        let mut daemon = start(&config).await;
+        let mut daemon = start(config.clone()).await;
         let (tx, rx) = tokio::sync::mpsc::channel::<BlobChunk>(1);
         let mut client = snix_client(&daemon.tcp_addr());
         let put = tokio::spawn(async move {
@@ -263,7 +220,7 @@ async fn kill_during_put_never_leaves_a_torn_blob() {
         drop(tx);
         let _ = put.await;
 
-        let daemon = start(&config).await;
+        let daemon = start(config.clone()).await;
         let addr = daemon.tcp_addr();
         // The new blob is either absent or whole, never torn.
         let stat = snix_client(&addr)
@@ -274,10 +231,10 @@ async fn kill_during_put_never_leaves_a_torn_blob() {
             .await;
         match stat {
             Err(s) => assert_eq!(s.code(), tonic::Code::NotFound, "after {kill_after}: {s}"),
-            Ok(_) => assert!(read_via(&addr, &digest).await.unwrap() == data),
+            Ok(_) => assert!(read_blob(&addr, &digest).await.unwrap() == data),
         }
         // Older blobs are intact, and no temporary file survived.
-        assert!(read_via(&addr, &old_digest).await.unwrap() == old);
+        assert!(read_blob(&addr, &old_digest).await.unwrap() == old);
         assert_eq!(
             std::fs::read_dir(cache.path().join("tmp")).unwrap().count(),
             0

@@ -323,3 +323,86 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// Starts a daemon from an async test (the start-up wait blocks).
+pub async fn start_daemon(config: String) -> Daemon {
+    tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
+        .await
+        .expect("daemon start task")
+}
+
+/// Puts `data` through the snix package in 1 MiB messages; returns the
+/// digest the server reported.
+pub async fn put_blob(addr: &str, data: &[u8]) -> strata::B3Digest {
+    let pieces: Vec<strata::proto::snix::BlobChunk> = data
+        .chunks(1 << 20)
+        .map(|c| strata::proto::snix::BlobChunk {
+            data: bytes::Bytes::copy_from_slice(c),
+        })
+        .collect();
+    let resp = snix_client(addr)
+        .put(futures::stream::iter(pieces))
+        .await
+        .expect("put")
+        .into_inner();
+    strata::B3Digest::try_from(&resp.digest).expect("digest in put response")
+}
+
+/// Reads a blob through the snix package: all its bytes, or the status the
+/// call (or the stream) ended with. On an error, `received` says how many
+/// bytes had arrived before it.
+pub async fn read_blob(addr: &str, digest: &strata::B3Digest) -> Result<Vec<u8>, ReadFailure> {
+    use futures::StreamExt;
+    let req = strata::proto::snix::ReadBlobRequest {
+        digest: (*digest).into(),
+    };
+    let mut stream = match snix_client(addr).read(req).await {
+        Ok(resp) => resp.into_inner(),
+        Err(status) => {
+            return Err(ReadFailure {
+                status,
+                received: 0,
+            });
+        }
+    };
+    let mut out = Vec::new();
+    while let Some(msg) = stream.next().await {
+        match msg {
+            Ok(m) => out.extend_from_slice(&m.data),
+            Err(status) => {
+                return Err(ReadFailure {
+                    status,
+                    received: out.len(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// How a [`read_blob`] failed.
+#[derive(Debug)]
+pub struct ReadFailure {
+    pub status: tonic::Status,
+    pub received: usize,
+}
+
+impl ReadFailure {
+    pub fn code(&self) -> tonic::Code {
+        self.status.code()
+    }
+}
+
+/// A TCP listener that accepts connections and never answers: a peer that
+/// stalls forever. Returns its `grpc+http://` address.
+pub fn stalled_peer() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    format!("grpc+http://{addr}")
+}

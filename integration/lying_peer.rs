@@ -13,7 +13,7 @@ use strata::proto::snix::{
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::harness::{Daemon, cli, snix_client, test_data};
+use crate::harness::{Daemon, cli, read_blob, snix_client, test_data};
 
 /// How the fake peer misbehaves.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -132,27 +132,6 @@ async fn front_for(peer_addr: &str, protocol: &str) -> Daemon {
         .unwrap()
 }
 
-/// Reads through the front; returns the bytes received and the final status.
-async fn read_through(addr: &str, digest: &B3Digest) -> (Vec<u8>, Result<(), Status>) {
-    let mut got = Vec::new();
-    let stream = snix_client(addr)
-        .read(ReadBlobRequest {
-            digest: (*digest).into(),
-        })
-        .await;
-    let mut stream = match stream {
-        Ok(s) => s.into_inner(),
-        Err(status) => return (got, Err(status)),
-    };
-    while let Some(msg) = stream.next().await {
-        match msg {
-            Ok(m) => got.extend_from_slice(&m.data),
-            Err(status) => return (got, Err(status)),
-        }
-    }
-    (got, Ok(()))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn liars_are_refused_and_honest_peers_served() {
     // Larger than the in-memory spool, so the temporary-file path is covered too.
@@ -176,21 +155,20 @@ async fn liars_are_refused_and_honest_peers_served() {
             })
             .await;
             let front = front_for(&peer, "snix").await;
-            let (got, status) = read_through(&front.tcp_addr(), &digest).await;
+            let result = read_blob(&front.tcp_addr(), &digest).await;
             let honest = matches!(lie, Lie::Honest | Lie::HonestStock);
-            if honest {
-                assert!(status.is_ok(), "{lie:?}: {status:?}");
-                assert!(got == data, "{lie:?}: wrong bytes from an honest peer");
-            } else {
-                assert!(
-                    status.is_err(),
-                    "{lie:?}, {size} bytes: liar's data was served"
-                );
-                assert!(
-                    got.is_empty(),
-                    "{lie:?}: {} unverified bytes reached the client",
-                    got.len()
-                );
+            match result {
+                Ok(got) => {
+                    assert!(honest, "{lie:?}, {size} bytes: liar's data was served");
+                    assert!(got == data, "{lie:?}: wrong bytes from an honest peer");
+                }
+                Err(failure) => {
+                    assert!(!honest, "{lie:?}: {failure:?}");
+                    assert_eq!(
+                        failure.received, 0,
+                        "{lie:?}: unverified bytes reached the client"
+                    );
+                }
             }
 
             // The CLI fails too, and leaves no file behind.
@@ -238,18 +216,12 @@ async fn strata_chains_to_a_strata_peer_in_both_protocols() {
             .unwrap()
             .into_inner();
         assert_eq!(B3Digest::try_from(&put.digest).unwrap(), digest);
-        let (on_peer, status) = read_through(&peer.tcp_addr(), &digest).await;
-        assert!(
-            status.is_ok() && on_peer == data,
-            "{protocol}: not on the peer"
-        );
+        let on_peer = read_blob(&peer.tcp_addr(), &digest).await.unwrap();
+        assert!(on_peer == data, "{protocol}: not on the peer");
 
         // And reads through the front come back verified.
-        let (got, status) = read_through(&front.tcp_addr(), &digest).await;
-        assert!(
-            status.is_ok() && got == data,
-            "{protocol}: read through the front"
-        );
+        let got = read_blob(&front.tcp_addr(), &digest).await.unwrap();
+        assert!(got == data, "{protocol}: read through the front");
         let stat = snix_client(&front.tcp_addr())
             .stat(StatBlobRequest {
                 digest: digest.into(),

@@ -4,12 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use futures::StreamExt;
 use strata::B3Digest;
-use strata::proto::snix::{BlobChunk, ReadBlobRequest, StatBlobRequest};
+use strata::proto::snix::StatBlobRequest;
 
-use crate::harness::{Daemon, S3Server, snix_client, test_data};
+use crate::harness::{
+    S3Server, put_blob as put, read_blob, snix_client, start_daemon as start, test_data,
+};
 
 // --- protobuf by hand, from the layout description -------------------------
 // StatBlobResponse { repeated ChunkMeta chunks = 2; }
@@ -97,42 +98,6 @@ fn objectstore_config(url: &str, options: Option<&str>) -> String {
     config
 }
 
-async fn start(config: String) -> Daemon {
-    tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
-        .await
-        .unwrap()
-}
-
-async fn read(addr: &str, digest: &B3Digest) -> Vec<u8> {
-    let mut stream = snix_client(addr)
-        .read(ReadBlobRequest {
-            digest: (*digest).into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(msg) = stream.next().await {
-        out.extend_from_slice(&msg.unwrap().data);
-    }
-    out
-}
-
-async fn put(addr: &str, data: &[u8]) -> B3Digest {
-    let pieces: Vec<BlobChunk> = data
-        .chunks(1 << 20)
-        .map(|c| BlobChunk {
-            data: Bytes::copy_from_slice(c),
-        })
-        .collect();
-    let resp = snix_client(addr)
-        .put(futures::stream::iter(pieces))
-        .await
-        .unwrap()
-        .into_inner();
-    B3Digest::try_from(&resp.digest).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bucket_in_the_snix_layout_is_served() {
     let bucket = tempfile::tempdir().unwrap();
@@ -172,7 +137,7 @@ async fn a_bucket_in_the_snix_layout_is_served() {
     .await;
     let addr = daemon.tcp_addr();
 
-    assert_eq!(read(&addr, &hello).await, b"Hello World");
+    assert_eq!(read_blob(&addr, &hello).await.unwrap(), b"Hello World");
     let stat = snix_client(&addr)
         .stat(StatBlobRequest {
             digest: hello.into(),
@@ -183,7 +148,7 @@ async fn a_bucket_in_the_snix_layout_is_served() {
         .into_inner();
     assert_eq!(stat.size, 11);
 
-    assert!(read(&addr, &blob_digest).await == blob);
+    assert!(read_blob(&addr, &blob_digest).await.unwrap() == blob);
     let stat = snix_client(&addr)
         .stat(StatBlobRequest {
             digest: blob_digest.into(),
@@ -201,7 +166,7 @@ async fn a_bucket_in_the_snix_layout_is_served() {
         .collect();
     assert_eq!(listed, index);
     for (d, size) in &index {
-        assert_eq!(read(&addr, d).await.len() as u64, *size);
+        assert_eq!(read_blob(&addr, d).await.unwrap().len() as u64, *size);
     }
 }
 
@@ -280,19 +245,10 @@ async fn decompression_bombs_are_refused() {
         None,
     ))
     .await;
-    let status = snix_client(&daemon.tcp_addr())
-        .read(ReadBlobRequest {
-            digest: bomb.into(),
-        })
-        .await;
-    let code = match status {
-        Err(s) => s.code(),
-        Ok(resp) => match resp.into_inner().next().await {
-            Some(Err(s)) => s.code(),
-            other => panic!("bomb was served: {other:?}"),
-        },
-    };
-    assert_eq!(code, tonic::Code::DataLoss);
+    let failure = read_blob(&daemon.tcp_addr(), &bomb)
+        .await
+        .expect_err("a decompression bomb was served");
+    assert_eq!(failure.code(), tonic::Code::DataLoss);
 }
 
 /// Digests of the FastCDC v2020 chunks of `data` (snix's parameters).
@@ -322,7 +278,10 @@ async fn s3_round_trips_and_dedup() {
         let data = test_data(size, 300 + i as u64);
         let digest = put(&addr, &data).await;
         assert_eq!(digest, B3Digest::of(&data));
-        assert!(read(&addr, &digest).await == data, "{size} bytes");
+        assert!(
+            read_blob(&addr, &digest).await.unwrap() == data,
+            "{size} bytes"
+        );
         let cuts = chunk_digests(&data);
         if cuts.len() > 1 {
             expected.insert(("index", digest));
@@ -345,7 +304,7 @@ async fn s3_round_trips_and_dedup() {
     let derived_digest = put(&addr, &derived).await;
     let added = count_objects(&s3, "blobs").await - objects;
     assert!((2..=12).contains(&added), "{added} objects added");
-    assert!(read(&addr, &derived_digest).await == derived);
+    assert!(read_blob(&addr, &derived_digest).await.unwrap() == derived);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -368,28 +327,9 @@ async fn a_lying_index_in_a_shared_bucket_serves_nothing() {
         None,
     ))
     .await;
-    let mut got = Vec::new();
-    let mut code = None;
-    match snix_client(&daemon.tcp_addr())
-        .read(ReadBlobRequest {
-            digest: claimed.into(),
-        })
+    let failure = read_blob(&daemon.tcp_addr(), &claimed)
         .await
-    {
-        Err(s) => code = Some(s.code()),
-        Ok(resp) => {
-            let mut stream = resp.into_inner();
-            while let Some(msg) = stream.next().await {
-                match msg {
-                    Ok(m) => got.extend_from_slice(&m.data),
-                    Err(s) => {
-                        code = Some(s.code());
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    assert_eq!(code, Some(tonic::Code::DataLoss));
-    assert!(got.is_empty(), "{} unverified bytes released", got.len());
+        .expect_err("a blob under a lying index was served");
+    assert_eq!(failure.code(), tonic::Code::DataLoss);
+    assert_eq!(failure.received, 0, "unverified bytes released");
 }

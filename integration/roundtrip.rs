@@ -6,7 +6,9 @@ use futures::StreamExt;
 use strata::B3Digest;
 use strata::proto::snix::{BlobChunk, ReadBlobRequest, StatBlobRequest};
 
-use crate::harness::{Daemon, cli, cli_ok, snix_client, test_data, tvix_client, write_file};
+use crate::harness::{
+    Daemon, cli, cli_ok, put_blob, read_blob, snix_client, test_data, tvix_client, write_file,
+};
 
 const SIZES: [usize; 5] = [0, 1, 1024, (1 << 20) + 1, 100 << 20];
 
@@ -76,21 +78,6 @@ fn put_reads_stdin() {
     );
 }
 
-async fn put_snix(addr: &str, data: &[u8]) -> B3Digest {
-    let pieces: Vec<BlobChunk> = data
-        .chunks(100_000)
-        .map(|c| BlobChunk {
-            data: Bytes::copy_from_slice(c),
-        })
-        .collect();
-    let resp = snix_client(addr)
-        .put(futures::stream::iter(pieces))
-        .await
-        .unwrap()
-        .into_inner();
-    B3Digest::try_from(&resp.digest).unwrap()
-}
-
 async fn put_tvix(addr: &str, data: &[u8]) -> B3Digest {
     let pieces: Vec<BlobChunk> = data
         .chunks(100_000)
@@ -104,21 +91,6 @@ async fn put_tvix(addr: &str, data: &[u8]) -> B3Digest {
         .unwrap()
         .into_inner();
     B3Digest::try_from(&resp.digest).unwrap()
-}
-
-async fn read_snix(addr: &str, digest: &B3Digest) -> Vec<u8> {
-    let mut stream = snix_client(addr)
-        .read(ReadBlobRequest {
-            digest: (*digest).into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(msg) = stream.next().await {
-        out.extend_from_slice(&msg.unwrap().data);
-    }
-    out
 }
 
 async fn read_tvix(addr: &str, digest: &B3Digest) -> Vec<u8> {
@@ -148,7 +120,7 @@ async fn both_package_names_serve_the_same_blobs() {
         let data = test_data(size, 100 + i as u64);
         let expected = B3Digest::of(&data);
 
-        assert_eq!(put_snix(&addr, &data).await, expected);
+        assert_eq!(put_blob(&addr, &data).await, expected);
         assert!(
             read_tvix(&addr, &expected).await == data,
             "snix put, tvix read, {size}"
@@ -158,7 +130,7 @@ async fn both_package_names_serve_the_same_blobs() {
         let other_digest = B3Digest::of(&other);
         assert_eq!(put_tvix(&addr, &other).await, other_digest);
         assert!(
-            read_snix(&addr, &other_digest).await == other,
+            read_blob(&addr, &other_digest).await.unwrap() == other,
             "tvix put, snix read, {size}"
         );
 
@@ -183,7 +155,7 @@ async fn both_package_names_serve_the_same_blobs() {
             // Every listed chunk can be read by its own digest.
             for c in &stat.chunks {
                 let d = B3Digest::try_from(&c.digest).unwrap();
-                let chunk = read_snix(&addr, &d).await;
+                let chunk = read_blob(&addr, &d).await.unwrap();
                 assert_eq!(chunk.len() as u64, c.size);
                 assert_eq!(B3Digest::of(&chunk), d);
             }
@@ -196,7 +168,7 @@ async fn small_blobs_come_back_inline_when_asked() {
     let daemon = Daemon::start(None);
     let addr = daemon.tcp_addr();
     let data = test_data(5000, 9);
-    let digest = put_snix(&addr, &data).await;
+    let digest = put_blob(&addr, &data).await;
     let stat = snix_client(&addr)
         .stat(StatBlobRequest {
             digest: digest.into(),
