@@ -9,8 +9,9 @@ cargo build --release --quiet
 bin="$PWD/target/release/strata"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 work="$(mktemp -d)"
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+# Background servers append their pids here: `serve` runs in a subshell.
+touch "$work/pids"
+cleanup() { xargs -r kill < "$work/pids" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
 head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/blob"
@@ -25,8 +26,8 @@ serve() {
     local name="$1" config="$2" p
     p=$(port)
     printf '%s\n' "$config" > "$work/$name.toml"
-    "$bin" serve --config "$work/$name.toml" --listen "127.0.0.1:$p" 2> "$work/$name.log" &
-    pids+=($!)
+    "$bin" serve --config "$work/$name.toml" --listen "127.0.0.1:$p" > /dev/null 2> "$work/$name.log" &
+    echo $! >> "$work/pids"
     for _ in $(seq 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && break
         sleep 0.1
@@ -66,8 +67,8 @@ measure "objectstore file://" "$addr"
 
 mkdir -p "$work/s3/blobs"
 s3port=$(port)
-s3s-fs --host 127.0.0.1 --port "$s3port" --access-key k --secret-key s "$work/s3" 2> "$work/s3.log" &
-pids+=($!)
+s3s-fs --host 127.0.0.1 --port "$s3port" --access-key k --secret-key s "$work/s3" > /dev/null 2> "$work/s3.log" &
+echo $! >> "$work/pids"
 sleep 1
 addr=$(serve s3 "[blobservices.root]
 type = \"objectstore\"
