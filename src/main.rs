@@ -36,6 +36,8 @@ enum Command {
     Stat(cli::stat::Args),
     /// Validate a composition file and print its tier graph.
     Check(cli::check::Args),
+    /// Benchmark put, reads, Stat and coalescing against BLAKE3 and raw gRPC.
+    Bench(cli::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +65,7 @@ fn main() -> std::process::ExitCode {
             Command::Get(args) => cli::get::run(args).await,
             Command::Stat(args) => cli::stat::run(args).await,
             Command::Check(args) => cli::check::run(args).await,
+            Command::Bench(args) => cli::bench::run_cli(args).await,
         }
     });
     match result {

@@ -1,6 +1,7 @@
 //! Subcommands and what they share: the server address, the client, logs
 //! and progress bars.
 
+pub mod bench;
 pub mod check;
 pub mod get;
 pub mod put;

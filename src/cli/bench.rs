@@ -1,0 +1,580 @@
+//! `strata bench`: a self-contained benchmark. It starts its own servers on
+//! loopback (real `strata serve` processes for the peer and the sidecar, so
+//! the sidecar's memory can be measured alone), runs each scenario, and
+//! reports figures together with two references measured in the same run
+//! on the same data: single-thread BLAKE3 and a raw tonic stream of an
+//! in-memory buffer with strata's transport settings. Compare ratios, not
+//! absolute numbers, across machines.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use tonic::transport::Channel;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
+
+use strata::B3Digest;
+use strata::addr::{CONNECTION_WINDOW, PeerAddr, STREAM_WINDOW};
+use strata::proto::snix::blob_service_client::BlobServiceClient;
+use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
+use strata::proto::snix::{
+    BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
+};
+
+/// Arguments of `strata bench`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Smaller sizes (64 MiB; 16 MiB for the concurrent readers): under two
+    /// minutes, for smoke tests.
+    #[arg(long)]
+    quick: bool,
+}
+
+pub async fn run_cli(args: Args) -> anyhow::Result<()> {
+    let strata = std::env::current_exe()?;
+    let opts = if args.quick {
+        BenchOptions::quick(strata)
+    } else {
+        BenchOptions::full(strata)
+    };
+    println!(
+        "strata bench: {} MiB blobs, {} readers of {} MiB, {} CPUs",
+        opts.size >> 20,
+        opts.readers,
+        opts.coalesce_size >> 20,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let report = run(&opts, |line| println!("  {line}")).await?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Size of the main blob (1 GiB for the full run).
+    pub size: usize,
+    /// Size of the blob read by the concurrent cold readers.
+    pub coalesce_size: usize,
+    /// Number of concurrent cold readers.
+    pub readers: usize,
+    /// The `strata` binary that runs the servers.
+    pub strata: PathBuf,
+}
+
+impl BenchOptions {
+    /// The full run: 1 GiB, 100 readers of 100 MiB.
+    pub fn full(strata: PathBuf) -> Self {
+        BenchOptions {
+            size: 1 << 30,
+            coalesce_size: 100 << 20,
+            readers: 100,
+            strata,
+        }
+    }
+
+    /// The quick run: 64 MiB, 100 readers of 16 MiB.
+    pub fn quick(strata: PathBuf) -> Self {
+        BenchOptions {
+            size: 64 << 20,
+            coalesce_size: 16 << 20,
+            readers: 100,
+            strata,
+        }
+    }
+}
+
+/// The figures (MB = 10^6 bytes).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Bytes in the main blob.
+    pub size_bytes: u64,
+    /// Single-thread BLAKE3 over the main blob.
+    pub blake3_mbps: f64,
+    /// A raw tonic server stream of an in-memory buffer, same transport.
+    pub grpc_limit_mbps: f64,
+    /// Put into the sidecar (lands on its disk tier).
+    pub put_mbps: f64,
+    /// Read of a blob in the sidecar's near tiers, verified by the client.
+    pub warm_read_mbps: f64,
+    /// Read through the sidecar of a blob only its peer has (fills on the
+    /// way), verified by the client.
+    pub cold_read_mbps: f64,
+    /// A 1 MiB range of a cold blob: Stat with chunks, then the covering
+    /// chunks, each verified.
+    pub range_read_ms: f64,
+    /// 99th percentile of 1000 Stats on the sidecar.
+    pub stat_p99_ms: f64,
+    /// Upstream bytes / blob size for the concurrent cold readers.
+    pub coalesce_factor: f64,
+    /// Peak resident memory of the sidecar process.
+    pub peak_rss_mb: f64,
+    /// `nproc` of the machine.
+    pub cpus: usize,
+}
+
+/// Runs every scenario and returns the figures. `progress` receives one
+/// line per finished scenario.
+pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result<BenchReport> {
+    let work = tempfile::tempdir()?;
+    let main = Bytes::from(pseudo_random(opts.size, 1));
+
+    let blake3_mbps = mbps(
+        opts.size,
+        time(|| {
+            let mut h = blake3::Hasher::new();
+            h.update(&main);
+            h.finalize()
+        }),
+    );
+    progress(&format!("blake3 (1 thread): {blake3_mbps:.0} MB/s"));
+
+    let grpc_limit_mbps = grpc_limit(main.clone()).await?;
+    progress(&format!("raw gRPC stream: {grpc_limit_mbps:.0} MB/s"));
+
+    let peer_mem = opts.size * 3 + opts.coalesce_size + (64 << 20);
+    let peer = Server::start(
+        &opts.strata,
+        work.path(),
+        "peer",
+        &format!("[blobservices.root]\ntype = \"memory\"\nmax_size = {peer_mem}\n"),
+    )?;
+    let sidecar = Server::start(
+        &opts.strata,
+        work.path(),
+        "sidecar",
+        &sidecar_config(&work.path().join("sidecar-disk"), &peer.addr, opts.size),
+    )?;
+    let sidecar_client = client(&sidecar.addr)?;
+    let peer_client = client(&peer.addr)?;
+
+    let started = Instant::now();
+    let digest = put(&sidecar_client, &main).await?;
+    let put_mbps = mbps(opts.size, started.elapsed());
+    progress(&format!("put: {put_mbps:.0} MB/s"));
+
+    let started = Instant::now();
+    read_verified(&sidecar_client, &digest).await?;
+    let warm_read_mbps = mbps(opts.size, started.elapsed());
+    progress(&format!("warm read: {warm_read_mbps:.0} MB/s"));
+
+    let cold = Bytes::from(pseudo_random(opts.size, 2));
+    let cold_digest = put(&peer_client, &cold).await?;
+    let started = Instant::now();
+    read_verified(&sidecar_client, &cold_digest).await?;
+    let cold_read_mbps = mbps(opts.size, started.elapsed());
+    progress(&format!("cold read: {cold_read_mbps:.0} MB/s"));
+
+    let ranged = Bytes::from(pseudo_random(opts.size, 3));
+    let ranged_digest = put(&peer_client, &ranged).await?;
+    let start = (opts.size / 2) as u64;
+    let started = Instant::now();
+    let got = read_range(&sidecar_client, &ranged_digest, start, start + (1 << 20)).await?;
+    let range_read_ms = started.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(
+        got == ranged.slice(start as usize..start as usize + (1 << 20)),
+        "range read returned different bytes"
+    );
+    progress(&format!(
+        "1 MiB range of a cold blob: {range_read_ms:.1} ms"
+    ));
+
+    let mut stat_times = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        let started = Instant::now();
+        sidecar_client
+            .clone()
+            .stat(StatBlobRequest {
+                digest: digest.into(),
+                ..Default::default()
+            })
+            .await?;
+        stat_times.push(started.elapsed());
+    }
+    stat_times.sort();
+    let stat_p99_ms = stat_times[stat_times.len() * 99 / 100].as_secs_f64() * 1e3;
+    progress(&format!("stat p99: {stat_p99_ms:.2} ms"));
+
+    let coalesce_factor = coalesce(opts, work.path(), &peer).await?;
+    progress(&format!(
+        "{} concurrent cold readers: upstream factor {coalesce_factor:.3}",
+        opts.readers
+    ));
+
+    let peak_rss_mb = sidecar.peak_rss_bytes()? as f64 / 1e6;
+    progress(&format!("sidecar peak RSS: {peak_rss_mb:.0} MB"));
+
+    Ok(BenchReport {
+        size_bytes: opts.size as u64,
+        blake3_mbps,
+        grpc_limit_mbps,
+        put_mbps,
+        warm_read_mbps,
+        cold_read_mbps,
+        range_read_ms,
+        stat_p99_ms,
+        coalesce_factor,
+        peak_rss_mb,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    })
+}
+
+fn sidecar_config(disk: &Path, peer: &str, size: usize) -> String {
+    format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"mem\", \"disk\", \"peer\"]\n\n\
+         [blobservices.mem]\ntype = \"memory\"\nmax_size = \"256MiB\"\n\n\
+         [blobservices.disk]\ntype = \"disk\"\npath = {}\nmax_size = {}\n\n\
+         [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer}\"\n",
+        toml::Value::String(disk.display().to_string()),
+        size * 4 + (256 << 20)
+    )
+}
+
+/// 100 (or `readers`) concurrent cold reads through a second sidecar whose
+/// peer sits behind a byte-counting proxy.
+async fn coalesce(opts: &BenchOptions, work: &Path, peer: &Server) -> anyhow::Result<f64> {
+    let data = Bytes::from(pseudo_random(opts.coalesce_size, 4));
+    let digest = put(&client(&peer.addr)?, &data).await?;
+
+    let counted = Arc::new(AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let proxy_addr = format!("grpc+http://{}", listener.local_addr()?);
+    let proxy = CountingProxy {
+        upstream: client(&peer.addr)?,
+        read_bytes: counted.clone(),
+    };
+    let proxy_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .add_service(BlobServiceServer::new(proxy))
+            .serve_with_incoming(TcpIncoming::from(listener)),
+    );
+    let sidecar = Server::start(
+        &opts.strata,
+        work,
+        "coalesce",
+        &sidecar_config(&work.join("coalesce-disk"), &proxy_addr, opts.coalesce_size),
+    )?;
+    let sidecar_client = client(&sidecar.addr)?;
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..opts.readers {
+        let c = sidecar_client.clone();
+        readers.spawn(async move { read_verified(&c, &digest).await });
+    }
+    while let Some(r) = readers.join_next().await {
+        r??;
+    }
+    proxy_task.abort();
+    Ok(counted.load(Ordering::SeqCst) as f64 / data.len() as f64)
+}
+
+fn time<T>(f: impl FnOnce() -> T) -> Duration {
+    let started = Instant::now();
+    std::hint::black_box(f());
+    started.elapsed()
+}
+
+fn mbps(bytes: usize, elapsed: Duration) -> f64 {
+    bytes as f64 / elapsed.as_secs_f64() / 1e6
+}
+
+/// Incompressible bytes, fast and reproducible (xorshift64).
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn client(addr: &str) -> anyhow::Result<BlobServiceClient<Channel>> {
+    let addr: PeerAddr = addr.parse()?;
+    Ok(
+        BlobServiceClient::new(addr.channel(Duration::from_secs(5))?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(4 << 20),
+    )
+}
+
+async fn put(client: &BlobServiceClient<Channel>, data: &Bytes) -> anyhow::Result<B3Digest> {
+    let pieces: Vec<BlobChunk> = (0..data.len())
+        .step_by(1 << 20)
+        .map(|i| BlobChunk {
+            data: data.slice(i..(i + (1 << 20)).min(data.len())),
+        })
+        .collect();
+    let resp = client
+        .clone()
+        .put(futures::stream::iter(pieces))
+        .await?
+        .into_inner();
+    let digest = B3Digest::try_from(&resp.digest)?;
+    anyhow::ensure!(digest == B3Digest::of(data), "put returned a wrong digest");
+    Ok(digest)
+}
+
+/// Reads a whole blob and checks it against its digest, as a verifying
+/// client does.
+async fn read_verified(
+    client: &BlobServiceClient<Channel>,
+    digest: &B3Digest,
+) -> anyhow::Result<()> {
+    let mut stream = client
+        .clone()
+        .read(ReadBlobRequest {
+            digest: (*digest).into(),
+        })
+        .await?
+        .into_inner();
+    let mut hasher = blake3::Hasher::new();
+    while let Some(msg) = stream.next().await {
+        hasher.update(&msg?.data);
+    }
+    anyhow::ensure!(
+        B3Digest::from(hasher.finalize()) == *digest,
+        "read returned wrong bytes"
+    );
+    Ok(())
+}
+
+/// Reads bytes `start..end` of a blob the way the protocol intends: Stat for
+/// the chunk list, then only the chunks covering the range, each verified.
+async fn read_range(
+    client: &BlobServiceClient<Channel>,
+    digest: &B3Digest,
+    start: u64,
+    end: u64,
+) -> anyhow::Result<Bytes> {
+    let stat = client
+        .clone()
+        .stat(StatBlobRequest {
+            digest: (*digest).into(),
+            send_chunks: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::with_capacity((end - start) as usize);
+    let mut offset = 0u64;
+    for chunk in &stat.chunks {
+        let (c_start, c_end) = (offset, offset + chunk.size);
+        offset = c_end;
+        if c_end <= start || c_start >= end {
+            continue;
+        }
+        let chunk_digest = B3Digest::try_from(&chunk.digest)?;
+        let mut stream = client
+            .clone()
+            .read(ReadBlobRequest {
+                digest: chunk.digest.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut data = Vec::with_capacity(chunk.size as usize);
+        while let Some(msg) = stream.next().await {
+            data.extend_from_slice(&msg?.data);
+        }
+        anyhow::ensure!(
+            B3Digest::of(&data) == chunk_digest,
+            "chunk failed verification"
+        );
+        let from = start.saturating_sub(c_start) as usize;
+        let to = (end.min(c_end) - c_start) as usize;
+        out.extend_from_slice(&data[from..to]);
+    }
+    anyhow::ensure!(
+        out.len() as u64 == end - start,
+        "range not covered by the chunk list"
+    );
+    Ok(out.into())
+}
+
+/// A raw server: streams one in-memory buffer for any Read, in pieces of
+/// the size strata's server uses.
+struct RawStream(Bytes);
+
+#[tonic::async_trait]
+impl BlobService for RawStream {
+    async fn stat(
+        &self,
+        _: Request<StatBlobRequest>,
+    ) -> Result<Response<StatBlobResponse>, Status> {
+        Err(Status::unimplemented("raw stream only"))
+    }
+
+    type ReadStream = futures::stream::BoxStream<'static, Result<BlobChunk, Status>>;
+
+    async fn read(
+        &self,
+        _: Request<ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let data = self.0.clone();
+        let pieces = (0..data.len()).step_by(256 * 1024).map(move |i| {
+            Ok(BlobChunk {
+                data: data.slice(i..(i + 256 * 1024).min(data.len())),
+            })
+        });
+        Ok(Response::new(futures::stream::iter(pieces).boxed()))
+    }
+
+    async fn put(
+        &self,
+        _: Request<Streaming<BlobChunk>>,
+    ) -> Result<Response<PutBlobResponse>, Status> {
+        Err(Status::unimplemented("raw stream only"))
+    }
+}
+
+/// Throughput of a raw tonic stream of `data` over loopback.
+async fn grpc_limit(data: Bytes) -> anyhow::Result<f64> {
+    let len = data.len();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = format!("grpc+http://{}", listener.local_addr()?);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .tcp_nodelay(true)
+            .add_service(BlobServiceServer::new(RawStream(data)))
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
+    );
+    let c = client(&addr)?;
+    let started = Instant::now();
+    let mut stream = c
+        .clone()
+        .read(ReadBlobRequest {
+            digest: B3Digest::EMPTY.into(),
+        })
+        .await?
+        .into_inner();
+    let mut got = 0;
+    while let Some(msg) = stream.next().await {
+        got += msg?.data.len();
+    }
+    let elapsed = started.elapsed();
+    server.abort();
+    anyhow::ensure!(got == len, "raw stream was cut short");
+    Ok(mbps(len, elapsed))
+}
+
+/// Forwards to an upstream and counts the bytes its Read responses carry.
+struct CountingProxy {
+    upstream: BlobServiceClient<Channel>,
+    read_bytes: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl BlobService for CountingProxy {
+    async fn stat(
+        &self,
+        r: Request<StatBlobRequest>,
+    ) -> Result<Response<StatBlobResponse>, Status> {
+        self.upstream.clone().stat(r.into_inner()).await
+    }
+
+    type ReadStream = futures::stream::BoxStream<'static, Result<BlobChunk, Status>>;
+
+    async fn read(
+        &self,
+        r: Request<ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let stream = self
+            .upstream
+            .clone()
+            .read(r.into_inner())
+            .await?
+            .into_inner();
+        let counter = self.read_bytes.clone();
+        Ok(Response::new(
+            stream
+                .inspect(move |m| {
+                    if let Ok(m) = m {
+                        counter.fetch_add(m.data.len() as u64, Ordering::Relaxed);
+                    }
+                })
+                .boxed(),
+        ))
+    }
+
+    async fn put(
+        &self,
+        _: Request<Streaming<BlobChunk>>,
+    ) -> Result<Response<PutBlobResponse>, Status> {
+        Err(Status::unimplemented("read-only proxy"))
+    }
+}
+
+/// A `strata serve` child process on a loopback port.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(strata: &Path, work: &Path, name: &str, config: &str) -> anyhow::Result<Server> {
+        let config_path = work.join(format!("{name}.toml"));
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(work.join(format!("{name}.log")))?;
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let listen = format!("127.0.0.1:{port}");
+        let child = Command::new(strata)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--listen")
+            .arg(&listen)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let mut server = Server {
+            child,
+            addr: format!("grpc+http://{listen}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = server.child.try_wait()? {
+                anyhow::bail!("{name} server exited with {status}; see its log");
+            }
+            if std::net::TcpStream::connect(&listen).is_ok() {
+                return Ok(server);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{name} server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// VmHWM of the process, from /proc.
+    fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc status"))?;
+        Ok(kib * 1024)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
