@@ -417,6 +417,11 @@ impl BuildContext<'_> {
             .is_some_and(|s| s.config.persistent(self))
     }
 
+    /// The most bytes the tier called `name` holds, if bounded.
+    pub fn capacity(&self, name: &str) -> Option<u64> {
+        self.specs.get(name).and_then(|s| s.config.capacity())
+    }
+
     /// Whether a `tiers` list fills the tier called `name` by default.
     pub fn fills_by_default(&self, name: &str) -> bool {
         self.specs

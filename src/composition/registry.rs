@@ -36,6 +36,11 @@ pub trait TierConfig: Debug + Send + Sync {
         false
     }
 
+    /// The most bytes the tier holds, if it is bounded (caches).
+    fn capacity(&self) -> Option<u64> {
+        None
+    }
+
     /// Whether a `tiers` list fills this tier with what it fetched from
     /// farther tiers (caches and buckets do; peers fill themselves).
     fn fills_by_default(&self) -> bool {

@@ -79,6 +79,10 @@ impl TierConfig for DiskConfig {
         true
     }
 
+    fn capacity(&self) -> Option<u64> {
+        Some(self.max_size.0)
+    }
+
     async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
         let store = DiskStore::open(self.path.clone(), self.max_size.0).await?;
         Ok(Arc::new(ChunkedBlobService::new(store)))

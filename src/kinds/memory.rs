@@ -62,6 +62,10 @@ impl TierConfig for MemoryConfig {
         true
     }
 
+    fn capacity(&self) -> Option<u64> {
+        Some(self.max_size.0)
+    }
+
     async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
         Ok(Arc::new(ChunkedBlobService::new(MemoryStore::new(
             self.max_size.0,

@@ -24,7 +24,8 @@
 //!    nearest fill tier that already holds it (dedup across blobs), else
 //!    from *k* or a later tier, verified against its digest, a bounded
 //!    number in flight. The chunks stream into a writer on every fill tier
-//!    before *k*. A writer publishes a blob only under the digest it
+//!    before *k* (except tiers smaller than twice the blob, which it would
+//!    mostly flush). A writer publishes a blob only under the digest it
 //!    computed itself, so a far tier's chunk list is never trusted: if the
 //!    result does not hash to the digest asked for, the source is recorded as
 //!    lying and nothing is published under that digest.
@@ -175,6 +176,7 @@ impl TierConfig for TiersConfig {
                         Some(fill_to) => fill_to.contains(name),
                         None => ctx.fills_by_default(name),
                     },
+                    capacity: ctx.capacity(name),
                     counters: Arc::default(),
                 })
             })
@@ -190,6 +192,7 @@ impl TierConfig for TiersConfig {
                     .unwrap_or(Member {
                         svc: ctx.tier(&name)?,
                         takes_fills: false,
+                        capacity: None,
                         counters: Arc::default(),
                         name,
                     }))
@@ -239,6 +242,8 @@ struct Member {
     name: String,
     svc: Arc<dyn BlobService>,
     takes_fills: bool,
+    /// Bytes the tier holds at most, if bounded.
+    capacity: Option<u64>,
     counters: Arc<TierCounters>,
 }
 
@@ -326,9 +331,20 @@ impl Inner {
         }
     }
 
-    /// Tiers before `k` that take fills.
-    fn fill_targets(&self, k: usize) -> Vec<&Member> {
+    /// Tiers before `k` that take fills (whatever the blob's size): where a
+    /// chunk may already be, through another blob.
+    fn near_caches(&self, k: usize) -> Vec<&Member> {
         self.members[..k].iter().filter(|m| m.takes_fills).collect()
+    }
+
+    /// Tiers before `k` that take a fill of a blob of `size` bytes. A blob
+    /// larger than half a tier's capacity is not filled into it: it would
+    /// flush most of the tier, and likely be evicted before it is read.
+    fn fill_targets(&self, k: usize, size: u64) -> Vec<&Member> {
+        self.near_caches(k)
+            .into_iter()
+            .filter(|m| m.capacity.is_none_or(|c| size <= c / 2))
+            .collect()
     }
 
     /// Reads from tier `k`, then from each later tier, until one answers.
@@ -356,8 +372,13 @@ impl Inner {
     }
 
     /// Reads from the fill tiers before `k` (after a fill).
-    async fn read_near(&self, digest: &B3Digest, k: usize) -> Option<Box<dyn BlobReader>> {
-        for m in self.fill_targets(k) {
+    async fn read_near(
+        &self,
+        digest: &B3Digest,
+        k: usize,
+        size: u64,
+    ) -> Option<Box<dyn BlobReader>> {
+        for m in self.fill_targets(k, size) {
             match m.svc.open_read(digest).await {
                 Ok(Some(reader)) => return Some(reader),
                 Ok(None) => {}
@@ -410,7 +431,7 @@ impl Inner {
             }
             .into());
         }
-        let sources = self.fill_targets(k).into_iter().chain(&self.members[k..]);
+        let sources = self.near_caches(k).into_iter().chain(&self.members[k..]);
         for m in sources {
             let reader = match m.svc.open_read(&chunk.digest).await {
                 Ok(Some(reader)) => reader,
@@ -443,7 +464,7 @@ impl Inner {
     /// asked for.
     async fn fill_sync(self: Arc<Self>, digest: B3Digest, k: usize, stat: BlobStat) -> Result<()> {
         let mut writers = Vec::new();
-        for m in self.fill_targets(k) {
+        for m in self.fill_targets(k, stat.size) {
             match m.svc.open_write().await {
                 Ok(w) => writers.push((m, w)),
                 Err(e) => m.record_failure("fill", &digest, &e),
@@ -515,7 +536,7 @@ impl Inner {
             }
         };
         if let Some(filler) = &self.filler {
-            let targets = self.fill_targets(k).into_iter().cloned().collect();
+            let targets = self.fill_targets(k, stat.size).into_iter().cloned().collect();
             filler.enqueue(FillJob {
                 digest,
                 spool: spool.clone(),
@@ -540,7 +561,8 @@ impl BlobService for TiersService {
         let Some((k, stat)) = inner.locate(digest).await? else {
             return Ok(None);
         };
-        if k == 0 || inner.fill == Fill::Off || inner.fill_targets(k).is_empty() {
+        let size = stat.size;
+        if k == 0 || inner.fill == Fill::Off || inner.fill_targets(k, size).is_empty() {
             return inner.read_direct(digest, k).await;
         }
         let digest = *digest;
@@ -563,7 +585,7 @@ impl BlobService for TiersService {
         match result {
             Ok(Some(spool)) => return spool.open().await.map(Some),
             Ok(None) => {
-                if let Some(reader) = inner.read_near(&digest, k).await {
+                if let Some(reader) = inner.read_near(&digest, k, size).await {
                     return Ok(Some(reader));
                 }
                 debug!(%digest, "filled blob already gone from the near tiers");
