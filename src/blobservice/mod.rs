@@ -75,6 +75,19 @@ pub trait BlobService: Send + Sync + 'static {
     /// is absent.
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>>;
 
+    /// The whole of a chunk (or small blob) whose length is known from a
+    /// chunk list, verified against its digest and length; `None` if absent.
+    /// Services that can skip a round trip with the length in hand override
+    /// it.
+    async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+        let Some(mut reader) = self.open_read(&chunk.digest).await? else {
+            return Ok(None);
+        };
+        let data = read_to_bytes(reader.as_mut(), chunk.size).await?;
+        crate::verify::verify_chunk_meta(chunk, &data)?;
+        Ok(Some(data))
+    }
+
     /// Starts writing a new blob. Nothing is visible until
     /// [`BlobWriter::close`] succeeds; dropping the writer abandons it.
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>>;
@@ -107,6 +120,9 @@ impl<T: BlobService + ?Sized> BlobService for std::sync::Arc<T> {
     }
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
         (**self).open_read(digest).await
+    }
+    async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+        (**self).read_chunk(chunk).await
     }
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
         (**self).open_write().await

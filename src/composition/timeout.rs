@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, PutResult};
+use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta, PutResult};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 
@@ -67,6 +67,10 @@ impl BlobService for TimeoutService {
                 error: self.error(),
             }) as Box<dyn BlobReader>
         }))
+    }
+
+    async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+        self.bounded(self.inner.read_chunk(chunk)).await
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

@@ -31,6 +31,7 @@ use tracing::{instrument, warn};
 use crate::addr::{DEFAULT_MAX_MESSAGE_SIZE, PeerAddr};
 use crate::blobservice::{
     BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, PutResult,
+    read_to_bytes,
 };
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
@@ -281,6 +282,15 @@ impl BlobService for GrpcBlobService {
             return Ok(Some(Box::new(BufferedReader::new(Bytes::new()))));
         }
         self.fetch_verified(digest, size).await
+    }
+
+    /// Skips the Stat: the length is known, so the Read goes out at once.
+    #[instrument(skip(self), fields(peer = %self.addr, digest = %chunk.digest), err)]
+    async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+        let Some(mut reader) = self.fetch_verified(&chunk.digest, Some(chunk.size)).await? else {
+            return Ok(None);
+        };
+        read_to_bytes(reader.as_mut(), chunk.size).await.map(Some)
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

@@ -56,13 +56,13 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::blobservice::{
     BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, PutResult,
-    SharedSpool, read_to_bytes,
+    SharedSpool,
 };
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError};
 use crate::singleflight::SingleFlight;
-use crate::verify::{spool_verified_shared, verify_chunk_meta};
+use crate::verify::spool_verified_shared;
 
 /// No chunk is larger than this (FastCDC v2020's maximum).
 const MAX_CHUNK_SIZE: u64 = fastcdc::v2020::MAXIMUM_MAX as u64;
@@ -433,23 +433,9 @@ impl Inner {
         }
         let sources = self.near_caches(k).into_iter().chain(&self.members[k..]);
         for m in sources {
-            let reader = match m.svc.open_read(&chunk.digest).await {
-                Ok(Some(reader)) => reader,
-                Ok(None) => continue,
-                Err(e) => {
-                    m.record_failure("chunk read", &chunk.digest, &e);
-                    continue;
-                }
-            };
-            let mut reader = reader;
-            let checked = match read_to_bytes(reader.as_mut(), chunk.size).await {
-                Ok(data) => verify_chunk_meta(&chunk, &data)
-                    .map(|()| data)
-                    .map_err(Error::from),
-                Err(e) => Err(e),
-            };
-            match checked {
-                Ok(data) => return Ok(data),
+            match m.svc.read_chunk(&chunk).await {
+                Ok(Some(data)) => return Ok(data),
+                Ok(None) => {}
                 Err(e) => m.record_failure("chunk read", &chunk.digest, &e),
             }
         }
@@ -536,7 +522,11 @@ impl Inner {
             }
         };
         if let Some(filler) = &self.filler {
-            let targets = self.fill_targets(k, stat.size).into_iter().cloned().collect();
+            let targets = self
+                .fill_targets(k, stat.size)
+                .into_iter()
+                .cloned()
+                .collect();
             filler.enqueue(FillJob {
                 digest,
                 spool: spool.clone(),
