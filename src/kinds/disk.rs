@@ -14,9 +14,12 @@
 //!   cost a `read`, not a decompression);
 //! * `blobs/<2 hex>/<64 hex>`: the chunk list of a blob of two or more
 //!   chunks, a protobuf `StatBlobResponse` as in object storage;
-//! * `tmp/`: files being written, emptied at start-up.
+//! * `<kind>/<2 hex>/.tmp-<pid>-<n>`: a file being written, beside its final
+//!   name (leftovers are deleted at start-up). Writing beside the target
+//!   spreads new inodes over 512 directories: one shared temporary
+//!   directory made ext4's inode allocator a hot spot.
 //!
-//! Every file is written to `tmp/` and renamed into place, so a reader (or a
+//! Every file is written to a temporary name and renamed into place, so a reader (or a
 //! restart after kill -9) sees a whole file or none. Indexes are fsync'd
 //! before the rename, so they survive power loss too; chunks are not, since
 //! every chunk is verified against its digest on read: a damaged one is
@@ -97,6 +100,9 @@ pub struct DiskStore {
     tmp_seq: AtomicU64,
 }
 
+/// Prefix of the names of files being written.
+pub const TMP_PREFIX: &str = ".tmp-";
+
 /// Builds the key of a file from the digest in its name.
 type MakeKey = fn(B3Digest) -> ObjectKey;
 
@@ -175,14 +181,12 @@ impl DiskStore {
         self.root.join(relative_path(key))
     }
 
-    /// Writes `data` under `key`: into `tmp/`, then renamed into place.
+    /// Writes `data` under `key`: to a temporary name beside its final one,
+    /// then renamed into place.
     async fn write(&self, key: ObjectKey, data: Bytes, durable: bool) -> Result<()> {
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(format!("{}-{seq}", std::process::id()));
         let dest = self.path(&key);
+        let tmp = dest.with_file_name(format!("{TMP_PREFIX}{}-{seq}", std::process::id()));
         let len = data.len() as u64;
         tokio::task::spawn_blocking(move || {
             let result = (|| {
@@ -233,15 +237,9 @@ impl DiskStore {
     }
 }
 
-/// Creates the directory layout, empties `tmp/`, and lists every stored
-/// file as (key, size, mtime), oldest first.
+/// Creates the directory layout, deletes files left half-written, and lists
+/// every stored file as (key, size, mtime), oldest first.
 fn prepare_and_scan(root: &Path) -> std::io::Result<Vec<(ObjectKey, u64, SystemTime)>> {
-    let tmp = root.join("tmp");
-    std::fs::create_dir_all(&tmp)?;
-    for entry in std::fs::read_dir(&tmp)? {
-        let entry = entry?;
-        let _ = std::fs::remove_file(entry.path());
-    }
     let mut dirs = Vec::with_capacity(512);
     for (kind, make_key) in KINDS {
         for prefix in 0..=255u8 {
@@ -280,7 +278,13 @@ fn scan_dirs(dirs: &[ScanDir]) -> std::io::Result<Vec<(ObjectKey, u64, SystemTim
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name();
-            let Some(digest) = name.to_str().and_then(|n| n.parse::<B3Digest>().ok()) else {
+            let name = name.to_string_lossy();
+            if name.starts_with(TMP_PREFIX) {
+                // Half-written before a crash: never renamed into place.
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            let Ok(digest) = name.parse::<B3Digest>() else {
                 continue;
             };
             let meta = entry.metadata()?;
