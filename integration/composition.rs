@@ -1,19 +1,15 @@
 //! The composition engine end to end: chains of real daemons, fills,
 //! single-flight, timeouts, and configuration errors.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use strata::proto::snix::ReadBlobRequest;
 use strata::proto::snix::blob_service_client::BlobServiceClient;
-use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
-use strata::proto::snix::{
-    BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
-};
-use tonic::transport::Channel;
+use strata::proto::snix::blob_service_server::BlobServiceServer;
+use strata::testkit::CountingProxy;
 use tonic::transport::server::TcpIncoming;
-use tonic::{Request, Response, Status, Streaming};
 
 use crate::harness::{
     Daemon, channel, put_blob as put, read_blob, snix_client, stalled_peer, start_daemon as start,
@@ -105,54 +101,6 @@ async fn three_process_chain_fills_the_near_tiers() {
     assert!(nofill.log_text().contains(&peer.unix_addr()) || nofill.log_text().contains("tier="));
 }
 
-/// A BlobService that forwards to an upstream and counts the bytes its Read
-/// responses carry.
-struct CountingProxy {
-    upstream: BlobServiceClient<Channel>,
-    read_bytes: Arc<AtomicU64>,
-}
-
-#[tonic::async_trait]
-impl BlobService for CountingProxy {
-    async fn stat(
-        &self,
-        request: Request<StatBlobRequest>,
-    ) -> Result<Response<StatBlobResponse>, Status> {
-        self.upstream.clone().stat(request.into_inner()).await
-    }
-
-    type ReadStream = futures::stream::BoxStream<'static, Result<BlobChunk, Status>>;
-
-    async fn read(
-        &self,
-        request: Request<ReadBlobRequest>,
-    ) -> Result<Response<Self::ReadStream>, Status> {
-        let stream = self
-            .upstream
-            .clone()
-            .read(request.into_inner())
-            .await?
-            .into_inner();
-        let counter = self.read_bytes.clone();
-        Ok(Response::new(
-            stream
-                .inspect(move |m| {
-                    if let Ok(m) = m {
-                        counter.fetch_add(m.data.len() as u64, Ordering::SeqCst);
-                    }
-                })
-                .boxed(),
-        ))
-    }
-
-    async fn put(
-        &self,
-        _request: Request<Streaming<BlobChunk>>,
-    ) -> Result<Response<PutBlobResponse>, Status> {
-        Err(Status::unimplemented("read-only proxy"))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_cold_reads_fetch_upstream_once() {
     let origin =
@@ -160,14 +108,11 @@ async fn concurrent_cold_reads_fetch_upstream_once() {
     let data = test_data(100 << 20, 4242);
     let digest = put(&origin.tcp_addr(), &data).await;
 
-    let read_bytes = Arc::new(AtomicU64::new(0));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy_addr = format!("grpc+http://{}", listener.local_addr().unwrap());
-    let proxy = CountingProxy {
-        upstream: BlobServiceClient::new(channel(&origin.tcp_addr()))
-            .max_decoding_message_size(64 << 20),
-        read_bytes: read_bytes.clone(),
-    };
+    let (proxy, read_bytes) = CountingProxy::new(
+        BlobServiceClient::new(channel(&origin.tcp_addr())).max_decoding_message_size(64 << 20),
+    );
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(BlobServiceServer::new(proxy).max_encoding_message_size(64 << 20))

@@ -190,18 +190,9 @@ pub fn tvix_client(addr: &str) -> tvix::blob_service_client::BlobServiceClient<C
         .max_decoding_message_size(64 << 20)
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+/// Deterministic pseudo-random bytes, so failures reproduce.
 pub fn test_data(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    strata::testkit::pseudo_random(len, seed)
 }
 
 /// Writes `data` to a file in `dir` and returns its path.

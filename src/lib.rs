@@ -20,6 +20,7 @@ pub mod kinds;
 pub mod proto;
 pub mod server;
 pub mod singleflight;
+pub mod testkit;
 pub mod verify;
 
 pub use digest::B3Digest;

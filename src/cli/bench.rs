@@ -8,8 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,6 +25,7 @@ use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
 use strata::proto::snix::{
     BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
 };
+use strata::testkit::{CountingProxy, pseudo_random};
 
 /// Arguments of `strata bench`.
 #[derive(clap::Args, Debug)]
@@ -242,13 +242,9 @@ async fn coalesce(opts: &BenchOptions, work: &Path, peer: &Server) -> anyhow::Re
     let data = Bytes::from(pseudo_random(opts.coalesce_size, 4));
     let digest = put(&client(&peer.addr)?, &data).await?;
 
-    let counted = Arc::new(AtomicU64::new(0));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let proxy_addr = format!("grpc+http://{}", listener.local_addr()?);
-    let proxy = CountingProxy {
-        upstream: client(&peer.addr)?,
-        read_bytes: counted.clone(),
-    };
+    let (proxy, counted) = CountingProxy::new(client(&peer.addr)?);
     let proxy_task = tokio::spawn(
         tonic::transport::Server::builder()
             .initial_stream_window_size(STREAM_WINDOW)
@@ -283,20 +279,6 @@ fn time<T>(f: impl FnOnce() -> T) -> Duration {
 
 fn mbps(bytes: usize, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64() / 1e6
-}
-
-/// Incompressible bytes, fast and reproducible (xorshift64).
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn client(addr: &str) -> anyhow::Result<BlobServiceClient<Channel>> {
@@ -467,53 +449,6 @@ async fn grpc_limit(data: Bytes) -> anyhow::Result<f64> {
     server.abort();
     anyhow::ensure!(got == len, "raw stream was cut short");
     Ok(mbps(len, elapsed))
-}
-
-/// Forwards to an upstream and counts the bytes its Read responses carry.
-struct CountingProxy {
-    upstream: BlobServiceClient<Channel>,
-    read_bytes: Arc<AtomicU64>,
-}
-
-#[tonic::async_trait]
-impl BlobService for CountingProxy {
-    async fn stat(
-        &self,
-        r: Request<StatBlobRequest>,
-    ) -> Result<Response<StatBlobResponse>, Status> {
-        self.upstream.clone().stat(r.into_inner()).await
-    }
-
-    type ReadStream = futures::stream::BoxStream<'static, Result<BlobChunk, Status>>;
-
-    async fn read(
-        &self,
-        r: Request<ReadBlobRequest>,
-    ) -> Result<Response<Self::ReadStream>, Status> {
-        let stream = self
-            .upstream
-            .clone()
-            .read(r.into_inner())
-            .await?
-            .into_inner();
-        let counter = self.read_bytes.clone();
-        Ok(Response::new(
-            stream
-                .inspect(move |m| {
-                    if let Ok(m) = m {
-                        counter.fetch_add(m.data.len() as u64, Ordering::Relaxed);
-                    }
-                })
-                .boxed(),
-        ))
-    }
-
-    async fn put(
-        &self,
-        _: Request<Streaming<BlobChunk>>,
-    ) -> Result<Response<PutBlobResponse>, Status> {
-        Err(Status::unimplemented("read-only proxy"))
-    }
 }
 
 /// A `strata serve` child process on a loopback port.

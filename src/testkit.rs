@@ -1,0 +1,92 @@
+//! Helpers shared by `strata bench` and the integration tests: reproducible
+//! incompressible data, and a proxy that counts the bytes a peer serves.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::StreamExt;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::proto::snix::blob_service_client::BlobServiceClient;
+use crate::proto::snix::blob_service_server::BlobService;
+use crate::proto::snix::{
+    BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
+};
+
+/// `len` incompressible bytes, the same for the same `seed` (xorshift64).
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A read-only BlobService that forwards Stat and Read to an upstream and
+/// counts the bytes its Read responses carry: how much a sidecar really
+/// fetched from its peer.
+pub struct CountingProxy {
+    upstream: BlobServiceClient<Channel>,
+    read_bytes: Arc<AtomicU64>,
+}
+
+impl CountingProxy {
+    /// A proxy for `upstream`, and the counter of bytes it served.
+    pub fn new(upstream: BlobServiceClient<Channel>) -> (Self, Arc<AtomicU64>) {
+        let read_bytes = Arc::new(AtomicU64::new(0));
+        (
+            CountingProxy {
+                upstream,
+                read_bytes: read_bytes.clone(),
+            },
+            read_bytes,
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl BlobService for CountingProxy {
+    async fn stat(
+        &self,
+        request: Request<StatBlobRequest>,
+    ) -> Result<Response<StatBlobResponse>, Status> {
+        self.upstream.clone().stat(request.into_inner()).await
+    }
+
+    type ReadStream = futures::stream::BoxStream<'static, Result<BlobChunk, Status>>;
+
+    async fn read(
+        &self,
+        request: Request<ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let stream = self
+            .upstream
+            .clone()
+            .read(request.into_inner())
+            .await?
+            .into_inner();
+        let counter = self.read_bytes.clone();
+        Ok(Response::new(
+            stream
+                .inspect(move |m| {
+                    if let Ok(m) = m {
+                        counter.fetch_add(m.data.len() as u64, Ordering::Relaxed);
+                    }
+                })
+                .boxed(),
+        ))
+    }
+
+    async fn put(
+        &self,
+        _request: Request<Streaming<BlobChunk>>,
+    ) -> Result<Response<PutBlobResponse>, Status> {
+        Err(Status::unimplemented("read-only proxy"))
+    }
+}
