@@ -224,3 +224,12 @@ fn url_references_make_anonymous_tiers() {
         "{stdout}"
     );
 }
+
+#[test]
+fn bad_socket_mode() {
+    assert_rejected(
+        "[server]\nsocket_mode = \"rw-rw----\"\n[blobservices.root]\ntype = \"memory\"\n",
+        2,
+        &["[server]", "octal mode"],
+    );
+}

@@ -138,3 +138,39 @@ async fn oversize_messages_are_refused_and_the_server_lives_on() {
     let digest = strata::B3Digest::of(&vec![7u8; 5 << 20]);
     assert_eq!(stat_code(&addr, false, digest.into()).await, Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_only_servers_refuse_puts_and_keep_serving() {
+    let data = crate::harness::test_data(10_000, 3);
+    // Fill a disk cache, then serve it read-only with a private socket.
+    let cache = tempfile::tempdir().unwrap();
+    let tiers = format!(
+        "[blobservices.root]\ntype = \"disk\"\npath = \"{}\"\n",
+        cache.path().display()
+    );
+    let digest = {
+        let writer = crate::harness::start_daemon(tiers.clone()).await;
+        crate::harness::put_blob(&writer.tcp_addr(), &data).await
+    };
+    let config = format!("[server]\nread_only = true\nsocket_mode = \"0600\"\n{tiers}");
+    let daemon = crate::harness::start_daemon(config).await;
+    let status = snix_client(&daemon.tcp_addr())
+        .put(futures::stream::iter(vec![
+            strata::proto::snix::BlobChunk {
+                data: Bytes::from_static(b"x"),
+            },
+        ]))
+        .await
+        .expect_err("a read-only server took a Put");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let got = crate::harness::read_blob(&daemon.unix_addr(), &digest)
+        .await
+        .unwrap();
+    assert!(got == data);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

@@ -54,6 +54,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(size) = composition.server.max_inline_size {
         opts.max_inline_size = size.0;
     }
+    opts.read_only = composition.server.read_only;
+    if let Some(mode) = composition.server.socket_mode {
+        opts.socket_mode = mode.0;
+    }
 
     let root = composition
         .build()

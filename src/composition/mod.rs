@@ -103,6 +103,30 @@ pub struct ServerConfig {
     /// Largest blob returned inline by Stat, whatever the client asks for
     /// (default 1 MiB).
     pub max_inline_size: Option<ByteSize>,
+    /// Refuse Puts (`PERMISSION_DENIED`): a node that only serves.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Permissions of unix sockets, as an octal string (default `"0660"`).
+    pub socket_mode: Option<SocketMode>,
+}
+
+/// Unix permission bits written as an octal string, like `"0660"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketMode(pub u32);
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .map(SocketMode)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "socket_mode {s:?} is not an octal mode like \"0660\""
+                ))
+            })
+    }
 }
 
 /// One parsed `[blobservices.NAME]` table.

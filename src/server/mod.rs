@@ -32,6 +32,10 @@ pub struct ServeOptions {
     pub max_message_size: usize,
     /// Largest blob Stat returns inline.
     pub max_inline_size: u64,
+    /// Refuse Puts.
+    pub read_only: bool,
+    /// Permissions of unix sockets.
+    pub socket_mode: u32,
 }
 
 impl Default for ServeOptions {
@@ -40,6 +44,8 @@ impl Default for ServeOptions {
             listen: Vec::new(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_inline_size: DEFAULT_MAX_INLINE_SIZE,
+            read_only: false,
+            socket_mode: 0o660,
         }
     }
 }
@@ -52,7 +58,7 @@ enum Bound {
 
 /// Binds every listener up front, so a bad address fails before anything
 /// is served.
-async fn bind(addr: &ListenAddr) -> std::io::Result<Bound> {
+async fn bind(addr: &ListenAddr, socket_mode: u32) -> std::io::Result<Bound> {
     match addr {
         ListenAddr::Tcp(a) => Ok(Bound::Tcp(TcpListener::bind(a.as_str()).await?)),
         ListenAddr::Unix(path) => {
@@ -62,7 +68,7 @@ async fn bind(addr: &ListenAddr) -> std::io::Result<Bound> {
             remove_stale_socket(path).await?;
             let listener = UnixListener::bind(path)?;
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode))?;
             Ok(Bound::Unix(listener, path.clone()))
         }
     }
@@ -99,7 +105,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let mut bound = Vec::new();
     for addr in &opts.listen {
-        let b = bind(addr)
+        let b = bind(addr, opts.socket_mode)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         bound.push(b);
@@ -108,7 +114,7 @@ pub async fn serve(
         anyhow::bail!("no listeners configured");
     }
 
-    let server = BlobServer::new(service, opts.max_inline_size);
+    let server = BlobServer::new(service, opts.max_inline_size, opts.read_only);
     let snix_svc = snix::blob_service_server::BlobServiceServer::new(server.clone())
         .max_decoding_message_size(opts.max_message_size)
         .max_encoding_message_size(opts.max_message_size);

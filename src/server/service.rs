@@ -25,14 +25,17 @@ const READ_PIECE: usize = 256 * 1024;
 pub struct BlobServer {
     service: Arc<dyn BlobService>,
     max_inline_size: u64,
+    read_only: bool,
 }
 
 impl BlobServer {
-    /// Serves `service`; Stat never inlines blobs larger than `max_inline_size`.
-    pub fn new(service: Arc<dyn BlobService>, max_inline_size: u64) -> Self {
+    /// Serves `service`; Stat never inlines blobs larger than
+    /// `max_inline_size`; `read_only` refuses every Put.
+    pub fn new(service: Arc<dyn BlobService>, max_inline_size: u64, read_only: bool) -> Self {
         BlobServer {
             service,
             max_inline_size,
+            read_only,
         }
     }
 
@@ -90,6 +93,9 @@ impl BlobServer {
     }
 
     async fn do_put(&self, mut stream: Streaming<BlobChunk>) -> Result<PutBlobResponse, Status> {
+        if self.read_only {
+            return Err(Status::permission_denied("this server is read-only"));
+        }
         let mut writer = self.service.open_write().await.map_err(to_status)?;
         while let Some(msg) = stream.next().await {
             writer.write(msg?.data).await.map_err(to_status)?;
