@@ -108,6 +108,17 @@ pub enum VerifyError {
     },
 }
 
+/// The end of asking several tiers in turn when none had the blob: absent
+/// (`Ok(None)`) if every tier said so, else an error listing each failure,
+/// since a tier that failed might have had it.
+pub fn absent_unless_failed<T>(failures: Vec<String>) -> Result<Option<T>> {
+    if failures.is_empty() {
+        Ok(None)
+    } else {
+        Err(Error::AllTiersFailed(failures))
+    }
+}
+
 /// Shorthand for results with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter};
 use crate::composition::{BuildContext, Duration as ConfigDuration, TierConfig};
 use crate::digest::B3Digest;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, absent_unless_failed};
 
 /// Configuration of a `race`.
 #[derive(Debug, Clone, Deserialize)]
@@ -132,11 +132,7 @@ impl RaceService {
                 }
             }
         }
-        if failures.is_empty() {
-            Ok(None)
-        } else {
-            Err(Error::AllTiersFailed(failures))
-        }
+        absent_unless_failed(failures)
     }
 }
 

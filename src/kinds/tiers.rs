@@ -60,7 +60,7 @@ use crate::blobservice::{
 };
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
-use crate::error::{Error, Result, VerifyError};
+use crate::error::{Error, Result, VerifyError, absent_unless_failed};
 use crate::singleflight::SingleFlight;
 use crate::verify::spool_verified_shared;
 
@@ -324,11 +324,7 @@ impl Inner {
                 }
             }
         }
-        if failures.is_empty() {
-            Ok(None)
-        } else {
-            Err(Error::AllTiersFailed(failures))
-        }
+        absent_unless_failed(failures)
     }
 
     /// Tiers before `k` that take fills (whatever the blob's size): where a
@@ -364,11 +360,7 @@ impl Inner {
                 }
             }
         }
-        if failures.is_empty() {
-            Ok(None)
-        } else {
-            Err(Error::AllTiersFailed(failures))
-        }
+        absent_unless_failed(failures)
     }
 
     /// Reads from the fill tiers before `k` (after a fill).
