@@ -8,7 +8,7 @@ use tokio_util::io::ReaderStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info_span, warn};
 
-use crate::blobservice::{BlobService, read_to_bytes};
+use crate::blobservice::{BlobReader, BlobService, read_to_bytes};
 use crate::digest::B3Digest;
 use crate::error::Error;
 use crate::proto::snix::{
@@ -39,6 +39,15 @@ impl BlobServer {
         }
     }
 
+    /// A reader over the blob, or NOT_FOUND.
+    async fn open(&self, digest: &B3Digest) -> Result<Box<dyn BlobReader>, Status> {
+        self.service
+            .open_read(digest)
+            .await
+            .map_err(to_status)?
+            .ok_or_else(|| not_found(digest))
+    }
+
     async fn do_stat(&self, req: StatBlobRequest) -> Result<StatBlobResponse, Status> {
         let digest = parse_digest(&req.digest)?;
         let stat = self
@@ -62,12 +71,7 @@ impl BlobServer {
                 .collect();
         }
         if stat.size <= req.inline_max_size.min(self.max_inline_size) && stat.size > 0 {
-            let mut reader = self
-                .service
-                .open_read(&digest)
-                .await
-                .map_err(to_status)?
-                .ok_or_else(|| not_found(&digest))?;
+            let mut reader = self.open(&digest).await?;
             resp.inline_data = read_to_bytes(reader.as_mut(), self.max_inline_size)
                 .await
                 .map_err(to_status)?;
@@ -77,12 +81,7 @@ impl BlobServer {
 
     async fn do_read(&self, req: ReadBlobRequest) -> Result<ReadStream, Status> {
         let digest = parse_digest(&req.digest)?;
-        let reader = self
-            .service
-            .open_read(&digest)
-            .await
-            .map_err(to_status)?
-            .ok_or_else(|| not_found(&digest))?;
+        let reader = self.open(&digest).await?;
         let stream = ReaderStream::with_capacity(reader, READ_PIECE).map(move |piece| {
             piece.map(|data| BlobChunk { data }).map_err(|e| {
                 warn!(%digest, error = %e, "read failed mid-stream");
