@@ -52,12 +52,39 @@ fn read_varint(buf: &[u8], pos: &mut usize) -> u64 {
     }
 }
 
-fn decode_index(buf: &[u8]) -> Vec<(B3Digest, u64)> {
-    let mut chunks = Vec::new();
+/// A stored index, decoded by hand: the chunks (field 2), and strata's
+/// additions: `bao` (3), `bao_shift` (4), `size` (5).
+#[derive(Default)]
+struct HandIndex {
+    chunks: Vec<(B3Digest, u64)>,
+    bao: Vec<u8>,
+    bao_shift: u64,
+    size: u64,
+}
+
+fn decode_index(buf: &[u8]) -> HandIndex {
+    let mut index = HandIndex::default();
     let mut pos = 0;
     while pos < buf.len() {
         let tag = read_varint(buf, &mut pos);
-        assert_eq!(tag, 0x12, "only field 2 (chunks) expected in the index");
+        match tag {
+            0x12 => {}
+            0x1a => {
+                let len = read_varint(buf, &mut pos) as usize;
+                index.bao = buf[pos..pos + len].to_vec();
+                pos += len;
+                continue;
+            }
+            0x20 => {
+                index.bao_shift = read_varint(buf, &mut pos);
+                continue;
+            }
+            0x28 => {
+                index.size = read_varint(buf, &mut pos);
+                continue;
+            }
+            other => panic!("unexpected field tag {other:#x} in the index"),
+        }
         let len = read_varint(buf, &mut pos) as usize;
         let inner = &buf[pos..pos + len];
         pos += len;
@@ -73,9 +100,34 @@ fn decode_index(buf: &[u8]) -> Vec<(B3Digest, u64)> {
                 other => panic!("unexpected ChunkMeta tag {other:#x}"),
             }
         }
-        chunks.push((digest.expect("chunk digest"), size));
+        index.chunks.push((digest.expect("chunk digest"), size));
     }
-    chunks
+    index
+}
+
+/// The outboard at groups of `group` bytes, cut out of the `bao` crate's
+/// (1 KiB) outboard: its pre-order parents over more than one group.
+/// BLAKE3 splits `len` bytes into a left subtree of the largest power of two
+/// KiB below `len`.
+fn bao_pruned(data: &[u8], group: u64) -> Vec<u8> {
+    fn walk(full: &[u8], pos: &mut usize, len: u64, group: u64, out: &mut Vec<u8>) {
+        if len <= 1024 {
+            return;
+        }
+        let pair = &full[*pos..*pos + 64];
+        *pos += 64;
+        if len > group {
+            out.extend_from_slice(pair);
+        }
+        let left = (len.div_ceil(1024) - 1).next_power_of_two().max(1) * 1024;
+        let left = if left >= len { left / 2 } else { left };
+        walk(full, pos, left, group, out);
+        walk(full, pos, len - left, group, out);
+    }
+    let (full, _) = bao::encode::outboard(data);
+    let mut out = Vec::new();
+    walk(&full[8..], &mut 0, data.len() as u64, group, &mut out);
+    out
 }
 
 fn object_path(root: &Path, kind: &str, digest: &B3Digest) -> PathBuf {
@@ -197,7 +249,12 @@ async fn strata_writes_the_snix_layout() {
 
     // The large blob has an index whose chunks decompress, hash to their
     // names, concatenate to the blob, and are the FastCDC v2020 cuts.
-    let index = decode_index(&std::fs::read(object_path(root, "blobs", &big_digest)).unwrap());
+    let stored = decode_index(&std::fs::read(object_path(root, "blobs", &big_digest)).unwrap());
+    // Its outboard is the bao crate's, pruned to 16 KiB groups.
+    assert_eq!(stored.size, big.len() as u64);
+    assert_eq!(stored.bao_shift, 4);
+    assert!(stored.bao == bao_pruned(&big, 16 * 1024));
+    let index = stored.chunks;
     let mut joined = Vec::new();
     for (d, size) in &index {
         let frame = std::fs::read(object_path(root, "chunks", d)).unwrap();

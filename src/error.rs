@@ -106,6 +106,24 @@ pub enum VerifyError {
         /// The length that arrived (or at least arrived, when it overran).
         actual_len: u64,
     },
+    /// An outboard does not belong to the blob, or is malformed.
+    #[error("outboard of blob {blob}: {why}")]
+    BadOutboard {
+        /// The blob the outboard was offered for.
+        blob: B3Digest,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A group of bytes does not match the blob's outboard at its offset.
+    #[error("blob {blob}: the {len} bytes at offset {offset} do not match its outboard")]
+    GroupMismatch {
+        /// The blob being read.
+        blob: B3Digest,
+        /// Where the bad group starts.
+        offset: u64,
+        /// How long it is.
+        len: u64,
+    },
 }
 
 /// The end of asking several tiers in turn when none had the blob: absent

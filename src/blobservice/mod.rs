@@ -29,6 +29,7 @@ use bytes::Bytes;
 
 use crate::digest::B3Digest;
 use crate::error::Result;
+use crate::verify::Outboard;
 
 /// One physical chunk of a blob: its digest and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +48,9 @@ pub struct BlobStat {
     /// The blob's physical chunks, in order. Empty when the blob is stored
     /// as a single piece.
     pub chunks: Vec<ChunkMeta>,
+    /// The blob's outboard, if the service has one; always one that hashes
+    /// to the digest (checked, or computed by strata itself).
+    pub outboard: Option<Outboard>,
 }
 
 /// What a completed write produced.

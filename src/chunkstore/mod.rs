@@ -17,7 +17,7 @@ mod reader;
 mod writer;
 
 pub use index::BlobIndex;
-pub use reader::ChunkedReader;
+pub use reader::{ChunkSource, ChunkedReader, ServiceChunks, StoreChunks};
 pub use writer::{AVG_CHUNK_SIZE, Chunking, ChunkingWriter, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
 use std::sync::Arc;
@@ -31,7 +31,7 @@ use tracing::instrument;
 use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
-use crate::verify::{spool_verified, verify_chunk};
+use crate::verify::{spool_verified_shared, verify_chunk};
 
 /// Names an object in a chunk store: a chunk or a blob index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -149,12 +149,14 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
         if let Some(index) = self.complete_index(digest).await? {
             return Ok(Some(BlobStat {
                 size: index.size,
+                outboard: index.outboard(digest, self.store.trusts_indexes()),
                 chunks: index.chunks,
             }));
         }
         Ok(self.store.chunk_size(digest).await?.map(|size| BlobStat {
             size,
             chunks: Vec::new(),
+            outboard: None,
         }))
     }
 
@@ -164,18 +166,7 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
             return Ok(Some(Box::new(BufferedReader::new(Bytes::new()))));
         }
         if let Some(index) = self.complete_index(digest).await? {
-            let size = index.size;
-            let reader = ChunkedReader::new(*digest, index.chunks, self.store.clone());
-            if self.store.trusts_indexes() {
-                return Ok(Some(Box::new(reader)));
-            }
-            // Each chunk is verified as it is read, but only the whole blob
-            // proves the chunk list belongs to this digest.
-            let pieces =
-                ReaderStream::with_capacity(reader, 256 * 1024).map(|r| r.map_err(Error::from_io));
-            return spool_verified(*digest, Some(size), None, pieces)
-                .await
-                .map(Some);
+            return self.read_index(digest, index).await.map(Some);
         }
         let Some(data) = self.store.get_chunk(digest).await? else {
             return Ok(None);
@@ -192,6 +183,42 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
         Ok(Box::new(ChunkingWriter::new(self.store.clone())))
+    }
+}
+
+impl<S: ChunkStore> ChunkedBlobService<S> {
+    /// A reader over a multi-chunk blob. Each chunk is verified as it is
+    /// read; a chunk list this store does not vouch for is also proven to
+    /// belong to the digest: group by group against a checked outboard, or,
+    /// without one, by verifying the whole blob before releasing any of it
+    /// (and then storing the outboard computed on the way, so the next read
+    /// streams).
+    async fn read_index(&self, digest: &B3Digest, index: BlobIndex) -> Result<Box<dyn BlobReader>> {
+        let trusted = self.store.trusts_indexes();
+        let outboard = if trusted {
+            None
+        } else {
+            index.outboard(digest, false)
+        };
+        let reader = ChunkedReader::new(
+            *digest,
+            index.chunks.clone(),
+            Arc::new(StoreChunks(self.store.clone())),
+            self.store.read_ahead(),
+            outboard.clone(),
+        );
+        if trusted || outboard.is_some() {
+            return Ok(Box::new(reader));
+        }
+        let pieces =
+            ReaderStream::with_capacity(reader, 256 * 1024).map(|r| r.map_err(Error::from_io));
+        let (spool, outboard) =
+            spool_verified_shared(*digest, Some(index.size), None, None, pieces).await?;
+        let index = BlobIndex::new(index.chunks, Some(&outboard));
+        if let Err(e) = self.store.put_index(*digest, index).await {
+            tracing::warn!(%digest, error = %e, "could not store the computed outboard");
+        }
+        spool.open().await
     }
 }
 

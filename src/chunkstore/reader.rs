@@ -1,6 +1,7 @@
 //! [`ChunkedReader`]: a seekable reader over a blob's chunk list that
-//! fetches chunks ahead of the read position and verifies each one.
+//! fetches chunks ahead of the read position and verifies them.
 
+use std::collections::VecDeque;
 use std::io::{self, SeekFrom};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,67 +13,25 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 
 use super::ChunkStore;
-use crate::blobservice::{BlobReader, ChunkMeta};
+use crate::blobservice::{BlobReader, BlobService, ChunkMeta};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
-use crate::verify::verify_chunk_meta;
+use crate::verify::{GroupVerifier, Outboard, verify_chunk_meta};
 
-/// Reads a multi-chunk blob from a [`ChunkStore`].
-///
-/// Keeps up to [`ChunkStore::read_ahead`] chunk fetches in flight after the
-/// current one (polled concurrently, yielded in order), so sequential reads
-/// from a remote store overlap their round trips. A seek outside the chunks
-/// in flight drops them and restarts at the target.
-pub struct ChunkedReader<S> {
-    blob: B3Digest,
-    chunks: Arc<[ChunkMeta]>,
-    /// `offsets[i]` is where chunk `i` starts; `offsets[n]` is the blob size.
-    offsets: Arc<[u64]>,
-    store: Arc<S>,
-    pos: u64,
-    /// The chunk `pos` is in, once fetched: (index, bytes).
-    current: Option<(usize, Bytes)>,
-    /// Fetches for chunks `next_fetch - inflight.len() ..next_fetch`.
-    inflight: FuturesOrdered<BoxFuture<'static, Result<Bytes>>>,
-    next_fetch: usize,
+/// Where a [`ChunkedReader`] gets chunks from. A source returns a chunk only
+/// after checking it against the chunk's digest and length.
+pub trait ChunkSource: Send + Sync + 'static {
+    /// Chunk `chunk` of blob `blob`, verified.
+    fn fetch(&self, blob: B3Digest, chunk: ChunkMeta) -> BoxFuture<'static, Result<Bytes>>;
 }
 
-impl<S: ChunkStore> ChunkedReader<S> {
-    /// Reads blob `blob` made of `chunks` from `store`.
-    pub fn new(blob: B3Digest, chunks: Vec<ChunkMeta>, store: Arc<S>) -> Self {
-        let mut offsets = Vec::with_capacity(chunks.len() + 1);
-        let mut acc = 0u64;
-        offsets.push(0);
-        for c in &chunks {
-            acc += c.size;
-            offsets.push(acc);
-        }
-        ChunkedReader {
-            blob,
-            chunks: chunks.into(),
-            offsets: offsets.into(),
-            store,
-            pos: 0,
-            current: None,
-            inflight: FuturesOrdered::new(),
-            next_fetch: 0,
-        }
-    }
+/// The chunks of a [`ChunkStore`]. A chunk that fails verification is
+/// handed to [`ChunkStore::discard_chunk`].
+pub struct StoreChunks<S>(pub Arc<S>);
 
-    fn size(&self) -> u64 {
-        self.offsets.last().copied().unwrap_or(0)
-    }
-
-    /// Index of the chunk holding byte `pos` (`pos < size`).
-    fn chunk_at(&self, pos: u64) -> usize {
-        // offsets is sorted; the chunk is the last offset <= pos.
-        self.offsets.partition_point(|&o| o <= pos) - 1
-    }
-
-    fn fetch(&self, idx: usize) -> BoxFuture<'static, Result<Bytes>> {
-        let store = self.store.clone();
-        let meta = self.chunks[idx];
-        let blob = self.blob;
+impl<S: ChunkStore> ChunkSource for StoreChunks<S> {
+    fn fetch(&self, blob: B3Digest, meta: ChunkMeta) -> BoxFuture<'static, Result<Bytes>> {
+        let store = self.0.clone();
         Box::pin(async move {
             let data = store
                 .get_chunk(&meta.digest)
@@ -89,54 +48,183 @@ impl<S: ChunkStore> ChunkedReader<S> {
             Ok(data)
         })
     }
+}
 
-    /// Polls until the chunk `idx` is `current`.
-    fn poll_chunk(&mut self, cx: &mut Context<'_>, idx: usize) -> Poll<io::Result<()>> {
-        if matches!(self.current, Some((i, _)) if i == idx) {
-            return Poll::Ready(Ok(()));
+/// Chunks read by digest from a [`BlobService`] (whose `read_chunk`
+/// verifies them).
+pub struct ServiceChunks(pub Arc<dyn BlobService>);
+
+impl ChunkSource for ServiceChunks {
+    fn fetch(&self, blob: B3Digest, meta: ChunkMeta) -> BoxFuture<'static, Result<Bytes>> {
+        let service = self.0.clone();
+        Box::pin(async move {
+            service.read_chunk(&meta).await?.ok_or(Error::MissingChunk {
+                blob,
+                chunk: meta.digest,
+            })
+        })
+    }
+}
+
+/// Reads a multi-chunk blob from a [`ChunkSource`].
+///
+/// Keeps up to `read_ahead` chunk fetches in flight after the current one
+/// (polled concurrently, yielded in order), so sequential reads from a
+/// remote source overlap their round trips.
+///
+/// Every chunk is checked against its digest by the source. Given the blob's
+/// [`Outboard`], the chunks are also run through a [`GroupVerifier`]: that is
+/// what proves an untrusted chunk list belongs to the blob, group by group,
+/// so bytes are released as soon as their group matched and a lie stops the
+/// read at the first bad group. A seek restarts at the group holding the
+/// target (from the chunk holding that group's start), so a read of a range
+/// fetches only the chunks covering the range's groups.
+pub struct ChunkedReader<C> {
+    blob: B3Digest,
+    chunks: Arc<[ChunkMeta]>,
+    /// `offsets[i]` is where chunk `i` starts; `offsets[n]` is the blob size.
+    offsets: Arc<[u64]>,
+    source: Arc<C>,
+    /// Most chunk fetches in flight beyond the one being read.
+    read_ahead: usize,
+    /// The current bound: 1 after a seek, doubling as reads go on
+    /// sequentially, so a short ranged read fetches little beyond its range.
+    window: usize,
+    outboard: Option<Outboard>,
+    pos: u64,
+    /// Released (verified) bytes, contiguous from `ready_start`.
+    ready: VecDeque<Bytes>,
+    ready_start: u64,
+    /// Whether the fetch pipeline below is running.
+    active: bool,
+    /// Bytes to drop from the front of the next chunk (the pipeline started
+    /// inside it).
+    skip: usize,
+    verifier: Option<GroupVerifier>,
+    /// Fetches for chunks `next_fetch - inflight.len() ..next_fetch`.
+    inflight: FuturesOrdered<BoxFuture<'static, Result<Bytes>>>,
+    next_fetch: usize,
+}
+
+impl<C: ChunkSource> ChunkedReader<C> {
+    /// Reads blob `blob` made of `chunks` from `source`, checking the chunks
+    /// against `outboard` too when given.
+    pub fn new(
+        blob: B3Digest,
+        chunks: Vec<ChunkMeta>,
+        source: Arc<C>,
+        read_ahead: usize,
+        outboard: Option<Outboard>,
+    ) -> Self {
+        let mut offsets = Vec::with_capacity(chunks.len() + 1);
+        let mut acc = 0u64;
+        offsets.push(0);
+        for c in &chunks {
+            acc += c.size;
+            offsets.push(acc);
         }
-        let first_inflight = self.next_fetch - self.inflight.len();
-        if self.inflight.is_empty() || idx < first_inflight || idx >= self.next_fetch {
-            self.inflight = FuturesOrdered::new();
-            self.next_fetch = idx;
+        ChunkedReader {
+            blob,
+            chunks: chunks.into(),
+            offsets: offsets.into(),
+            source,
+            read_ahead: read_ahead.max(1),
+            window: 1,
+            outboard,
+            pos: 0,
+            ready: VecDeque::new(),
+            ready_start: 0,
+            active: false,
+            skip: 0,
+            verifier: None,
+            inflight: FuturesOrdered::new(),
+            next_fetch: 0,
         }
-        let window = self.store.read_ahead().max(1);
+    }
+
+    fn size(&self) -> u64 {
+        self.offsets.last().copied().unwrap_or(0)
+    }
+
+    /// Index of the chunk holding byte `pos` (`pos < size`).
+    fn chunk_at(&self, pos: u64) -> usize {
+        // offsets is sorted; the chunk is the last offset <= pos.
+        self.offsets.partition_point(|&o| o <= pos) - 1
+    }
+
+    /// Drops the pipeline and starts a new one that releases bytes from the
+    /// start of the group holding `pos` (or from `pos` itself, unverified
+    /// by groups).
+    fn restart(&mut self, pos: u64) {
+        let start = match &self.outboard {
+            Some(ob) => pos / ob.group_len() * ob.group_len(),
+            None => pos,
+        };
+        let idx = self.chunk_at(start);
+        self.inflight = FuturesOrdered::new();
+        self.next_fetch = idx;
+        self.ready.clear();
+        self.ready_start = start;
+        self.skip = (start - self.offsets[idx]) as usize;
+        self.verifier = self
+            .outboard
+            .as_ref()
+            .map(|ob| GroupVerifier::new(ob.clone(), start / ob.group_len()));
+        self.window = if pos == 0 { self.read_ahead } else { 1 };
+        self.active = true;
+    }
+
+    /// Whether the running pipeline will release `pos` without a restart.
+    fn pipeline_reaches(&self, pos: u64) -> bool {
+        self.active && pos >= self.ready_start && pos <= self.offsets[self.next_fetch]
+    }
+
+    /// Polls the pipeline until it released more bytes.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         loop {
-            while self.inflight.len() <= window && self.next_fetch < self.chunks.len() {
-                let fut = self.fetch(self.next_fetch);
+            while self.inflight.len() <= self.window && self.next_fetch < self.chunks.len() {
+                let fut = self.source.fetch(self.blob, self.chunks[self.next_fetch]);
                 self.inflight.push_back(fut);
                 self.next_fetch += 1;
             }
-            let got = ready!(self.inflight.poll_next_unpin(cx));
-            let fetched = self.next_fetch - self.inflight.len() - 1;
-            match got {
-                Some(Ok(data)) => {
-                    self.current = Some((fetched, data));
-                    if fetched == idx {
-                        return Poll::Ready(Ok(()));
-                    }
-                }
-                Some(Err(e)) => {
-                    // Forget the window: a retry starts afresh.
-                    self.inflight = FuturesOrdered::new();
-                    self.next_fetch = 0;
-                    return Poll::Ready(Err(e.into_io()));
-                }
+            let mut data = match ready!(self.inflight.poll_next_unpin(cx)) {
+                Some(Ok(data)) => data,
+                Some(Err(e)) => return Poll::Ready(Err(e)),
                 None => {
-                    return Poll::Ready(Err(io::Error::other("chunk fetch window ran dry")));
+                    return Poll::Ready(Err(Error::Io(io::Error::other(
+                        "chunk fetch pipeline ran dry",
+                    ))));
                 }
+            };
+            self.window = (self.window * 2).min(self.read_ahead);
+            if self.skip > 0 {
+                data = data.slice(self.skip.min(data.len())..);
+                self.skip = 0;
+            }
+            let before = self.ready.len();
+            match &mut self.verifier {
+                Some(v) => {
+                    let released = v.push(data).inspect_err(|e| {
+                        tracing::warn!(blob = %self.blob, error = %e, "chunks do not match the outboard");
+                    })?;
+                    self.ready.extend(released);
+                }
+                None => self.ready.push_back(data),
+            }
+            if self.ready.len() > before {
+                return Poll::Ready(Ok(()));
             }
         }
     }
 }
 
-impl<S: ChunkStore> BlobReader for ChunkedReader<S> {
+impl<C: ChunkSource> BlobReader for ChunkedReader<C> {
     fn len(&self) -> u64 {
         self.size()
     }
 }
 
-impl<S: ChunkStore> AsyncRead for ChunkedReader<S> {
+impl<C: ChunkSource> AsyncRead for ChunkedReader<C> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -146,19 +234,38 @@ impl<S: ChunkStore> AsyncRead for ChunkedReader<S> {
         if this.pos >= this.size() || buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        let idx = this.chunk_at(this.pos);
-        ready!(this.poll_chunk(cx, idx))?;
-        if let Some((_, data)) = &this.current {
-            let within = (this.pos - this.offsets[idx]) as usize;
-            let n = buf.remaining().min(data.len() - within);
-            buf.put_slice(&data[within..within + n]);
-            this.pos += n as u64;
+        loop {
+            // Forget released bytes before the read position.
+            while let Some(front) = this.ready.front() {
+                let end = this.ready_start + front.len() as u64;
+                if end > this.pos {
+                    break;
+                }
+                this.ready_start = end;
+                this.ready.pop_front();
+            }
+            if let Some(front) = this.ready.front()
+                && this.ready_start <= this.pos
+            {
+                let within = (this.pos - this.ready_start) as usize;
+                let n = buf.remaining().min(front.len() - within);
+                buf.put_slice(&front[within..within + n]);
+                this.pos += n as u64;
+                return Poll::Ready(Ok(()));
+            }
+            if !this.pipeline_reaches(this.pos) {
+                this.restart(this.pos);
+            }
+            if let Err(e) = ready!(this.poll_more(cx)) {
+                // A retry starts afresh.
+                this.active = false;
+                return Poll::Ready(Err(e.into_io()));
+            }
         }
-        Poll::Ready(Ok(()))
     }
 }
 
-impl<S: ChunkStore> AsyncSeek for ChunkedReader<S> {
+impl<C: ChunkSource> AsyncSeek for ChunkedReader<C> {
     fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
         let this = self.get_mut();
         let target = match position {

@@ -2,6 +2,7 @@
 
 use std::io::SeekFrom;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -186,4 +187,146 @@ async fn memory_store_stays_bounded_and_keeps_the_newest() {
     let mut out = Vec::new();
     r.read_to_end(&mut out).await.unwrap();
     assert!(out == blob);
+}
+
+/// A memory store that does not vouch for its indexes (like a shared
+/// bucket) and counts chunk fetches.
+struct Untrusted {
+    inner: MemoryStore,
+    fetched: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait]
+impl ChunkStore for Untrusted {
+    async fn get_chunk(&self, digest: &B3Digest) -> Result<Option<Bytes>> {
+        self.fetched
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.get_chunk(digest).await
+    }
+    async fn chunk_size(&self, digest: &B3Digest) -> Result<Option<u64>> {
+        self.inner.chunk_size(digest).await
+    }
+    async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
+        self.inner.put_chunk(digest, data).await
+    }
+    async fn get_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
+        self.inner.get_index(digest).await
+    }
+    async fn put_index(&self, digest: B3Digest, index: BlobIndex) -> Result<()> {
+        self.inner.put_index(digest, index).await
+    }
+    fn evicts(&self) -> bool {
+        false
+    }
+    fn trusts_indexes(&self) -> bool {
+        false
+    }
+}
+
+fn untrusted() -> ChunkedBlobService<Untrusted> {
+    ChunkedBlobService::new(Untrusted {
+        inner: MemoryStore::new(256 << 20),
+        fetched: Default::default(),
+    })
+}
+
+fn fetched(svc: &ChunkedBlobService<Untrusted>) -> u64 {
+    svc.store()
+        .fetched
+        .swap(0, std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn puts_store_the_outboard_and_stat_returns_it() {
+    let svc = untrusted();
+    let blob = data(3 << 20, 20);
+    let put = put(&svc, &blob, 1 << 20).await;
+    let stat = svc.stat(&put.digest).await.unwrap().unwrap();
+    let expected = crate::verify::bao::outboard_of(&blob, crate::verify::STORED_SHIFT).1;
+    assert_eq!(stat.outboard, Some(expected));
+}
+
+#[tokio::test]
+async fn an_untrusted_index_with_outboard_streams_and_ranges_fetch_only_their_chunks() {
+    let svc = untrusted();
+    let blob = data(8 << 20, 21);
+    let put = put(&svc, &blob, 1 << 20).await;
+    fetched(&svc);
+    let mut r = svc.open_read(&put.digest).await.unwrap().unwrap();
+    let mut all = Vec::new();
+    r.read_to_end(&mut all).await.unwrap();
+    assert!(all == blob);
+    assert_eq!(
+        fetched(&svc),
+        put.chunks.len() as u64,
+        "one fetch per chunk"
+    );
+
+    // 100 KiB in the middle: the covering chunks, one more for an edge
+    // group, at most one read ahead.
+    let (pos, len) = (5_000_000u64, 100_000usize);
+    let mut r = svc.open_read(&put.digest).await.unwrap().unwrap();
+    r.seek(SeekFrom::Start(pos)).await.unwrap();
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await.unwrap();
+    assert!(buf == blob[pos as usize..pos as usize + len]);
+    let n = fetched(&svc);
+    assert!(
+        (1..=4).contains(&n),
+        "{n} chunks fetched for a 100 KiB range"
+    );
+}
+
+#[tokio::test]
+async fn a_lying_chunk_list_stops_at_the_first_bad_group() {
+    let svc = untrusted();
+    let blob = data(4 << 20, 22);
+    let put = put(&svc, &blob, 1 << 20).await;
+    // Swap chunk 2 for a chunk of another blob, with a truthful digest.
+    let other = data(put.chunks[2].size as usize, 23);
+    let other_digest = B3Digest::of(&other);
+    svc.store()
+        .put_chunk(other_digest, other.into())
+        .await
+        .unwrap();
+    let mut index = svc.store().get_index(&put.digest).await.unwrap().unwrap();
+    index.chunks[2].digest = other_digest;
+    svc.store().put_index(put.digest, index).await.unwrap();
+
+    let mut r = svc.open_read(&put.digest).await.unwrap().unwrap();
+    let mut out = Vec::new();
+    let err = r.read_to_end(&mut out).await.unwrap_err();
+    assert!(matches!(Error::from_io(err), Error::Verification(_)));
+    let bad_from = put.chunks[0].size + put.chunks[1].size;
+    assert!(
+        out.len() as u64 <= bad_from,
+        "released bytes of the swapped chunk"
+    );
+    assert!(out == blob[..out.len()]);
+    assert!(
+        out.len() as u64 + 16 * 1024 > bad_from,
+        "stopped later than the first bad group"
+    );
+}
+
+#[tokio::test]
+async fn an_index_without_outboard_is_verified_whole_then_gets_one() {
+    let svc = untrusted();
+    let blob = data(2 << 20, 24);
+    let put = put(&svc, &blob, 1 << 20).await;
+    // As another tool would have written it: no outboard.
+    let stored = svc.store().get_index(&put.digest).await.unwrap().unwrap();
+    let bare = BlobIndex::new(stored.chunks.clone(), None);
+    svc.store().put_index(put.digest, bare).await.unwrap();
+    assert_eq!(svc.stat(&put.digest).await.unwrap().unwrap().outboard, None);
+
+    let mut r = svc.open_read(&put.digest).await.unwrap().unwrap();
+    let mut out = Vec::new();
+    r.read_to_end(&mut out).await.unwrap();
+    assert!(out == blob);
+    let again = svc.store().get_index(&put.digest).await.unwrap().unwrap();
+    assert_eq!(
+        again, stored,
+        "outboard computed and stored after verification"
+    );
 }

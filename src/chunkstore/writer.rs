@@ -1,5 +1,5 @@
-//! [`ChunkingWriter`]: content-defined chunking, hashing and storing as data
-//! arrives.
+//! [`ChunkingWriter`]: content-defined chunking, hashing (chunk digests, blob
+//! digest and outboard) and storing as data arrives.
 
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use super::{BlobIndex, ChunkStore};
 use crate::blobservice::{BlobWriter, ChunkMeta, PutResult};
 use crate::digest::B3Digest;
 use crate::error::Result;
+use crate::verify::{OutboardHasher, STORED_SHIFT};
 
 /// Average chunk size: snix's default, so both cut identical chunks.
 pub const AVG_CHUNK_SIZE: u32 = 256 * 1024;
@@ -72,7 +73,8 @@ pub struct ChunkingWriter<S> {
     store: Arc<S>,
     chunking: Chunking,
     buf: BytesMut,
-    blob_hasher: blake3::Hasher,
+    /// The blob's digest and outboard, computed in the same pass.
+    blob_hasher: OutboardHasher,
     chunks: Vec<ChunkMeta>,
     size: u64,
     /// Chunk uploads in flight. Tasks, so they progress while the writer
@@ -88,7 +90,7 @@ impl<S: ChunkStore> ChunkingWriter<S> {
             store,
             chunking,
             buf: BytesMut::with_capacity(2 * chunking.max() as usize),
-            blob_hasher: blake3::Hasher::new(),
+            blob_hasher: OutboardHasher::new(STORED_SHIFT),
             chunks: Vec::new(),
             size: 0,
             uploads: JoinSet::new(),
@@ -156,7 +158,8 @@ impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
         while !self.uploads.is_empty() {
             self.join_one().await?;
         }
-        let digest = B3Digest::from(self.blob_hasher.finalize());
+        let hasher = std::mem::replace(&mut self.blob_hasher, OutboardHasher::new(STORED_SHIFT));
+        let (digest, outboard) = hasher.finalize();
         let chunks = std::mem::take(&mut self.chunks);
         if chunks.len() < 2 {
             // The empty blob is never stored, and a single chunk is the blob.
@@ -167,7 +170,7 @@ impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
             });
         }
         // Last: a visible index means every chunk is stored.
-        let index = BlobIndex::new(chunks.clone());
+        let index = BlobIndex::new(chunks.clone(), Some(&outboard));
         self.store.put_index(digest, index).await?;
         Ok(PutResult {
             digest,

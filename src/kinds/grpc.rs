@@ -7,12 +7,22 @@
 //! protocol = "snix"                   # or "tvix"; default "snix"
 //! ```
 //!
-//! Nothing a peer sends is trusted. A read streams the blob from the peer
-//! through [`StreamVerifier`] into a spool (memory for small blobs, a
-//! temporary file beyond that) and hands out a reader only once the whole
-//! blob hashed to the digest asked for; a peer that sends wrong, short or
-//! extra bytes produces an error and nothing else. Writes hash locally and
-//! check the digest the peer reports.
+//! Nothing a peer sends is trusted. Stat asks for the blob's chunk list and
+//! its outboard (at 16 KiB groups); an outboard that does not hash to the
+//! digest fails the call. Reads then take one of two paths:
+//!
+//! * chunk list and outboard known (a strata peer): the chunks are read by
+//!   digest, a few in flight, each checked against its digest and, group by
+//!   group, against the outboard; bytes are released as their group matches,
+//!   seeks fetch only the chunks covering the target, and a lie ends the read
+//!   at the first bad group.
+//! * otherwise (stock snix/tvix peers, small blobs): the blob streams into a
+//!   spool (memory for small blobs, a temporary file beyond that) through
+//!   [`crate::verify::StreamVerifier`] — and through the outboard, when
+//!   there is one, so a lie is dropped early — and a reader is handed out
+//!   only once the whole blob hashed to the digest asked for.
+//!
+//! Writes hash locally and check the digest the peer reports.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +43,7 @@ use crate::blobservice::{
     BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, PutResult,
     read_to_bytes,
 };
+use crate::chunkstore::{ChunkedReader, ServiceChunks};
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError};
@@ -40,7 +51,21 @@ use crate::proto::snix::{
     BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
 };
 use crate::proto::{snix, tvix};
-use crate::verify::spool_verified;
+use crate::verify::bao::MAX_VERIFY_SHIFT;
+use crate::verify::{Outboard, STORED_SHIFT, spool_verified};
+
+/// Chunks read ahead of the read position on the chunked path.
+const READ_AHEAD: usize = 8;
+
+/// What a peer's Stat said, checked.
+struct PeerStat {
+    /// `None` when a stock peer gave neither a size nor a chunk list.
+    size: Option<u64>,
+    chunks: Vec<ChunkMeta>,
+    /// Checked against the digest; `None` if the peer sent none (or one too
+    /// coarse to stream with).
+    outboard: Option<Outboard>,
+}
 
 /// Largest message sent in a Put stream.
 const PUT_MESSAGE_SIZE: usize = 1024 * 1024;
@@ -134,6 +159,7 @@ macro_rules! call {
 }
 
 /// A peer BlobService. See the module docs.
+#[derive(Clone)]
 pub struct GrpcBlobService {
     addr: PeerAddr,
     client: PeerClient,
@@ -175,15 +201,21 @@ impl GrpcBlobService {
         }
     }
 
-    /// The peer's Stat, checked for internal consistency. The size is `None`
-    /// when a stock peer gave neither a size nor a chunk list.
-    async fn stat_raw(&self, digest: &B3Digest) -> Result<Option<(Option<u64>, Vec<ChunkMeta>)>> {
+    /// The peer's Stat, checked for internal consistency, its outboard
+    /// against the digest.
+    async fn stat_raw(&self, digest: &B3Digest) -> Result<Option<PeerStat>> {
         if digest.is_empty_blob() {
-            return Ok(Some((Some(0), Vec::new())));
+            return Ok(Some(PeerStat {
+                size: Some(0),
+                chunks: Vec::new(),
+                outboard: None,
+            }));
         }
         let req = StatBlobRequest {
             digest: (*digest).into(),
             send_chunks: true,
+            send_bao: true,
+            bao_shift: STORED_SHIFT.into(),
             ..Default::default()
         };
         let resp: StatBlobResponse = match call!(self.client, stat(req)) {
@@ -215,7 +247,40 @@ impl GrpcBlobService {
             }
             (size, _) => Some(size),
         };
-        Ok(Some((size, chunks)))
+        let outboard = self.check_outboard(digest, size, resp.bao_shift, resp.bao)?;
+        Ok(Some(PeerStat {
+            size,
+            chunks,
+            outboard,
+        }))
+    }
+
+    /// Checks the outboard a peer sent against the digest. A wrong one is
+    /// the peer lying (an error); an empty one, or one too coarse to stream
+    /// with, is no outboard.
+    fn check_outboard(
+        &self,
+        digest: &B3Digest,
+        size: Option<u64>,
+        shift: u32,
+        bao: Bytes,
+    ) -> Result<Option<Outboard>> {
+        let Some(size) = size else {
+            return Ok(None);
+        };
+        let shift = u8::try_from(shift).unwrap_or(u8::MAX);
+        if shift > MAX_VERIFY_SHIFT
+            || (bao.is_empty() && size > crate::verify::bao::group_len(shift))
+        {
+            return Ok(None);
+        }
+        match Outboard::verify(*digest, size, shift, bao) {
+            Ok(outboard) => Ok(Some(outboard)),
+            Err(e) => {
+                warn!(peer = %self.addr, %digest, error = %e, "peer sent a bad outboard");
+                Err(e.into())
+            }
+        }
     }
 
     /// Reads the whole blob from the peer and verifies it before returning a
@@ -225,6 +290,7 @@ impl GrpcBlobService {
         &self,
         digest: &B3Digest,
         expected_len: Option<u64>,
+        outboard: Option<Outboard>,
     ) -> Result<Option<Box<dyn BlobReader>>> {
         let req = ReadBlobRequest {
             digest: (*digest).into(),
@@ -242,7 +308,8 @@ impl GrpcBlobService {
             return Ok(None);
         }
         let pieces = stream.map(|msg| msg.map(|m| m.data).map_err(|s| self.peer_error(s)));
-        match spool_verified(*digest, expected_len, self.spool_dir.clone(), pieces).await {
+        let spool_dir = self.spool_dir.clone();
+        match spool_verified(*digest, expected_len, outboard, spool_dir, pieces).await {
             Ok(reader) => Ok(Some(reader)),
             Err(e @ Error::Verification(_)) => {
                 warn!(peer = %self.addr, %digest, error = %e, "peer sent bad data");
@@ -257,37 +324,56 @@ impl GrpcBlobService {
 impl BlobService for GrpcBlobService {
     #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        let Some((size, chunks)) = self.stat_raw(digest).await? else {
+        let Some(stat) = self.stat_raw(digest).await? else {
             return Ok(None);
         };
-        let size = match size {
+        let size = match stat.size {
             Some(size) => size,
             // A stock peer that keeps the blob in one piece says nothing
             // about its size; the only trustworthy way to learn it is a
             // verified read.
-            None => match self.fetch_verified(digest, None).await? {
+            None => match self.fetch_verified(digest, None, None).await? {
                 Some(reader) => reader.len(),
                 None => return Ok(None),
             },
         };
-        Ok(Some(BlobStat { size, chunks }))
+        Ok(Some(BlobStat {
+            size,
+            chunks: stat.chunks,
+            outboard: stat.outboard,
+        }))
     }
 
     #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
-        let Some((size, _)) = self.stat_raw(digest).await? else {
+        let Some(stat) = self.stat_raw(digest).await? else {
             return Ok(None);
         };
-        if size == Some(0) && digest.is_empty_blob() {
+        if stat.size == Some(0) && digest.is_empty_blob() {
             return Ok(Some(Box::new(BufferedReader::new(Bytes::new()))));
         }
-        self.fetch_verified(digest, size).await
+        if stat.chunks.len() >= 2
+            && let Some(outboard) = stat.outboard
+        {
+            let source = Arc::new(ServiceChunks(Arc::new(self.clone())));
+            return Ok(Some(Box::new(ChunkedReader::new(
+                *digest,
+                stat.chunks,
+                source,
+                READ_AHEAD,
+                Some(outboard),
+            ))));
+        }
+        self.fetch_verified(digest, stat.size, stat.outboard).await
     }
 
     /// Skips the Stat: the length is known, so the Read goes out at once.
     #[instrument(skip(self), fields(peer = %self.addr, digest = %chunk.digest), err)]
     async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
-        let Some(mut reader) = self.fetch_verified(&chunk.digest, Some(chunk.size)).await? else {
+        let Some(mut reader) = self
+            .fetch_verified(&chunk.digest, Some(chunk.size), None)
+            .await?
+        else {
             return Ok(None);
         };
         read_to_bytes(reader.as_mut(), chunk.size).await.map(Some)

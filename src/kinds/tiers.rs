@@ -62,7 +62,7 @@ use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError, absent_unless_failed};
 use crate::singleflight::SingleFlight;
-use crate::verify::spool_verified_shared;
+use crate::verify::{GroupVerifier, spool_verified_shared};
 
 /// No chunk is larger than this (FastCDC v2020's maximum).
 const MAX_CHUNK_SIZE: u64 = fastcdc::v2020::MAXIMUM_MAX as u64;
@@ -306,10 +306,10 @@ impl TiersService {
 }
 
 impl Inner {
-    /// The nearest tier that has the blob, and its Stat.
-    async fn locate(&self, digest: &B3Digest) -> Result<Option<(usize, BlobStat)>> {
+    /// The nearest tier from `from` on that has the blob, and its Stat.
+    async fn locate(&self, digest: &B3Digest, from: usize) -> Result<Option<(usize, BlobStat)>> {
         let mut failures = Vec::new();
-        for (i, m) in self.members.iter().enumerate() {
+        for (i, m) in self.members.iter().enumerate().skip(from) {
             match m.svc.stat(digest).await {
                 Ok(Some(stat)) => {
                     m.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -382,8 +382,34 @@ impl Inner {
 
     /// The blob's bytes, verified piece by piece where they can be: chunk by
     /// chunk (near fill tiers first, then `k` and later tiers) when the Stat
-    /// listed chunks, else as one stream from `k` or a later tier.
+    /// listed chunks, else as one stream from `k` or a later tier; and group
+    /// by group against the outboard, when the Stat came with one, so a
+    /// chunk list that does not make up the blob fails at its first bad
+    /// group.
     async fn pieces(
+        self: &Arc<Self>,
+        digest: B3Digest,
+        k: usize,
+        stat: &BlobStat,
+    ) -> Result<BoxStream<'static, Result<Bytes>>> {
+        let pieces = self.unchecked_pieces(digest, k, stat).await?;
+        let Some(outboard) = stat.outboard.clone() else {
+            return Ok(pieces);
+        };
+        Ok(async_stream::try_stream! {
+            let mut groups = GroupVerifier::new(outboard, 0);
+            for await piece in pieces {
+                for checked in groups.push(piece?)? {
+                    yield checked;
+                }
+            }
+            groups.finish()?;
+        }
+        .boxed())
+    }
+
+    /// The blob's bytes, each chunk checked against its digest only.
+    async fn unchecked_pieces(
         self: &Arc<Self>,
         digest: B3Digest,
         k: usize,
@@ -455,7 +481,11 @@ impl Inner {
         }
         let mut pieces = self.pieces(digest, k, &stat).await?;
         while let Some(piece) = pieces.next().await {
-            let piece = piece?;
+            let piece = piece.inspect_err(|e| {
+                if matches!(e.root(), Error::Verification(_)) {
+                    self.members[k].record_failure("fill source", &digest, e);
+                }
+            })?;
             let mut i = 0;
             while i < writers.len() {
                 match writers[i].1.write(piece.clone()).await {
@@ -506,13 +536,15 @@ impl Inner {
         stat: BlobStat,
     ) -> Result<SharedSpool> {
         let pieces = self.pieces(digest, k, &stat).await?;
-        let spool = match spool_verified_shared(digest, Some(stat.size), None, pieces).await {
-            Ok(spool) => spool,
-            Err(e) => {
-                self.members[k].record_failure("fetch", &digest, &e);
-                return Err(e);
-            }
-        };
+        let outboard = stat.outboard.clone();
+        let spool =
+            match spool_verified_shared(digest, Some(stat.size), outboard, None, pieces).await {
+                Ok((spool, _)) => spool,
+                Err(e) => {
+                    self.members[k].record_failure("fetch", &digest, &e);
+                    return Err(e);
+                }
+            };
         if let Some(filler) = &self.filler {
             let targets = self
                 .fill_targets(k, stat.size)
@@ -532,17 +564,64 @@ impl Inner {
 #[async_trait]
 impl BlobService for TiersService {
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        Ok(self.inner.locate(digest).await?.map(|(_, stat)| stat))
+        Ok(self.inner.locate(digest, 0).await?.map(|(_, stat)| stat))
     }
 
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
         if digest.is_empty_blob() {
             return Ok(Some(Box::new(BufferedReader::new(Bytes::new()))));
         }
+        let mut from = 0;
+        let mut lie: Option<Error> = None;
+        loop {
+            let Some((k, stat)) = self.inner.locate(digest, from).await? else {
+                // Absent from the honest tiers: a liar's error says more.
+                return lie.map_or(Ok(None), Err);
+            };
+            match self.read_located(digest, k, stat).await {
+                Err(e) if matches!(e.root(), Error::Verification(_)) => {
+                    // Tier k served data that is not this blob (recorded
+                    // where it was caught); try the tiers after it.
+                    from = k + 1;
+                    lie = Some(e);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+        let mut writers = Vec::with_capacity(self.inner.write_to.len());
+        for m in &self.inner.write_to {
+            writers.push(m.svc.open_write().await?);
+        }
+        if writers.len() == 1 {
+            return Ok(writers.remove(0));
+        }
+        Ok(Box::new(TeeWriter { writers }))
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        if let Some(filler) = &self.inner.filler {
+            filler.drain().await;
+        }
+        for m in &self.inner.members {
+            m.svc.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+impl TiersService {
+    /// Reads the blob found in tier `k` (whose Stat is `stat`): directly, or
+    /// through a fill of the tiers before it.
+    async fn read_located(
+        &self,
+        digest: &B3Digest,
+        k: usize,
+        stat: BlobStat,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
         let inner = &self.inner;
-        let Some((k, stat)) = inner.locate(digest).await? else {
-            return Ok(None);
-        };
         let size = stat.size;
         if k == 0 || inner.fill == Fill::Off || inner.fill_targets(k, size).is_empty() {
             return inner.read_direct(digest, k).await;
@@ -550,6 +629,7 @@ impl BlobService for TiersService {
         let digest = *digest;
         let span =
             info_span!("fill", %digest, source = %inner.members[k].name, policy = %inner.fill);
+        let verification_failed = |e: &Error| matches!(e.root(), Error::Verification(_));
         let work = {
             let inner = inner.clone();
             async move {
@@ -572,30 +652,10 @@ impl BlobService for TiersService {
                 }
                 debug!(%digest, "filled blob already gone from the near tiers");
             }
+            Err(e) if verification_failed(&e) => return Err(Error::Shared(e)),
             Err(e) => warn!(%digest, error = %e, "fetch and fill failed; reading directly"),
         }
         inner.read_direct(&digest, k).await
-    }
-
-    async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
-        let mut writers = Vec::with_capacity(self.inner.write_to.len());
-        for m in &self.inner.write_to {
-            writers.push(m.svc.open_write().await?);
-        }
-        if writers.len() == 1 {
-            return Ok(writers.remove(0));
-        }
-        Ok(Box::new(TeeWriter { writers }))
-    }
-
-    async fn shutdown(&self) -> Result<()> {
-        if let Some(filler) = &self.inner.filler {
-            filler.drain().await;
-        }
-        for m in &self.inner.members {
-            m.svc.shutdown().await?;
-        }
-        Ok(())
     }
 }
 

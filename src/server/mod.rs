@@ -114,7 +114,7 @@ pub async fn serve(
         anyhow::bail!("no listeners configured");
     }
 
-    let server = BlobServer::new(service, opts.max_inline_size, opts.read_only);
+    let server = BlobServer::new(service, &opts);
     let snix_svc = snix::blob_service_server::BlobServiceServer::new(server.clone())
         .max_decoding_message_size(opts.max_message_size)
         .max_encoding_message_size(opts.max_message_size);

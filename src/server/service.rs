@@ -8,7 +8,10 @@ use tokio_util::io::ReaderStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info_span, warn};
 
-use crate::blobservice::{BlobReader, BlobService, read_to_bytes};
+use prost::Message;
+
+use super::ServeOptions;
+use crate::blobservice::{BlobReader, BlobService, BlobStat, read_to_bytes};
 use crate::digest::B3Digest;
 use crate::error::Error;
 use crate::proto::snix::{
@@ -16,26 +19,37 @@ use crate::proto::snix::{
     stat_blob_response,
 };
 use crate::proto::{snix, tvix};
+use crate::verify::{Outboard, OutboardHasher, bao};
 
 /// Size of the pieces a Read response is cut into.
 const READ_PIECE: usize = 256 * 1024;
+
+/// Largest blob whose outboard Stat computes from the data when none is
+/// stored.
+pub const COMPUTE_LIMIT: u64 = 16 * 1024 * 1024;
+
+/// Room left in a Stat response for everything but the outboard.
+const STAT_HEADROOM: usize = 4096;
 
 /// Serves a [`BlobService`] over gRPC.
 #[derive(Clone)]
 pub struct BlobServer {
     service: Arc<dyn BlobService>,
     max_inline_size: u64,
+    max_message_size: usize,
     read_only: bool,
 }
 
 impl BlobServer {
-    /// Serves `service`; Stat never inlines blobs larger than
-    /// `max_inline_size`; `read_only` refuses every Put.
-    pub fn new(service: Arc<dyn BlobService>, max_inline_size: u64, read_only: bool) -> Self {
+    /// Serves `service` as `opts` say: Stat never inlines blobs larger than
+    /// `max_inline_size` nor sends a response larger than
+    /// `max_message_size`; `read_only` refuses every Put.
+    pub fn new(service: Arc<dyn BlobService>, opts: &ServeOptions) -> Self {
         BlobServer {
             service,
-            max_inline_size,
-            read_only,
+            max_inline_size: opts.max_inline_size,
+            max_message_size: opts.max_message_size,
+            read_only: opts.read_only,
         }
     }
 
@@ -70,13 +84,63 @@ impl BlobServer {
                 })
                 .collect();
         }
-        if stat.size <= req.inline_max_size.min(self.max_inline_size) && stat.size > 0 {
+        let inline = stat.size <= req.inline_max_size.min(self.max_inline_size) && stat.size > 0;
+        if req.send_bao {
+            let taken =
+                resp.encoded_len() + STAT_HEADROOM + if inline { stat.size as usize } else { 0 };
+            let budget = self.max_message_size.saturating_sub(taken) as u64;
+            if let Some(outboard) = self.outboard(&digest, &stat, req.bao_shift, budget).await? {
+                resp.bao_shift = outboard.shift().into();
+                resp.bao = outboard.data().clone();
+            }
+        }
+        if inline {
             let mut reader = self.open(&digest).await?;
             resp.inline_data = read_to_bytes(reader.as_mut(), self.max_inline_size)
                 .await
                 .map_err(to_status)?;
         }
         Ok(resp)
+    }
+
+    /// The outboard Stat sends: at the shift asked for, or the finest
+    /// coarser one that fits `budget` bytes. Derived from the stored
+    /// outboard when that is as fine; else computed from the (verified)
+    /// data, which reads the whole blob — unless no outboard is stored and
+    /// the blob is larger than [`COMPUTE_LIMIT`]: then none is sent, rather
+    /// than pulling a large blob through a Stat.
+    async fn outboard(
+        &self,
+        digest: &B3Digest,
+        stat: &BlobStat,
+        requested: u32,
+        budget: u64,
+    ) -> Result<Option<Outboard>, Status> {
+        let requested = u8::try_from(requested).unwrap_or(bao::MAX_SHIFT);
+        let shift = bao::shift_within(stat.size, requested, budget);
+        match &stat.outboard {
+            Some(stored) => {
+                if let Some(outboard) = stored.coarsen(shift) {
+                    return Ok(Some(outboard));
+                }
+            }
+            None if stat.size > COMPUTE_LIMIT => return Ok(None),
+            None => {}
+        }
+        let reader = self.open(digest).await?;
+        let mut hasher = OutboardHasher::new(shift);
+        let mut pieces = ReaderStream::with_capacity(reader, READ_PIECE);
+        while let Some(piece) = pieces.next().await {
+            hasher.update(&piece.map_err(|e| to_status(Error::from_io(e)))?);
+        }
+        let (computed, outboard) = hasher.finalize();
+        if computed != *digest {
+            // Readers are verified; this would be a bug, not a bad peer.
+            return Err(Status::internal(format!(
+                "blob {digest} read back as {computed}"
+            )));
+        }
+        Ok(Some(outboard))
     }
 
     async fn do_read(&self, req: ReadBlobRequest) -> Result<ReadStream, Status> {

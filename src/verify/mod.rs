@@ -3,7 +3,20 @@
 //!
 //! Every read that crosses a trust boundary (a peer, a shared bucket, a
 //! local cache file that may have rotted) goes through one of these before a
-//! byte of it is handed out or written into another tier.
+//! byte of it is handed out or written into another tier:
+//!
+//! * [`verify_chunk_meta`]: a whole physical chunk against its digest.
+//! * [`GroupVerifier`]: a run of a blob's bytes, group by group, against the
+//!   blob's [`Outboard`] (which [`Outboard::verify`] first checks against the
+//!   blob digest) — a lie is caught at the first bad group.
+//! * [`StreamVerifier`] / [`spool_verified`]: a whole blob whose pieces
+//!   cannot be checked on their own, held back until all of it hashed right.
+
+pub mod bao;
+mod groups;
+
+pub use bao::{Outboard, OutboardHasher, STORED_SHIFT};
+pub use groups::GroupVerifier;
 
 use std::path::PathBuf;
 
@@ -44,10 +57,13 @@ pub fn verify_chunk_meta(meta: &ChunkMeta, data: &[u8]) -> Result<(), VerifyErro
 /// Verifies a blob that arrives as a stream of pieces: feed every piece to
 /// [`StreamVerifier::update`], then call [`StreamVerifier::finish`]. Nothing
 /// fed to it may be released before `finish` succeeds.
+///
+/// It computes the blob's outboard on the way (same cost as hashing), so a
+/// blob that arrived without one has one once it is verified.
 pub struct StreamVerifier {
     expected: B3Digest,
     expected_len: Option<u64>,
-    hasher: blake3::Hasher,
+    hasher: OutboardHasher,
     seen: u64,
 }
 
@@ -57,7 +73,7 @@ impl StreamVerifier {
         StreamVerifier {
             expected,
             expected_len,
-            hasher: blake3::Hasher::new(),
+            hasher: OutboardHasher::new(STORED_SHIFT),
             seen: 0,
         }
     }
@@ -79,16 +95,17 @@ impl StreamVerifier {
         self.seen
     }
 
-    /// Checks the length and the digest of everything fed.
-    pub fn finish(self) -> Result<(), VerifyError> {
+    /// Checks the length and the digest of everything fed, and returns the
+    /// blob's outboard.
+    pub fn finish(self) -> Result<Outboard, VerifyError> {
         if let Some(expected_len) = self.expected_len
             && self.seen != expected_len
         {
             return Err(self.length_mismatch(expected_len));
         }
-        let actual = B3Digest::from(self.hasher.finalize());
+        let (actual, outboard) = self.hasher.finalize();
         if actual == self.expected {
-            Ok(())
+            Ok(outboard)
         } else {
             Err(VerifyError::DigestMismatch {
                 what: "blob",
@@ -114,42 +131,51 @@ impl StreamVerifier {
 /// spool to a temporary file in `spool_dir`.
 ///
 /// This is how a blob whose chunk list or stream cannot be checked piece by
-/// piece is made safe to release.
+/// piece is made safe to release. With the blob's `outboard` known, the
+/// pieces are also checked group by group as they arrive, so a lying source
+/// is dropped at its first bad group rather than at the end.
 pub async fn spool_verified<S>(
     expected: B3Digest,
     expected_len: Option<u64>,
+    outboard: Option<Outboard>,
     spool_dir: Option<PathBuf>,
     pieces: S,
 ) -> Result<Box<dyn BlobReader>>
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
-    spool_verified_shared(expected, expected_len, spool_dir, pieces)
+    spool_verified_shared(expected, expected_len, outboard, spool_dir, pieces)
         .await?
+        .0
         .open()
         .await
 }
 
 /// Like [`spool_verified`], but returns the spool itself, which several
-/// readers can open.
+/// readers can open, and the blob's outboard.
 pub async fn spool_verified_shared<S>(
     expected: B3Digest,
     expected_len: Option<u64>,
+    outboard: Option<Outboard>,
     spool_dir: Option<PathBuf>,
     mut pieces: S,
-) -> Result<SharedSpool>
+) -> Result<(SharedSpool, Outboard)>
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
     let mut verifier = StreamVerifier::new(expected, expected_len);
+    let mut groups = outboard.map(|ob| GroupVerifier::new(ob, 0));
     let mut spool = Spool::new(spool_dir, expected_len);
     while let Some(piece) = pieces.next().await {
         let piece = piece?;
         verifier.update(&piece)?;
+        if let Some(groups) = &mut groups {
+            groups.push(piece.clone())?;
+        }
         spool.push(piece).await?;
     }
-    verifier.finish()?;
-    spool.into_shared().await
+    let outboard = verifier.finish()?;
+    Ok((spool.into_shared().await?, outboard))
 }
 
 #[cfg(test)]
