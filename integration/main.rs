@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod adversarial;
 mod composition;
 mod concurrency;
 mod config_errors;

@@ -450,17 +450,26 @@ impl Inner {
             .into());
         }
         let sources = self.near_caches(k).into_iter().chain(&self.members[k..]);
+        let mut mismatch = None;
         for m in sources {
             match m.svc.read_chunk(&chunk).await {
                 Ok(Some(data)) => return Ok(data),
                 Ok(None) => {}
-                Err(e) => m.record_failure("chunk read", &chunk.digest, &e),
+                Err(e) => {
+                    m.record_failure("chunk read", &chunk.digest, &e);
+                    if matches!(e.root(), Error::Verification(_)) {
+                        mismatch = Some(e);
+                    }
+                }
             }
         }
-        Err(Error::MissingChunk {
+        // If some tier had the chunk but not as listed (say, another
+        // length), the chunk list itself may be the lie: report it as such,
+        // so the reader tries the tiers after the one that listed it.
+        Err(mismatch.unwrap_or(Error::MissingChunk {
             blob: *blob,
             chunk: chunk.digest,
-        })
+        }))
     }
 
     /// Fetches the blob found in tier `k` and writes it into every fill

@@ -1,0 +1,395 @@
+//! Lying strata peers, as separate processes on loopback, behind a sidecar
+//! whose tiers are `[near disk, liar, honest peer]`. Whatever the liar does,
+//! the client gets the right bytes (from the honest peer) or, with no honest
+//! tier, a clean error; the near tier holds no byte from the liar; the
+//! sidecar logs the liar's failure.
+//!
+//! The liar is this test binary run again as a child process (the ignored
+//! test [`fault_peer_process`]), serving a strata blob service over memory
+//! through a lying gRPC front.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use strata::B3Digest;
+use strata::blobservice::BlobService;
+use strata::chunkstore::ChunkedBlobService;
+use strata::kinds::memory::MemoryStore;
+use strata::proto::snix::blob_service_server::{BlobService as GrpcBlobService, BlobServiceServer};
+use strata::proto::snix::{
+    BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
+    stat_blob_response,
+};
+use tokio::io::AsyncReadExt;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::harness::{Daemon, put_blob, read_blob, test_data};
+
+const SIZE: usize = 3 << 20;
+const SEED: u64 = 77;
+
+/// The blob every peer serves.
+fn blob() -> Vec<u8> {
+    test_data(SIZE, SEED)
+}
+
+/// The same blob with one byte changed in the middle: a valid, different
+/// blob whose chunk list mostly matches the real one's.
+fn other_blob() -> Vec<u8> {
+    let mut d = blob();
+    d[SIZE / 2] ^= 0x55;
+    d
+}
+
+/// How the liar lies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Lie {
+    /// Flips one byte of whatever it reads out.
+    FlipByte,
+    /// Lists the chunks of another blob (each valid) under the digest.
+    WrongChunks,
+    /// Moves 1000 bytes from the first chunk's listed size to the second's.
+    ChunkSizes,
+    /// Drops the last byte of each read.
+    Truncate,
+    /// Appends bytes to each read.
+    Append,
+    /// Sends the outboard of another blob.
+    WrongOutboard,
+    /// Sends half of each read, then nothing, forever.
+    Stall,
+    /// Sends half of the first read, then exits.
+    Die,
+}
+
+const LIES: &[Lie] = &[
+    Lie::FlipByte,
+    Lie::WrongChunks,
+    Lie::ChunkSizes,
+    Lie::Truncate,
+    Lie::Append,
+    Lie::WrongOutboard,
+    Lie::Stall,
+    Lie::Die,
+];
+
+fn lie_name(lie: Lie) -> String {
+    format!("{lie:?}")
+}
+
+fn parse_lie(name: &str) -> Lie {
+    *LIES
+        .iter()
+        .find(|l| lie_name(**l) == name)
+        .expect("known lie")
+}
+
+/// The liar's gRPC front over an honest store.
+struct Liar {
+    store: Arc<dyn BlobService>,
+    digest: B3Digest,
+    other: B3Digest,
+    lie: Lie,
+}
+
+impl Liar {
+    async fn honest_stat(&self, digest: &B3Digest) -> Result<StatBlobResponse, Status> {
+        let stat = self
+            .store
+            .stat(digest)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::not_found("absent"))?;
+        Ok(StatBlobResponse {
+            size: stat.size,
+            chunks: stat
+                .chunks
+                .iter()
+                .map(|c| stat_blob_response::ChunkMeta {
+                    digest: c.digest.into(),
+                    size: c.size,
+                })
+                .collect(),
+            bao: stat
+                .outboard
+                .as_ref()
+                .map(|o| o.data().clone())
+                .unwrap_or_default(),
+            bao_shift: stat.outboard.as_ref().map_or(0, |o| o.shift().into()),
+            ..Default::default()
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcBlobService for Liar {
+    async fn stat(
+        &self,
+        request: Request<StatBlobRequest>,
+    ) -> Result<Response<StatBlobResponse>, Status> {
+        let digest = B3Digest::try_from(&request.get_ref().digest)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut resp = self.honest_stat(&digest).await?;
+        if digest == self.digest {
+            match self.lie {
+                Lie::WrongChunks => resp.chunks = self.honest_stat(&self.other).await?.chunks,
+                Lie::ChunkSizes => {
+                    resp.chunks[0].size -= 1000;
+                    resp.chunks[1].size += 1000;
+                }
+                Lie::WrongOutboard => resp.bao = self.honest_stat(&self.other).await?.bao,
+                _ => {}
+            }
+        }
+        Ok(Response::new(resp))
+    }
+
+    type ReadStream = futures::stream::BoxStream<'static, Result<BlobChunk, Status>>;
+
+    async fn read(
+        &self,
+        request: Request<ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let digest = B3Digest::try_from(&request.get_ref().digest)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut reader = self
+            .store
+            .open_read(&digest)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::not_found("absent"))?;
+        let mut data = Vec::new();
+        reader.read_to_end(&mut data).await?;
+        let half = data.len() / 2;
+        match self.lie {
+            Lie::FlipByte => data[half] ^= 1,
+            Lie::Truncate => {
+                data.pop();
+            }
+            Lie::Append => data.extend_from_slice(b"trailing"),
+            Lie::Stall => {
+                let first = Ok(BlobChunk {
+                    data: Bytes::copy_from_slice(&data[..half]),
+                });
+                let stream = futures::stream::iter([first]).chain(futures::stream::pending());
+                return Ok(Response::new(stream.boxed()));
+            }
+            Lie::Die => {
+                let first = Ok(BlobChunk {
+                    data: Bytes::copy_from_slice(&data[..half]),
+                });
+                let die = futures::stream::once(async {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    std::process::exit(3);
+                });
+                return Ok(Response::new(
+                    futures::stream::iter([first]).chain(die).boxed(),
+                ));
+            }
+            _ => {}
+        }
+        let data = Bytes::from(data);
+        let pieces: Vec<_> = (0..data.len())
+            .step_by(64 * 1024)
+            .map(|i| {
+                Ok(BlobChunk {
+                    data: data.slice(i..(i + 64 * 1024).min(data.len())),
+                })
+            })
+            .collect();
+        Ok(Response::new(futures::stream::iter(pieces).boxed()))
+    }
+
+    async fn put(
+        &self,
+        _request: Request<Streaming<BlobChunk>>,
+    ) -> Result<Response<PutBlobResponse>, Status> {
+        Err(Status::unimplemented("read-only liar"))
+    }
+}
+
+/// The liar process's body: runs only when started by [`FaultPeer::start`].
+#[tokio::test]
+#[ignore = "started as a child process by the adversarial tests"]
+async fn fault_peer_process() {
+    let lie = parse_lie(&std::env::var("STRATA_FAULT_PEER").expect("STRATA_FAULT_PEER"));
+    let store: Arc<dyn BlobService> = Arc::new(ChunkedBlobService::new(MemoryStore::new(64 << 20)));
+    let mut digests = Vec::new();
+    for data in [blob(), other_blob()] {
+        let mut w = store.open_write().await.unwrap();
+        w.write(data.into()).await.unwrap();
+        digests.push(w.close().await.unwrap().digest);
+    }
+    let liar = Liar {
+        store,
+        digest: digests[0],
+        other: digests[1],
+        lie,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("LISTENING {}", listener.local_addr().unwrap());
+    tonic::transport::Server::builder()
+        .add_service(BlobServiceServer::new(liar))
+        .serve_with_incoming(TcpIncoming::from(listener))
+        .await
+        .unwrap();
+}
+
+/// A liar process, killed when dropped.
+struct FaultPeer {
+    child: Child,
+    addr: String,
+}
+
+impl FaultPeer {
+    fn start(lie: Lie) -> FaultPeer {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "adversarial::fault_peer_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("STRATA_FAULT_PEER", lie_name(lie))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the fault peer");
+        let stdout = child.stdout.take().unwrap();
+        let addr = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("LISTENING ").map(str::to_owned))
+            .expect("the fault peer announces its address");
+        FaultPeer {
+            child,
+            addr: format!("grpc+http://{addr}"),
+        }
+    }
+}
+
+impl Drop for FaultPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sidecar_config(near: &Path, liar: &str, honest: Option<&str>) -> String {
+    let mut tiers = vec!["near", "liar"];
+    let mut config = format!(
+        "[blobservices.near]\ntype = \"disk\"\npath = \"{}\"\nmax_size = \"1GiB\"\n\n\
+         [blobservices.liar]\ntype = \"grpc\"\nurl = \"{liar}\"\ntimeout = \"2s\"\n\n",
+        near.display()
+    );
+    if let Some(honest) = honest {
+        tiers.push("honest");
+        config.push_str(&format!(
+            "[blobservices.honest]\ntype = \"grpc\"\nurl = \"{honest}\"\n\n"
+        ));
+    }
+    config.push_str(&format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = {tiers:?}\n"
+    ));
+    config
+}
+
+/// Every chunk file in a disk tier hashes to its name, and the blob, if
+/// present, reads back right from the disk tier alone.
+async fn assert_near_tier_clean(near: &Path, digest: &B3Digest, lie: Lie) {
+    let mut stack = vec![near.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path
+                .parent()
+                .and_then(Path::parent)
+                .map(|p| p.ends_with("chunks"))
+                == Some(true)
+            {
+                let name = path.file_name().unwrap().to_str().unwrap();
+                let data = std::fs::read(&path).unwrap();
+                assert_eq!(
+                    B3Digest::of(&data).to_hex(),
+                    name,
+                    "{lie:?}: a chunk file does not hash to its name"
+                );
+            }
+        }
+    }
+    let config = format!(
+        "[blobservices.root]\ntype = \"disk\"\npath = \"{}\"\n",
+        near.display()
+    );
+    let disk = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
+        .await
+        .unwrap();
+    if let Ok(got) = read_blob(&disk.tcp_addr(), digest).await {
+        assert!(got == blob(), "{lie:?}: the near tier holds a wrong blob");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn liars_fall_through_to_the_honest_peer_and_poison_nothing() {
+    let honest = tokio::task::spawn_blocking(|| {
+        Daemon::start(Some(
+            "[blobservices.root]\ntype = \"memory\"\nmax_size = \"64MiB\"\n",
+        ))
+    })
+    .await
+    .unwrap();
+    let digest = put_blob(&honest.tcp_addr(), &blob()).await;
+    for &lie in LIES {
+        let liar = FaultPeer::start(lie);
+        let near = tempfile::tempdir().unwrap();
+        let config = sidecar_config(near.path(), &liar.addr, Some(&honest.tcp_addr()));
+        let sidecar = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
+            .await
+            .unwrap();
+        let got = read_blob(&sidecar.tcp_addr(), &digest).await;
+        let got = got.unwrap_or_else(|f| panic!("{lie:?}: {f:?}\n{}", sidecar.log_text()));
+        assert!(got == blob(), "{lie:?}: wrong bytes");
+        let log = sidecar.log_text();
+        assert!(
+            log.contains("liar") && log.contains("trying the next tier"),
+            "{lie:?}: the liar's failure is not logged:\n{log}"
+        );
+        drop(sidecar);
+        assert_near_tier_clean(near.path(), &digest, lie).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_honest_tier_a_liar_gives_a_clean_error() {
+    for &lie in &[
+        Lie::FlipByte,
+        Lie::WrongChunks,
+        Lie::WrongOutboard,
+        Lie::Truncate,
+    ] {
+        let liar = FaultPeer::start(lie);
+        let near = tempfile::tempdir().unwrap();
+        let config = sidecar_config(near.path(), &liar.addr, None);
+        let sidecar = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
+            .await
+            .unwrap();
+        let digest = B3Digest::of(&blob());
+        let failure = read_blob(&sidecar.tcp_addr(), &digest)
+            .await
+            .expect_err("a liar's blob was served");
+        assert_eq!(
+            failure.received, 0,
+            "{lie:?}: bytes reached the client: {failure:?}"
+        );
+        assert_ne!(failure.code(), tonic::Code::Ok, "{lie:?}");
+        drop(sidecar);
+        assert_near_tier_clean(near.path(), &digest, lie).await;
+    }
+}
