@@ -10,5 +10,6 @@ mod disk;
 mod examples;
 mod lying_peer;
 mod objectstore;
+mod ranges;
 mod roundtrip;
 mod status_codes;

@@ -1,6 +1,7 @@
 //! Helpers shared by `strata bench` and the integration tests: reproducible
 //! incompressible data, and a proxy that counts the bytes a peer serves.
 
+use prost::Message;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -34,6 +35,7 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 pub struct CountingProxy {
     upstream: BlobServiceClient<Channel>,
     read_bytes: Arc<AtomicU64>,
+    stat_bytes: Arc<AtomicU64>,
 }
 
 impl CountingProxy {
@@ -44,9 +46,15 @@ impl CountingProxy {
             CountingProxy {
                 upstream,
                 read_bytes: read_bytes.clone(),
+                stat_bytes: Arc::default(),
             },
             read_bytes,
         )
+    }
+
+    /// The counter of bytes its Stat responses carried (encoded).
+    pub fn stat_bytes(&self) -> Arc<AtomicU64> {
+        self.stat_bytes.clone()
     }
 }
 
@@ -56,7 +64,10 @@ impl BlobService for CountingProxy {
         &self,
         request: Request<StatBlobRequest>,
     ) -> Result<Response<StatBlobResponse>, Status> {
-        self.upstream.clone().stat(request.into_inner()).await
+        let resp = self.upstream.clone().stat(request.into_inner()).await?;
+        self.stat_bytes
+            .fetch_add(resp.get_ref().encoded_len() as u64, Ordering::Relaxed);
+        Ok(resp)
     }
 
     type ReadStream = futures::stream::BoxStream<'static, Result<BlobChunk, Status>>;

@@ -87,9 +87,11 @@ pub struct ChunkedReader<C> {
     source: Arc<C>,
     /// Most chunk fetches in flight beyond the one being read.
     read_ahead: usize,
-    /// The current bound: 1 after a seek, doubling as reads go on
-    /// sequentially, so a short ranged read fetches little beyond its range.
+    /// The current bound: 1 after a seek, one more per MiB read on from
+    /// there, so a short ranged read fetches little beyond its range.
     window: usize,
+    /// Bytes the pipeline released since it (re)started.
+    since_restart: u64,
     outboard: Option<Outboard>,
     pos: u64,
     /// Released (verified) bytes, contiguous from `ready_start`.
@@ -130,6 +132,7 @@ impl<C: ChunkSource> ChunkedReader<C> {
             source,
             read_ahead: read_ahead.max(1),
             window: 1,
+            since_restart: 0,
             outboard,
             pos: 0,
             ready: VecDeque::new(),
@@ -171,6 +174,7 @@ impl<C: ChunkSource> ChunkedReader<C> {
             .as_ref()
             .map(|ob| GroupVerifier::new(ob.clone(), start / ob.group_len()));
         self.window = if pos == 0 { self.read_ahead } else { 1 };
+        self.since_restart = 0;
         self.active = true;
     }
 
@@ -182,7 +186,7 @@ impl<C: ChunkSource> ChunkedReader<C> {
     /// Polls the pipeline until it released more bytes.
     fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         loop {
-            while self.inflight.len() <= self.window && self.next_fetch < self.chunks.len() {
+            while self.inflight.len() < self.window && self.next_fetch < self.chunks.len() {
                 let fut = self.source.fetch(self.blob, self.chunks[self.next_fetch]);
                 self.inflight.push_back(fut);
                 self.next_fetch += 1;
@@ -196,7 +200,11 @@ impl<C: ChunkSource> ChunkedReader<C> {
                     ))));
                 }
             };
-            self.window = (self.window * 2).min(self.read_ahead);
+            self.since_restart += data.len() as u64;
+            self.window = self
+                .window
+                .max(1 + (self.since_restart >> 20) as usize)
+                .min(self.read_ahead);
             if self.skip > 0 {
                 data = data.slice(self.skip.min(data.len())..);
                 self.skip = 0;
