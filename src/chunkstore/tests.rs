@@ -8,6 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::*;
 use crate::Error;
+use crate::blobservice::ChunkMeta;
 use crate::kinds::memory::MemoryStore;
 
 fn data(len: usize, seed: u64) -> Vec<u8> {
@@ -329,4 +330,46 @@ async fn an_index_without_outboard_is_verified_whole_then_gets_one() {
         again, stored,
         "outboard computed and stored after verification"
     );
+}
+
+/// The example of the chunking notes: a 14 KiB blob verified at 4 KiB
+/// groups (shift 2), stored as physical chunks of 2, 4, 1, 2 and 5 KiB.
+/// Reading KiB 0..=4 needs groups [0..4) and [4..8), so the chunks
+/// [0 1], [2 3 4 5], [6] and [7 8] — and not [9 .. 13].
+#[tokio::test]
+async fn the_chunking_notes_example_fetches_the_edge_neighbours() {
+    let svc = untrusted();
+    let blob = data(14 * 1024, 25);
+    let digest = B3Digest::of(&blob);
+    let mut chunks = Vec::new();
+    let mut at = 0;
+    for kib in [2, 4, 1, 2, 5] {
+        let piece = &blob[at..at + kib * 1024];
+        let meta = ChunkMeta {
+            digest: B3Digest::of(piece),
+            size: piece.len() as u64,
+        };
+        svc.store()
+            .put_chunk(meta.digest, Bytes::copy_from_slice(piece))
+            .await
+            .unwrap();
+        chunks.push(meta);
+        at += kib * 1024;
+    }
+    let outboard = crate::verify::bao::outboard_of(&blob, 2).1;
+    svc.store()
+        .put_index(digest, BlobIndex::new(chunks, Some(&outboard)))
+        .await
+        .unwrap();
+
+    let mut r = svc.open_read(&digest).await.unwrap().unwrap();
+    r.seek(SeekFrom::Start(0)).await.unwrap();
+    fetched(&svc);
+    // A reader that starts at 0 reads ahead; start at 1 byte in instead,
+    // which is a seek (read-ahead 1) into the same group.
+    r.seek(SeekFrom::Start(1)).await.unwrap();
+    let mut buf = vec![0u8; 5 * 1024 - 1];
+    r.read_exact(&mut buf).await.unwrap();
+    assert!(buf == blob[1..5 * 1024]);
+    assert_eq!(fetched(&svc), 4, "chunks [0 1], [2 3 4 5], [6], [7 8]");
 }
