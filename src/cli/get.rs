@@ -74,14 +74,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // strata always reports the size; a stock snix server may not.
     let expected_len = (stat.size != 0 || digest.is_empty_blob()).then_some(stat.size);
 
-    let temp = match &args.output {
-        Some(out) => tempfile::NamedTempFile::new_in(parent_dir(out))
-            .with_context(|| format!("creating a temporary file beside {}", out.display()))?,
-        None => tempfile::NamedTempFile::new().context("creating a temporary file")?,
-    };
-    let (file, temp_path) = temp.into_parts();
-    let mut file =
-        tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::fs::File::from_std(file));
+    let (mut file, temp_path) = temp_file(args.output.as_deref())?;
 
     let bar = progress(expected_len, &digest.to_hex()[..12]);
     let mut verifier = StreamVerifier::new(digest, expected_len);
@@ -102,6 +95,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     file.flush().await?;
     bar.finish_and_clear();
     deliver(file.into_inner(), temp_path, args.output.as_deref()).await
+}
+
+/// A buffered temporary file beside `output` (so it can be renamed onto
+/// it), or in the temporary directory when writing to stdout.
+fn temp_file(
+    output: Option<&Path>,
+) -> anyhow::Result<(tokio::io::BufWriter<tokio::fs::File>, tempfile::TempPath)> {
+    let temp = match output {
+        Some(out) => tempfile::NamedTempFile::new_in(parent_dir(out))
+            .with_context(|| format!("creating a temporary file beside {}", out.display()))?,
+        None => tempfile::NamedTempFile::new().context("creating a temporary file")?,
+    };
+    let (file, temp_path) = temp.into_parts();
+    let file = tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::fs::File::from_std(file));
+    Ok((file, temp_path))
 }
 
 /// Moves the finished temporary file onto `output`, or copies it to stdout.
@@ -152,14 +160,7 @@ async fn run_range(
     if end > size {
         anyhow::bail!("range {start}..{end} runs past the end of the {size}-byte blob");
     }
-    let temp = match &args.output {
-        Some(out) => tempfile::NamedTempFile::new_in(parent_dir(out))
-            .with_context(|| format!("creating a temporary file beside {}", out.display()))?,
-        None => tempfile::NamedTempFile::new().context("creating a temporary file")?,
-    };
-    let (file, temp_path) = temp.into_parts();
-    let mut file =
-        tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::fs::File::from_std(file));
+    let (mut file, temp_path) = temp_file(args.output.as_deref())?;
     reader.seek(std::io::SeekFrom::Start(start)).await?;
     let copied = tokio::io::copy(&mut (&mut reader).take(end - start), &mut file)
         .await
