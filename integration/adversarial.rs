@@ -65,6 +65,11 @@ enum Lie {
     Stall,
     /// Sends half of the first read, then exits.
     Die,
+    /// Flips one byte of the blob's last chunk only, so a streaming reader
+    /// has delivered the chunks before it when the lie shows.
+    FlipLast,
+    /// Sends half of the blob's last chunk, then exits.
+    DieLast,
 }
 
 const LIES: &[Lie] = &[
@@ -76,6 +81,8 @@ const LIES: &[Lie] = &[
     Lie::WrongOutboard,
     Lie::Stall,
     Lie::Die,
+    Lie::FlipLast,
+    Lie::DieLast,
 ];
 
 fn lie_name(lie: Lie) -> String {
@@ -166,7 +173,15 @@ impl GrpcBlobService for Liar {
         let mut data = Vec::new();
         reader.read_to_end(&mut data).await?;
         let half = data.len() / 2;
-        match self.lie {
+        let last_chunk = self.honest_stat(&self.digest).await?.chunks.pop();
+        let is_last_chunk = last_chunk.is_some_and(|c| c.digest == request.get_ref().digest);
+        let lie = match self.lie {
+            Lie::FlipLast if is_last_chunk => Lie::FlipByte,
+            Lie::DieLast if is_last_chunk => Lie::Die,
+            Lie::FlipLast | Lie::DieLast => Lie::WrongChunks, // honest reads
+            other => other,
+        };
+        match lie {
             Lie::FlipByte => data[half] ^= 1,
             Lie::Truncate => {
                 data.pop();
@@ -280,7 +295,7 @@ impl Drop for FaultPeer {
     }
 }
 
-fn sidecar_config(near: &Path, liar: &str, honest: Option<&str>) -> String {
+fn sidecar_config(near: &Path, liar: &str, honest: Option<&str>, fill: &str) -> String {
     let mut tiers = vec!["near", "liar"];
     let mut config = format!(
         "[blobservices.near]\ntype = \"disk\"\npath = \"{}\"\nmax_size = \"1GiB\"\n\n\
@@ -294,7 +309,7 @@ fn sidecar_config(near: &Path, liar: &str, honest: Option<&str>) -> String {
         ));
     }
     config.push_str(&format!(
-        "[blobservices.root]\ntype = \"tiers\"\ntiers = {tiers:?}\n"
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = {tiers:?}\nfill = \"{fill}\"\n"
     ));
     config
 }
@@ -349,7 +364,7 @@ async fn liars_fall_through_to_the_honest_peer_and_poison_nothing() {
     for &lie in LIES {
         let liar = FaultPeer::start(lie);
         let near = tempfile::tempdir().unwrap();
-        let config = sidecar_config(near.path(), &liar.addr, Some(&honest.tcp_addr()));
+        let config = sidecar_config(near.path(), &liar.addr, Some(&honest.tcp_addr()), "sync");
         let sidecar = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
             .await
             .unwrap();
@@ -376,7 +391,7 @@ async fn with_no_honest_tier_a_liar_gives_a_clean_error() {
     ] {
         let liar = FaultPeer::start(lie);
         let near = tempfile::tempdir().unwrap();
-        let config = sidecar_config(near.path(), &liar.addr, None);
+        let config = sidecar_config(near.path(), &liar.addr, None, "sync");
         let sidecar = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
             .await
             .unwrap();
@@ -391,5 +406,50 @@ async fn with_no_honest_tier_a_liar_gives_a_clean_error() {
         assert_ne!(failure.code(), tonic::Code::Ok, "{lie:?}");
         drop(sidecar);
         assert_near_tier_clean(near.path(), &digest, lie).await;
+    }
+}
+
+/// With `fill = "off"` the client's stream comes straight from the liar's
+/// verifying reader; a lie caught part-way (or a stall, or a death) makes
+/// the sidecar continue the same stream from the honest peer.
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_reads_switch_tiers_part_way() {
+    let honest = tokio::task::spawn_blocking(|| {
+        Daemon::start(Some(
+            "[blobservices.root]\ntype = \"memory\"\nmax_size = \"64MiB\"\n",
+        ))
+    })
+    .await
+    .unwrap();
+    let digest = put_blob(&honest.tcp_addr(), &blob()).await;
+    for &lie in &[Lie::FlipLast, Lie::DieLast, Lie::FlipByte, Lie::Stall] {
+        let liar = FaultPeer::start(lie);
+        let near = tempfile::tempdir().unwrap();
+        let config = sidecar_config(near.path(), &liar.addr, Some(&honest.tcp_addr()), "off");
+        let sidecar = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
+            .await
+            .unwrap();
+        let got = read_blob(&sidecar.tcp_addr(), &digest).await;
+        let got = got.unwrap_or_else(|f| panic!("{lie:?}: {f:?}\n{}", sidecar.log_text()));
+        assert!(got == blob(), "{lie:?}: wrong bytes");
+        let log = sidecar.log_text();
+        let switch = log
+            .lines()
+            .find(|l| l.contains("liar") && l.contains("failed part-way"))
+            .unwrap_or_else(|| panic!("{lie:?}: no switch logged:\n{log}"));
+        if matches!(lie, Lie::FlipLast | Lie::DieLast) {
+            // The liar's honest chunks went out before the switch.
+            let position: u64 = switch
+                .split("position=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("{lie:?}: no position in {switch}"));
+            assert!(position > 0, "{lie:?}: switched before any byte: {switch}");
+        }
+        assert!(
+            log.contains("resuming the read from this tier"),
+            "{lie:?}: no resumption logged:\n{log}"
+        );
     }
 }

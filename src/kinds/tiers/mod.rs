@@ -19,7 +19,10 @@
 //! 2. If *k* is the nearest tier, or `fill = "off"`, or no tier before *k*
 //!    takes fills, the blob is read from *k* (falling back to the tiers after
 //!    *k* if that fails). Every tier's reader is verified (the
-//!    [`BlobService`] contract).
+//!    [`BlobService`] contract). A reader that fails part-way (a lie caught
+//!    at a chunk or 16 KiB group, a peer that stalls or dies) is replaced by
+//!    the next tier's, seeked to where the first stopped, so the client's
+//!    stream goes on (see [`failover`]).
 //! 3. Otherwise the blob is fetched chunk by chunk: each chunk from the
 //!    nearest fill tier that already holds it (dedup across blobs), else
 //!    from *k* or a later tier, verified against its digest, a bounded
@@ -42,6 +45,8 @@
 //!
 //! Puts go to every tier in `write_to` (default: the nearest persistent
 //! tier, else the nearest tier).
+
+mod failover;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -248,14 +253,34 @@ struct Member {
 }
 
 impl Member {
-    fn record_failure(&self, what: &str, digest: &B3Digest, err: &Error) {
+    /// Whether a fill of a blob of `size` bytes goes into this tier. A blob
+    /// larger than half the tier's capacity does not: it would flush most of
+    /// the tier, and likely be evicted before it is read.
+    fn takes_fill_of(&self, size: u64) -> bool {
+        self.takes_fills && self.capacity.is_none_or(|c| size <= c / 2)
+    }
+
+    /// Counts a failure of this tier: a verification failure or an error.
+    fn count_failure(&self, err: &Error) {
         let counter = if matches!(err.root(), Error::Verification(_)) {
             &self.counters.verification_failures
         } else {
             &self.counters.errors
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn record_failure(&self, what: &str, digest: &B3Digest, err: &Error) {
+        self.count_failure(err);
         warn!(tier = %self.name, %digest, error = %err, "{what} failed; trying the next tier");
+    }
+
+    /// [`Member::record_failure`] for a read that failed after `position`
+    /// bytes had been delivered.
+    fn record_failure_at(&self, what: &str, digest: &B3Digest, err: &Error, position: u64) {
+        self.count_failure(err);
+        warn!(tier = %self.name, %digest, position, error = %err,
+            "{what} failed part-way; trying the next tier");
     }
 }
 
@@ -333,26 +358,25 @@ impl Inner {
         self.members[..k].iter().filter(|m| m.takes_fills).collect()
     }
 
-    /// Tiers before `k` that take a fill of a blob of `size` bytes. A blob
-    /// larger than half a tier's capacity is not filled into it: it would
-    /// flush most of the tier, and likely be evicted before it is read.
+    /// Tiers before `k` that take a fill of a blob of `size` bytes.
     fn fill_targets(&self, k: usize, size: u64) -> Vec<&Member> {
-        self.near_caches(k)
-            .into_iter()
-            .filter(|m| m.capacity.is_none_or(|c| size <= c / 2))
+        self.members[..k]
+            .iter()
+            .filter(|m| m.takes_fill_of(size))
             .collect()
     }
 
-    /// Reads from tier `k`, then from each later tier, until one answers.
+    /// Reads from tier `from`, then from each later tier, until one
+    /// answers; the reader moves on to later tiers if it fails part-way.
     async fn read_direct(
-        &self,
+        self: &Arc<Self>,
         digest: &B3Digest,
         from: usize,
     ) -> Result<Option<Box<dyn BlobReader>>> {
         let mut failures = Vec::new();
-        for m in &self.members[from..] {
+        for (i, m) in self.members.iter().enumerate().skip(from) {
             match m.svc.open_read(digest).await {
-                Ok(Some(reader)) => return Ok(Some(reader)),
+                Ok(Some(reader)) => return Ok(Some(self.failover(digest, i, reader))),
                 Ok(None) => {}
                 Err(e) => {
                     m.record_failure("read", digest, &e);
@@ -363,16 +387,38 @@ impl Inner {
         absent_unless_failed(failures)
     }
 
+    /// `reader` (of tier `tier`), made to continue from the later tiers if
+    /// it fails part-way.
+    fn failover(
+        self: &Arc<Self>,
+        digest: &B3Digest,
+        tier: usize,
+        reader: Box<dyn BlobReader>,
+    ) -> Box<dyn BlobReader> {
+        if tier + 1 == self.members.len() {
+            return reader;
+        }
+        Box::new(failover::FailoverReader::new(
+            self.clone(),
+            *digest,
+            tier,
+            reader,
+        ))
+    }
+
     /// Reads from the fill tiers before `k` (after a fill).
     async fn read_near(
-        &self,
+        self: &Arc<Self>,
         digest: &B3Digest,
         k: usize,
         size: u64,
     ) -> Option<Box<dyn BlobReader>> {
-        for m in self.fill_targets(k, size) {
+        for (i, m) in self.members[..k].iter().enumerate() {
+            if !m.takes_fill_of(size) {
+                continue;
+            }
             match m.svc.open_read(digest).await {
-                Ok(Some(reader)) => return Some(reader),
+                Ok(Some(reader)) => return Some(self.failover(digest, i, reader)),
                 Ok(None) => {}
                 Err(e) => m.record_failure("read", digest, &e),
             }
