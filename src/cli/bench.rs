@@ -8,7 +8,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -109,6 +110,11 @@ pub struct BenchReport {
     /// A 1 MiB range of a cold blob: Stat with chunks, then the covering
     /// chunks, each verified.
     pub range_read_ms: f64,
+    /// Data bytes a sidecar read from its peer to serve that range (a
+    /// byte-counting proxy sits between them).
+    pub range_upstream_bytes: u64,
+    /// Encoded bytes of the Stat answers the peer sent for that range.
+    pub range_stat_bytes: u64,
     /// 99th percentile of 1000 Stats on the sidecar.
     pub stat_p99_ms: f64,
     /// Upstream bytes / blob size for the concurrent cold readers.
@@ -201,7 +207,24 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     let stat_p99_ms = stat_times[stat_times.len() * 99 / 100].as_secs_f64() * 1e3;
     progress(&format!("stat p99: {stat_p99_ms:.2} ms"));
 
-    let coalesce_factor = coalesce(opts, work.path(), &peer).await?;
+    let proxied = ProxiedSidecar::start(opts, work.path(), &peer).await?;
+    let (range_upstream_bytes, range_stat_bytes) = {
+        let got = read_range(&proxied.client, &ranged_digest, start, start + (1 << 20)).await?;
+        anyhow::ensure!(
+            got == ranged.slice(start as usize..start as usize + (1 << 20)),
+            "range read through the proxy returned different bytes"
+        );
+        (
+            proxied.read_bytes.load(Ordering::SeqCst),
+            proxied.stat_bytes.load(Ordering::SeqCst),
+        )
+    };
+    progress(&format!(
+        "1 MiB range of a cold blob moved {range_upstream_bytes} bytes from the peer \
+         (+ {range_stat_bytes} bytes of Stat)"
+    ));
+
+    let coalesce_factor = coalesce(opts, &proxied, &peer).await?;
     progress(&format!(
         "{} concurrent cold readers: upstream factor {coalesce_factor:.3}",
         opts.readers
@@ -218,6 +241,8 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         warm_read_mbps,
         cold_read_mbps,
         range_read_ms,
+        range_upstream_bytes,
+        range_stat_bytes,
         stat_p99_ms,
         coalesce_factor,
         peak_rss_mb,
@@ -236,39 +261,71 @@ fn sidecar_config(disk: &Path, peer: &str, size: usize) -> String {
     )
 }
 
-/// 100 (or `readers`) concurrent cold reads through a second sidecar whose
-/// peer sits behind a byte-counting proxy.
-async fn coalesce(opts: &BenchOptions, work: &Path, peer: &Server) -> anyhow::Result<f64> {
+/// A second sidecar whose peer sits behind a byte-counting proxy: what it
+/// moves upstream is counted.
+struct ProxiedSidecar {
+    client: BlobServiceClient<Channel>,
+    read_bytes: Arc<AtomicU64>,
+    stat_bytes: Arc<AtomicU64>,
+    _sidecar: Server,
+    proxy_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl ProxiedSidecar {
+    async fn start(opts: &BenchOptions, work: &Path, peer: &Server) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let proxy_addr = format!("grpc+http://{}", listener.local_addr()?);
+        let (proxy, read_bytes) = CountingProxy::new(client(&peer.addr)?);
+        let stat_bytes = proxy.stat_bytes();
+        let proxy_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .add_service(BlobServiceServer::new(proxy))
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        let sidecar = Server::start(
+            &opts.strata,
+            work,
+            "proxied",
+            &sidecar_config(&work.join("proxied-disk"), &proxy_addr, opts.size),
+        )?;
+        Ok(ProxiedSidecar {
+            client: client(&sidecar.addr)?,
+            read_bytes,
+            stat_bytes,
+            _sidecar: sidecar,
+            proxy_task,
+        })
+    }
+}
+
+impl Drop for ProxiedSidecar {
+    fn drop(&mut self) {
+        self.proxy_task.abort();
+    }
+}
+
+/// 100 (or `readers`) concurrent cold reads through the proxied sidecar:
+/// upstream bytes / blob size.
+async fn coalesce(
+    opts: &BenchOptions,
+    proxied: &ProxiedSidecar,
+    peer: &Server,
+) -> anyhow::Result<f64> {
     let data = Bytes::from(pseudo_random(opts.coalesce_size, 4));
     let digest = put(&client(&peer.addr)?, &data).await?;
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let proxy_addr = format!("grpc+http://{}", listener.local_addr()?);
-    let (proxy, counted) = CountingProxy::new(client(&peer.addr)?);
-    let proxy_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .add_service(BlobServiceServer::new(proxy))
-            .serve_with_incoming(TcpIncoming::from(listener)),
-    );
-    let sidecar = Server::start(
-        &opts.strata,
-        work,
-        "coalesce",
-        &sidecar_config(&work.join("coalesce-disk"), &proxy_addr, opts.coalesce_size),
-    )?;
-    let sidecar_client = client(&sidecar.addr)?;
+    let before = proxied.read_bytes.load(Ordering::SeqCst);
     let mut readers = tokio::task::JoinSet::new();
     for _ in 0..opts.readers {
-        let c = sidecar_client.clone();
+        let c = proxied.client.clone();
         readers.spawn(async move { read_verified(&c, &digest).await });
     }
     while let Some(r) = readers.join_next().await {
         r??;
     }
-    proxy_task.abort();
-    Ok(counted.load(Ordering::SeqCst) as f64 / data.len() as f64)
+    let moved = proxied.read_bytes.load(Ordering::SeqCst) - before;
+    Ok(moved as f64 / data.len() as f64)
 }
 
 fn time<T>(f: impl FnOnce() -> T) -> Duration {
