@@ -48,9 +48,6 @@ pub struct BlobStat {
     /// The blob's physical chunks, in order. Empty when the blob is stored
     /// as a single piece.
     pub chunks: Vec<ChunkMeta>,
-    /// The blob's outboard, if the service has one; always one that hashes
-    /// to the digest (checked, or computed by strata itself).
-    pub outboard: Option<Outboard>,
 }
 
 /// What a completed write produced.
@@ -74,6 +71,18 @@ pub trait BlobService: Send + Sync + 'static {
 
     /// Size and chunk list of a blob, or `None` if it is absent.
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>>;
+
+    /// The blob's outboard, checked against the digest (or computed by
+    /// strata itself), at the shift the service keeps; `None` if the blob
+    /// is absent or the service has no outboard for it.
+    ///
+    /// Separate from [`BlobService::stat`] because it is large (1/256 of
+    /// the blob at 16 KiB groups) and most Stats — existence checks — do
+    /// not need it. Combinators forward it to the tier that has the blob.
+    async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
+        let _ = digest;
+        Ok(None)
+    }
 
     /// A seekable reader over the blob's verified contents, or `None` if it
     /// is absent.
@@ -121,6 +130,9 @@ impl<T: BlobService + ?Sized> BlobService for std::sync::Arc<T> {
     }
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
         (**self).stat(digest).await
+    }
+    async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
+        (**self).outboard(digest).await
     }
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
         (**self).open_read(digest).await

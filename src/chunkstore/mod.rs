@@ -31,7 +31,7 @@ use tracing::instrument;
 use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
-use crate::verify::{spool_verified_shared, verify_chunk};
+use crate::verify::{Outboard, spool_verified_shared, verify_chunk};
 
 /// Names an object in a chunk store: a chunk or a blob index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -149,15 +149,26 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
         if let Some(index) = self.complete_index(digest).await? {
             return Ok(Some(BlobStat {
                 size: index.size,
-                outboard: index.outboard(digest, self.store.trusts_indexes()),
                 chunks: index.chunks,
             }));
         }
         Ok(self.store.chunk_size(digest).await?.map(|size| BlobStat {
             size,
             chunks: Vec::new(),
-            outboard: None,
         }))
+    }
+
+    /// The outboard kept in the blob's index: trusted as stored when this
+    /// store wrote the index itself, else checked against the digest.
+    #[instrument(skip(self), fields(%digest), err)]
+    async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
+        if digest.is_empty_blob() {
+            return Ok(None);
+        }
+        Ok(self
+            .complete_index(digest)
+            .await?
+            .and_then(|index| index.outboard(digest, self.store.trusts_indexes())))
     }
 
     #[instrument(skip(self), fields(%digest), err)]

@@ -238,13 +238,13 @@ fn fetched(svc: &ChunkedBlobService<Untrusted>) -> u64 {
 }
 
 #[tokio::test]
-async fn puts_store_the_outboard_and_stat_returns_it() {
+async fn puts_store_the_outboard_and_the_service_returns_it() {
     let svc = untrusted();
     let blob = data(3 << 20, 20);
     let put = put(&svc, &blob, 1 << 20).await;
-    let stat = svc.stat(&put.digest).await.unwrap().unwrap();
+    let outboard = svc.outboard(&put.digest).await.unwrap();
     let expected = crate::verify::bao::outboard_of(&blob, crate::verify::STORED_SHIFT).1;
-    assert_eq!(stat.outboard, Some(expected));
+    assert_eq!(outboard, Some(expected));
 }
 
 #[tokio::test]
@@ -319,7 +319,7 @@ async fn an_index_without_outboard_is_verified_whole_then_gets_one() {
     let stored = svc.store().get_index(&put.digest).await.unwrap().unwrap();
     let bare = BlobIndex::new(stored.chunks.clone(), None);
     svc.store().put_index(put.digest, bare).await.unwrap();
-    assert_eq!(svc.stat(&put.digest).await.unwrap().unwrap().outboard, None);
+    assert_eq!(svc.outboard(&put.digest).await.unwrap(), None);
 
     let mut r = svc.open_read(&put.digest).await.unwrap().unwrap();
     let mut out = Vec::new();

@@ -19,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta, PutResult};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
+use crate::verify::Outboard;
 
 /// A tier whose calls are bounded by a timeout.
 pub struct TimeoutService {
@@ -55,6 +56,10 @@ impl BlobService for TimeoutService {
 
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
         self.bounded(self.inner.stat(digest)).await
+    }
+
+    async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
+        self.bounded(self.inner.outboard(digest)).await
     }
 
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {

@@ -201,9 +201,9 @@ impl GrpcBlobService {
         }
     }
 
-    /// The peer's Stat, checked for internal consistency, its outboard
-    /// against the digest.
-    async fn stat_raw(&self, digest: &B3Digest) -> Result<Option<PeerStat>> {
+    /// The peer's Stat, checked for internal consistency; with `send_bao`,
+    /// also its outboard (checked against the digest).
+    async fn stat_raw(&self, digest: &B3Digest, send_bao: bool) -> Result<Option<PeerStat>> {
         if digest.is_empty_blob() {
             return Ok(Some(PeerStat {
                 size: Some(0),
@@ -214,8 +214,8 @@ impl GrpcBlobService {
         let req = StatBlobRequest {
             digest: (*digest).into(),
             send_chunks: true,
-            send_bao: true,
-            bao_shift: STORED_SHIFT.into(),
+            send_bao,
+            bao_shift: if send_bao { STORED_SHIFT.into() } else { 0 },
             ..Default::default()
         };
         let resp: StatBlobResponse = match call!(self.client, stat(req)) {
@@ -324,7 +324,7 @@ impl GrpcBlobService {
 impl BlobService for GrpcBlobService {
     #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        let Some(stat) = self.stat_raw(digest).await? else {
+        let Some(stat) = self.stat_raw(digest, false).await? else {
             return Ok(None);
         };
         let size = match stat.size {
@@ -340,13 +340,22 @@ impl BlobService for GrpcBlobService {
         Ok(Some(BlobStat {
             size,
             chunks: stat.chunks,
-            outboard: stat.outboard,
         }))
+    }
+
+    /// Asks the peer for the outboard at the shift strata stores (or the
+    /// coarser one it can fit in a message). A wrong outboard is an error.
+    #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
+    async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
+        Ok(self
+            .stat_raw(digest, true)
+            .await?
+            .and_then(|stat| stat.outboard))
     }
 
     #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
-        let Some(stat) = self.stat_raw(digest).await? else {
+        let Some(stat) = self.stat_raw(digest, true).await? else {
             return Ok(None);
         };
         if stat.size == Some(0) && digest.is_empty_blob() {

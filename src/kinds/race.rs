@@ -27,6 +27,7 @@ use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter};
 use crate::composition::{BuildContext, Duration as ConfigDuration, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, absent_unless_failed};
+use crate::verify::Outboard;
 
 /// Configuration of a `race`.
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +143,14 @@ impl BlobService for RaceService {
         let d = *digest;
         self.race(digest, move |svc| {
             Box::pin(async move { svc.stat(&d).await })
+        })
+        .await
+    }
+
+    async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
+        let d = *digest;
+        self.race(digest, move |svc| {
+            Box::pin(async move { svc.outboard(&d).await })
         })
         .await
     }

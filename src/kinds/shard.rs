@@ -33,6 +33,7 @@ use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, PutResul
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
+use crate::verify::Outboard;
 
 /// Configuration of a `shard`.
 #[derive(Debug, Clone, Deserialize)]
@@ -168,6 +169,10 @@ macro_rules! first_healthy {
 impl BlobService for ShardService {
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
         first_healthy!(self, digest, |svc| svc.stat(digest))
+    }
+
+    async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
+        first_healthy!(self, digest, |svc| svc.outboard(digest))
     }
 
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {

@@ -118,7 +118,15 @@ impl BlobServer {
     ) -> Result<Option<Outboard>, Status> {
         let requested = u8::try_from(requested).unwrap_or(bao::MAX_SHIFT);
         let shift = bao::shift_within(stat.size, requested, budget);
-        match &stat.outboard {
+        let stored = match self.service.outboard(digest).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                // Whoever failed to give one, the data can still make one.
+                warn!(%digest, error = %e, "no stored outboard; computing one");
+                None
+            }
+        };
+        match stored {
             Some(stored) => {
                 if let Some(outboard) = stored.coarsen(shift) {
                     return Ok(Some(outboard));

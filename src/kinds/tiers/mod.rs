@@ -67,7 +67,7 @@ use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError, absent_unless_failed};
 use crate::singleflight::SingleFlight;
-use crate::verify::{GroupVerifier, spool_verified_shared};
+use crate::verify::{GroupVerifier, Outboard, spool_verified_shared};
 
 /// No chunk is larger than this (FastCDC v2020's maximum).
 const MAX_CHUNK_SIZE: u64 = fastcdc::v2020::MAXIMUM_MAX as u64;
@@ -429,17 +429,17 @@ impl Inner {
     /// The blob's bytes, verified piece by piece where they can be: chunk by
     /// chunk (near fill tiers first, then `k` and later tiers) when the Stat
     /// listed chunks, else as one stream from `k` or a later tier; and group
-    /// by group against the outboard, when the Stat came with one, so a
-    /// chunk list that does not make up the blob fails at its first bad
-    /// group.
+    /// by group against tier `k`'s outboard, when it has one, so a chunk
+    /// list that does not make up the blob fails at its first bad group.
     async fn pieces(
         self: &Arc<Self>,
         digest: B3Digest,
         k: usize,
         stat: &BlobStat,
     ) -> Result<BoxStream<'static, Result<Bytes>>> {
+        let outboard = self.source_outboard(&digest, k).await?;
         let pieces = self.unchecked_pieces(digest, k, stat).await?;
-        let Some(outboard) = stat.outboard.clone() else {
+        let Some(outboard) = outboard else {
             return Ok(pieces);
         };
         Ok(async_stream::try_stream! {
@@ -452,6 +452,24 @@ impl Inner {
             groups.finish()?;
         }
         .boxed())
+    }
+
+    /// Tier `k`'s outboard of the blob. A wrong one is tier `k` lying (an
+    /// error, so the read moves on); a tier that cannot say is read without
+    /// one (the fill tiers still check the whole blob's digest).
+    async fn source_outboard(&self, digest: &B3Digest, k: usize) -> Result<Option<Outboard>> {
+        let source = &self.members[k];
+        match source.svc.outboard(digest).await {
+            Ok(outboard) => Ok(outboard),
+            Err(e) if matches!(e.root(), Error::Verification(_)) => {
+                source.record_failure("outboard", digest, &e);
+                Err(e)
+            }
+            Err(e) => {
+                source.record_failure("outboard", digest, &e);
+                Ok(None)
+            }
+        }
     }
 
     /// The blob's bytes, each chunk checked against its digest only.
@@ -590,16 +608,17 @@ impl Inner {
         k: usize,
         stat: BlobStat,
     ) -> Result<SharedSpool> {
+        // The pieces come checked against the source's outboard, if it has
+        // one; the spool still hashes the whole blob, which a source without
+        // an outboard needs.
         let pieces = self.pieces(digest, k, &stat).await?;
-        let outboard = stat.outboard.clone();
-        let spool =
-            match spool_verified_shared(digest, Some(stat.size), outboard, None, pieces).await {
-                Ok((spool, _)) => spool,
-                Err(e) => {
-                    self.members[k].record_failure("fetch", &digest, &e);
-                    return Err(e);
-                }
-            };
+        let spool = match spool_verified_shared(digest, Some(stat.size), None, None, pieces).await {
+            Ok((spool, _)) => spool,
+            Err(e) => {
+                self.members[k].record_failure("fetch", &digest, &e);
+                return Err(e);
+            }
+        };
         if let Some(filler) = &self.filler {
             let targets = self
                 .fill_targets(k, stat.size)
@@ -620,6 +639,14 @@ impl Inner {
 impl BlobService for TiersService {
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
         Ok(self.inner.locate(digest, 0).await?.map(|(_, stat)| stat))
+    }
+
+    /// The outboard of the nearest tier that has the blob.
+    async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
+        match self.inner.locate(digest, 0).await? {
+            Some((k, _)) => self.inner.members[k].svc.outboard(digest).await,
+            None => Ok(None),
+        }
     }
 
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
