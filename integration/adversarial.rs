@@ -28,7 +28,7 @@ use tokio::io::AsyncReadExt;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::harness::{Daemon, put_blob, read_blob, test_data};
+use crate::harness::{Daemon, metric, put_blob, read_blob, test_data};
 
 const SIZE: usize = 3 << 20;
 const SEED: u64 = 77;
@@ -373,9 +373,10 @@ async fn liars_fall_through_to_the_honest_peer_and_poison_nothing() {
         let liar = FaultPeer::start(lie);
         let near = tempfile::tempdir().unwrap();
         let config = sidecar_config(near.path(), &liar.addr, Some(&honest.tcp_addr()), "sync");
-        let sidecar = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
-            .await
-            .unwrap();
+        let sidecar =
+            tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
+                .await
+                .unwrap();
         let got = read_blob(&sidecar.tcp_addr(), &digest).await;
         let got = got.unwrap_or_else(|f| panic!("{lie:?}: {f:?}\n{}", sidecar.log_text()));
         assert!(got == blob(), "{lie:?}: wrong bytes");
@@ -383,6 +384,28 @@ async fn liars_fall_through_to_the_honest_peer_and_poison_nothing() {
         assert!(
             log.contains("liar") && log.contains("trying the next tier"),
             "{lie:?}: the liar's failure is not logged:\n{log}"
+        );
+        let page = sidecar.metrics();
+        let lies = metric(
+            &page,
+            "strata_tier_verification_failures_total{tier=\"liar\"}",
+        );
+        let errors = metric(&page, "strata_tier_errors_total{tier=\"liar\"}");
+        if matches!(lie, Lie::Stall | Lie::Die | Lie::DieLast) {
+            assert!(errors >= 1.0, "{lie:?}: no error counted:\n{page}");
+        } else {
+            assert!(
+                lies >= 1.0,
+                "{lie:?}: no verification failure counted:\n{page}"
+            );
+        }
+        assert_eq!(
+            metric(
+                &page,
+                "strata_tier_verification_failures_total{tier=\"honest\"}"
+            ),
+            0.0,
+            "{lie:?}"
         );
         drop(sidecar);
         assert_near_tier_clean(near.path(), &digest, lie).await;

@@ -27,22 +27,33 @@ pub struct Daemon {
     pub tcp: String,
     pub socket: PathBuf,
     log: PathBuf,
+    /// HOST:PORT of `/metrics`, when started with metrics.
+    metrics: Option<String>,
 }
 
 impl Daemon {
     /// Starts `strata serve` with the given composition (or the default when
     /// `None`), listening on a fresh TCP port and a unix socket.
     pub fn start(config: Option<&str>) -> Daemon {
-        Daemon::start_inner(config, None)
+        Daemon::start_inner(config, None, &[])
+    }
+
+    /// Like [`Daemon::start`], also serving `/metrics` on a fresh port;
+    /// [`Daemon::metrics`] scrapes it.
+    pub fn start_with_metrics(config: Option<&str>) -> Daemon {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut daemon = Daemon::start_inner(config, None, &["--metrics-listen", &addr]);
+        daemon.metrics = Some(addr);
+        daemon
     }
 
     /// Like [`Daemon::start`], with `$XDG_CACHE_HOME` (where the default
     /// composition keeps its disk cache) set to `cache_home`.
     pub fn start_with_cache_home(config: Option<&str>, cache_home: &Path) -> Daemon {
-        Daemon::start_inner(config, Some(cache_home))
+        Daemon::start_inner(config, Some(cache_home), &[])
     }
 
-    fn start_inner(config: Option<&str>, cache_home: Option<&Path>) -> Daemon {
+    fn start_inner(config: Option<&str>, cache_home: Option<&Path>, extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache_home = cache_home
             .map(Path::to_owned)
@@ -75,6 +86,7 @@ impl Daemon {
             if let Some(path) = &config_path {
                 cmd.arg("--config").arg(path);
             }
+            cmd.args(extra);
             let mut child = cmd.spawn().expect("spawn strata serve");
             match wait_ready(&mut child, &tcp, &socket, &log) {
                 Ok(()) => {
@@ -84,6 +96,7 @@ impl Daemon {
                         tcp,
                         socket,
                         log,
+                        metrics: None,
                     };
                 }
                 Err(e) => {
@@ -104,6 +117,24 @@ impl Daemon {
     /// `grpc+unix://…` address of the socket listener.
     pub fn unix_addr(&self) -> String {
         format!("grpc+unix://{}", self.socket.display())
+    }
+
+    /// The daemon's `/metrics` page (started with
+    /// [`Daemon::start_with_metrics`]).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let addr = self.metrics.as_ref().expect("started with metrics");
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+        write!(
+            conn,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send the request");
+        let mut response = String::new();
+        conn.read_to_string(&mut response).expect("read /metrics");
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "/metrics answered {head}");
+        body.to_owned()
     }
 
     /// Everything the daemon logged so far.
@@ -396,4 +427,12 @@ pub fn stalled_peer() -> String {
         }
     });
     format!("grpc+http://{addr}")
+}
+
+/// The value of one series (`name{labels}`, exactly as exported) in a
+/// `/metrics` page; 0 when absent.
+pub fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().expect("a number"))
 }

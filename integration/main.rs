@@ -9,6 +9,7 @@ mod config_errors;
 mod disk;
 mod examples;
 mod lying_peer;
+mod metrics;
 mod objectstore;
 mod ranges;
 mod roundtrip;

@@ -7,6 +7,7 @@
 //! * [`verify`]: where every untrusted byte is checked.
 //! * [`composition`]: composition files and the kind registry.
 //! * [`server`]: the gRPC server and its listeners.
+//! * [`metrics`]: the Prometheus registry and its `/metrics` endpoint.
 
 #![warn(missing_docs)]
 
@@ -17,6 +18,7 @@ pub mod composition;
 pub mod digest;
 pub mod error;
 pub mod kinds;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod singleflight;

@@ -21,6 +21,10 @@ pub struct Args {
     /// overrides the composition file's `[server] listen`.
     #[arg(long, value_name = "ADDR")]
     listen: Vec<String>,
+
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -46,6 +50,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut opts = ServeOptions {
         listen,
+        metrics_listen: args.metrics_listen,
         ..Default::default()
     };
     if let Some(size) = composition.server.max_message_size {
@@ -60,7 +65,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let root = composition
-        .build()
+        .build_with_metrics(&opts.metrics)
         .await
         .with_context(|| format!("building the tiers of {}", composition.file))?;
     info!(file = %composition.file, "tiers built:\n{}", composition.describe());

@@ -18,11 +18,13 @@
 //! tier.
 
 mod duration;
+mod instrumented;
 mod registry;
 mod size;
 mod timeout;
 
 pub use duration::Duration;
+pub use instrumented::InstrumentedService;
 pub use registry::{Kind, Registry, TierConfig, UrlParser};
 pub use size::ByteSize;
 pub use timeout::TimeoutService;
@@ -37,6 +39,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::blobservice::BlobService;
 use crate::error::Result;
+use crate::metrics::{Metrics, TierMetrics};
 
 /// The tier that is served.
 pub const ROOT: &str = "root";
@@ -352,11 +355,20 @@ impl Composition {
         Ok(order)
     }
 
-    /// Builds every tier reachable from `root` and returns `root`.
+    /// Builds every tier reachable from `root` and returns `root`, with
+    /// metrics in a registry of its own.
     pub async fn build(&self) -> Result<Arc<dyn BlobService>> {
+        self.build_with_metrics(&Metrics::new()).await
+    }
+
+    /// Builds every tier reachable from `root` and returns `root`; every
+    /// tier is counted in `metrics` under its name.
+    pub async fn build_with_metrics(&self, metrics: &Metrics) -> Result<Arc<dyn BlobService>> {
         let mut ctx = BuildContext {
             built: HashMap::new(),
             specs: &self.tiers,
+            metrics: metrics.clone(),
+            current: String::new(),
         };
         let reachable = self.reachable_from_root();
         let order = self
@@ -364,10 +376,13 @@ impl Composition {
             .map_err(|e| crate::Error::InvalidRequest(e.to_string()))?;
         for name in order.into_iter().filter(|n| reachable.contains(n)) {
             let spec = &self.tiers[&name];
+            ctx.current.clone_from(&name);
             let mut service = spec.config.build(&ctx).await?;
             if let Some(timeout) = spec.timeout {
                 service = Arc::new(TimeoutService::new(service, name.clone(), timeout.0));
             }
+            let metrics = ctx.tier_metrics();
+            service = Arc::new(InstrumentedService::new(service, name.clone(), metrics));
             ctx.built.insert(name, service);
         }
         ctx.built
@@ -431,9 +446,23 @@ impl Composition {
 pub struct BuildContext<'a> {
     built: HashMap<String, Arc<dyn BlobService>>,
     specs: &'a BTreeMap<String, TierSpec>,
+    metrics: Metrics,
+    /// The tier being built.
+    current: String,
 }
 
 impl BuildContext<'_> {
+    /// The process's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The metric handles of the tier being built (for what only the kind
+    /// knows: evictions, occupancy).
+    pub fn tier_metrics(&self) -> TierMetrics {
+        self.metrics.tier(&self.current)
+    }
+
     /// Whether the tier called `name` keeps data across restarts.
     pub fn persistent(&self, name: &str) -> bool {
         self.specs

@@ -45,6 +45,7 @@ use crate::chunkstore::{BlobIndex, ChunkStore, ChunkedBlobService, ObjectKey};
 use crate::composition::{BuildContext, ByteSize, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
+use crate::metrics::TierMetrics;
 
 /// Default `max_size` of a disk tier.
 pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
@@ -86,8 +87,10 @@ impl TierConfig for DiskConfig {
         Some(self.max_size.0)
     }
 
-    async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
-        let store = DiskStore::open(self.path.clone(), self.max_size.0).await?;
+    async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
+        let store =
+            DiskStore::open_with_metrics(self.path.clone(), self.max_size.0, ctx.tier_metrics())
+                .await?;
         Ok(Arc::new(ChunkedBlobService::new(store)))
     }
 }
@@ -98,6 +101,7 @@ pub struct DiskStore {
     index: moka::sync::Cache<ObjectKey, u64>,
     max_size: u64,
     tmp_seq: AtomicU64,
+    metrics: TierMetrics,
 }
 
 /// Prefix of the names of files being written.
@@ -122,6 +126,16 @@ impl DiskStore {
     /// Opens (or creates) the cache at `root`, rebuilding its index from the
     /// files there.
     pub async fn open(root: PathBuf, max_size: u64) -> Result<Self> {
+        DiskStore::open_with_metrics(root, max_size, TierMetrics::detached("disk")).await
+    }
+
+    /// Like [`DiskStore::open`], counting evictions and occupancy in
+    /// `metrics`.
+    pub async fn open_with_metrics(
+        root: PathBuf,
+        max_size: u64,
+        metrics: TierMetrics,
+    ) -> Result<Self> {
         let scan_root = root.clone();
         let found = tokio::task::spawn_blocking(move || prepare_and_scan(&scan_root))
             .await
@@ -134,14 +148,17 @@ impl DiskStore {
             })?;
 
         let listener_root = root.clone();
+        let gone = metrics.clone();
         let index = moka::sync::Cache::builder()
             .max_capacity(max_size)
             .weigher(|_, size: &u64| u32::try_from(*size).unwrap_or(u32::MAX))
             // LRU rather than TinyLFU: TinyLFU may refuse to admit a new
             // entry, which would delete a chunk right after it was written.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .eviction_listener(move |key: Arc<ObjectKey>, _size, cause| {
+            .eviction_listener(move |key: Arc<ObjectKey>, size: u64, cause| {
+                gone.occupancy_bytes.dec_by(size as i64);
                 if cause.was_evicted() {
+                    gone.evictions.inc();
                     let path = listener_root.join(relative_path(&key));
                     if let Err(e) = std::fs::remove_file(&path)
                         && e.kind() != std::io::ErrorKind::NotFound
@@ -154,6 +171,7 @@ impl DiskStore {
         let files = found.len();
         let bytes: u64 = found.iter().map(|(_, size, _)| size).sum();
         for (key, size, _) in found {
+            metrics.occupancy_bytes.inc_by(size as i64);
             index.insert(key, size);
         }
         index.run_pending_tasks();
@@ -163,6 +181,7 @@ impl DiskStore {
             index,
             max_size,
             tmp_seq: AtomicU64::new(0),
+            metrics,
         })
     }
 
@@ -205,6 +224,7 @@ impl DiskStore {
         })
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        self.metrics.occupancy_bytes.inc_by(len as i64);
         self.index.insert(key, len);
         // Evict now, so the directory never holds much more than max_size.
         self.index.run_pending_tasks();

@@ -25,6 +25,7 @@ use crate::chunkstore::{BlobIndex, ChunkStore, ChunkedBlobService, ObjectKey};
 use crate::composition::{BuildContext, ByteSize, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::Result;
+use crate::metrics::TierMetrics;
 
 /// Default `max_size` of a memory tier.
 pub const DEFAULT_MAX_SIZE: u64 = 512 * 1024 * 1024;
@@ -66,10 +67,10 @@ impl TierConfig for MemoryConfig {
         Some(self.max_size.0)
     }
 
-    async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
-        Ok(Arc::new(ChunkedBlobService::new(MemoryStore::new(
-            self.max_size.0,
-        ))))
+    async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
+        Ok(Arc::new(ChunkedBlobService::new(
+            MemoryStore::with_metrics(self.max_size.0, ctx.tier_metrics()),
+        )))
     }
 }
 
@@ -85,7 +86,10 @@ impl Entry {
         const OVERHEAD: usize = 64;
         let bytes = match self {
             Entry::Chunk(data) => data.len(),
-            Entry::Index(index) => index.chunks.len() * size_of::<crate::blobservice::ChunkMeta>(),
+            Entry::Index(index) => {
+                index.chunks.len() * size_of::<crate::blobservice::ChunkMeta>()
+                    + index.bao.as_ref().map_or(0, |(_, outboard)| outboard.len())
+            }
         };
         u32::try_from(bytes + OVERHEAD).unwrap_or(u32::MAX)
     }
@@ -94,18 +98,38 @@ impl Entry {
 /// The [`ChunkStore`] behind a `memory` tier.
 pub struct MemoryStore {
     cache: moka::sync::Cache<ObjectKey, Entry>,
+    metrics: TierMetrics,
 }
 
 impl MemoryStore {
     /// An empty store holding at most about `max_size` bytes.
     pub fn new(max_size: u64) -> Self {
+        MemoryStore::with_metrics(max_size, TierMetrics::detached("memory"))
+    }
+
+    /// Like [`MemoryStore::new`], counting evictions and occupancy in
+    /// `metrics`.
+    pub fn with_metrics(max_size: u64, metrics: TierMetrics) -> Self {
+        let gone = metrics.clone();
         MemoryStore {
             cache: moka::sync::Cache::builder()
                 .max_capacity(max_size)
                 .weigher(|_, entry: &Entry| entry.weight())
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .eviction_listener(move |_, entry: Entry, cause| {
+                    gone.occupancy_bytes.dec_by(entry.weight().into());
+                    if cause.was_evicted() {
+                        gone.evictions.inc();
+                    }
+                })
                 .build(),
+            metrics,
         }
+    }
+
+    fn insert(&self, key: ObjectKey, entry: Entry) {
+        self.metrics.occupancy_bytes.inc_by(entry.weight().into());
+        self.cache.insert(key, entry);
     }
 
     /// Bytes currently accounted for (after pending evictions run).
@@ -139,8 +163,7 @@ impl ChunkStore for MemoryStore {
         // Copy into an allocation of its own: `data` may be a slice of a
         // larger buffer, which would otherwise stay pinned uncounted.
         let data = Bytes::copy_from_slice(&data);
-        self.cache
-            .insert(ObjectKey::Chunk(digest), Entry::Chunk(data));
+        self.insert(ObjectKey::Chunk(digest), Entry::Chunk(data));
         Ok(())
     }
 
@@ -152,8 +175,7 @@ impl ChunkStore for MemoryStore {
     }
 
     async fn put_index(&self, digest: B3Digest, index: BlobIndex) -> Result<()> {
-        self.cache
-            .insert(ObjectKey::Index(digest), Entry::Index(Arc::new(index)));
+        self.insert(ObjectKey::Index(digest), Entry::Index(Arc::new(index)));
         Ok(())
     }
 

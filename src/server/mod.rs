@@ -5,6 +5,7 @@ mod service;
 
 pub use service::{BlobServer, to_status};
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use tracing::info;
 
 use crate::addr::{CONNECTION_WINDOW, DEFAULT_MAX_MESSAGE_SIZE, ListenAddr, STREAM_WINDOW};
 use crate::blobservice::BlobService;
+use crate::metrics::{Metrics, serve_metrics};
 use crate::proto::{snix, tvix};
 
 /// Default cap on blobs returned inline by Stat.
@@ -36,6 +38,11 @@ pub struct ServeOptions {
     pub read_only: bool,
     /// Permissions of unix sockets.
     pub socket_mode: u32,
+    /// Where RPCs (and, if the tiers were built with it, tiers) are
+    /// counted.
+    pub metrics: Metrics,
+    /// Where to serve `/metrics`, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServeOptions {
@@ -46,6 +53,8 @@ impl Default for ServeOptions {
             max_inline_size: DEFAULT_MAX_INLINE_SIZE,
             read_only: false,
             socket_mode: 0o660,
+            metrics: Metrics::new(),
+            metrics_listen: None,
         }
     }
 }
@@ -103,6 +112,12 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Metrics first: once the blob listeners accept, a scrape works too.
+    if let Some(addr) = opts.metrics_listen {
+        serve_metrics(addr, opts.metrics.clone(), shutdown.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    }
     let mut bound = Vec::new();
     for addr in &opts.listen {
         let b = bind(addr, opts.socket_mode)

@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::{Stream, StreamExt};
 use tokio_util::io::ReaderStream;
@@ -14,6 +15,7 @@ use super::ServeOptions;
 use crate::blobservice::{BlobReader, BlobService, BlobStat, read_to_bytes};
 use crate::digest::B3Digest;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::proto::snix::{
     BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
     stat_blob_response,
@@ -38,6 +40,7 @@ pub struct BlobServer {
     max_inline_size: u64,
     max_message_size: usize,
     read_only: bool,
+    metrics: Metrics,
 }
 
 impl BlobServer {
@@ -50,6 +53,7 @@ impl BlobServer {
             max_inline_size: opts.max_inline_size,
             max_message_size: opts.max_message_size,
             read_only: opts.read_only,
+            metrics: opts.metrics.clone(),
         }
     }
 
@@ -222,7 +226,10 @@ macro_rules! impl_package {
                 let req = request.into_inner();
                 let span = info_span!("rpc", package = stringify!($pkg), method = "Stat",
                     digest = %hex_or_raw(&req.digest), send_chunks = req.send_chunks);
-                self.do_stat(req).instrument(span).await.map(Response::new)
+                let rpc = RpcGuard::start(&self.metrics, "Stat");
+                let answer = self.do_stat(req).instrument(span).await;
+                rpc.finish(&answer);
+                answer.map(Response::new)
             }
 
             type ReadStream = ReadStream;
@@ -234,7 +241,14 @@ macro_rules! impl_package {
                 let req = request.into_inner();
                 let span = info_span!("rpc", package = stringify!($pkg), method = "Read",
                     digest = %hex_or_raw(&req.digest));
-                self.do_read(req).instrument(span).await.map(Response::new)
+                let rpc = RpcGuard::start(&self.metrics, "Read");
+                match self.do_read(req).instrument(span).await {
+                    Ok(stream) => Ok(Response::new(rpc.until_end_of(stream))),
+                    Err(status) => {
+                        rpc.finish::<()>(&Err(status.clone()));
+                        Err(status)
+                    }
+                }
             }
 
             async fn put(
@@ -243,7 +257,10 @@ macro_rules! impl_package {
             ) -> Result<Response<PutBlobResponse>, Status> {
                 let span = info_span!("rpc", package = stringify!($pkg), method = "Put",
                     digest = tracing::field::Empty);
-                self.do_put(request.into_inner()).instrument(span).await.map(Response::new)
+                let rpc = RpcGuard::start(&self.metrics, "Put");
+                let answer = self.do_put(request.into_inner()).instrument(span).await;
+                rpc.finish(&answer);
+                answer.map(Response::new)
             }
         }
     };
@@ -251,6 +268,65 @@ macro_rules! impl_package {
 
 impl_package!(snix);
 impl_package!(tvix);
+
+/// Counts one RPC: in flight while it lives, then done with a status code
+/// and a duration. An RPC dropped before it finished (the client went away)
+/// counts as `Cancelled`.
+struct RpcGuard {
+    metrics: Metrics,
+    method: &'static str,
+    started: Instant,
+    done: bool,
+}
+
+impl RpcGuard {
+    fn start(metrics: &Metrics, method: &'static str) -> Self {
+        metrics.rpc_in_flight().inc();
+        RpcGuard {
+            metrics: metrics.clone(),
+            method,
+            started: Instant::now(),
+            done: false,
+        }
+    }
+
+    fn record(&mut self, code: tonic::Code) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        self.metrics.rpc_in_flight().dec();
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.metrics.rpc_done(self.method, code, seconds);
+    }
+
+    fn finish<T>(mut self, answer: &Result<T, Status>) {
+        self.record(
+            answer
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok),
+        );
+    }
+
+    /// The Read stream, counted as done when its last message (or its
+    /// error) has been taken.
+    fn until_end_of(mut self, mut stream: ReadStream) -> ReadStream {
+        Box::pin(async_stream::stream! {
+            while let Some(item) = stream.next().await {
+                if let Err(status) = &item {
+                    self.record(status.code());
+                }
+                yield item;
+            }
+            self.record(tonic::Code::Ok);
+        })
+    }
+}
+
+impl Drop for RpcGuard {
+    fn drop(&mut self) {
+        self.record(tonic::Code::Cancelled);
+    }
+}
 
 /// The digest for logs: hex when well-formed, else its length.
 fn hex_or_raw(raw: &[u8]) -> String {

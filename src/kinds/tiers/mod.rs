@@ -49,7 +49,6 @@
 mod failover;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -66,6 +65,7 @@ use crate::blobservice::{
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError, absent_unless_failed};
+use crate::metrics::{Metrics, TierMetrics};
 use crate::singleflight::SingleFlight;
 use crate::verify::{GroupVerifier, Outboard, spool_verified_shared};
 
@@ -182,7 +182,7 @@ impl TierConfig for TiersConfig {
                         None => ctx.fills_by_default(name),
                     },
                     capacity: ctx.capacity(name),
-                    counters: Arc::default(),
+                    metrics: ctx.metrics().tier(name),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -198,7 +198,7 @@ impl TierConfig for TiersConfig {
                         svc: ctx.tier(&name)?,
                         takes_fills: false,
                         capacity: None,
-                        counters: Arc::default(),
+                        metrics: ctx.metrics().tier(&name),
                         name,
                     }))
             })
@@ -209,6 +209,7 @@ impl TierConfig for TiersConfig {
             self.fill,
             self.read_ahead.unwrap_or(DEFAULT_READ_AHEAD).max(1),
             self.fill_queue.unwrap_or(DEFAULT_FILL_QUEUE).max(1),
+            ctx.metrics().clone(),
         )))
     }
 }
@@ -225,23 +226,6 @@ impl TiersConfig {
     }
 }
 
-/// Per-tier counters: what each tier did for this combinator.
-#[derive(Debug, Default)]
-pub struct TierCounters {
-    /// Stats answered with the blob.
-    pub hits: AtomicU64,
-    /// Stats answered "absent".
-    pub misses: AtomicU64,
-    /// Calls that failed (down, error, timeout).
-    pub errors: AtomicU64,
-    /// Data that failed verification.
-    pub verification_failures: AtomicU64,
-    /// Blobs written into this tier by a fill.
-    pub fills: AtomicU64,
-    /// Async fills into this tier dropped because the queue was full.
-    pub fills_dropped: AtomicU64,
-}
-
 #[derive(Clone)]
 struct Member {
     name: String,
@@ -249,7 +233,11 @@ struct Member {
     takes_fills: bool,
     /// Bytes the tier holds at most, if bounded.
     capacity: Option<u64>,
-    counters: Arc<TierCounters>,
+    /// The tier's metrics. Calls, hits, misses, errors and bytes are
+    /// counted around every tier by the composition engine; this
+    /// combinator adds what only it sees: verification failures it caught,
+    /// fills.
+    metrics: TierMetrics,
 }
 
 impl Member {
@@ -260,14 +248,13 @@ impl Member {
         self.takes_fills && self.capacity.is_none_or(|c| size <= c / 2)
     }
 
-    /// Counts a failure of this tier: a verification failure or an error.
+    /// Counts a failure of this tier that is a lie: data that failed
+    /// verification. (Every failed call is counted as an error around the
+    /// tier already.)
     fn count_failure(&self, err: &Error) {
-        let counter = if matches!(err.root(), Error::Verification(_)) {
-            &self.counters.verification_failures
-        } else {
-            &self.counters.errors
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if matches!(err.root(), Error::Verification(_)) {
+            self.metrics.verification_failures.inc();
+        }
     }
 
     fn record_failure(&self, what: &str, digest: &B3Digest, err: &Error) {
@@ -297,6 +284,7 @@ struct Inner {
     /// Fetch-and-fill runs by blob digest; async fills yield their spool.
     flights: SingleFlight<B3Digest, Option<SharedSpool>>,
     filler: Option<AsyncFiller>,
+    metrics: Metrics,
 }
 
 impl TiersService {
@@ -306,6 +294,7 @@ impl TiersService {
         fill: Fill,
         read_ahead: usize,
         fill_queue: usize,
+        metrics: Metrics,
     ) -> Self {
         let filler = (fill == Fill::Async).then(|| AsyncFiller::start(fill_queue));
         TiersService {
@@ -316,17 +305,9 @@ impl TiersService {
                 read_ahead,
                 flights: SingleFlight::default(),
                 filler,
+                metrics,
             }),
         }
-    }
-
-    /// Counters of the tier called `name`, if it is in the list.
-    pub fn counters(&self, name: &str) -> Option<Arc<TierCounters>> {
-        self.inner
-            .members
-            .iter()
-            .find(|m| m.name == name)
-            .map(|m| m.counters.clone())
     }
 }
 
@@ -336,13 +317,8 @@ impl Inner {
         let mut failures = Vec::new();
         for (i, m) in self.members.iter().enumerate().skip(from) {
             match m.svc.stat(digest).await {
-                Ok(Some(stat)) => {
-                    m.counters.hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Some((i, stat)));
-                }
-                Ok(None) => {
-                    m.counters.misses.fetch_add(1, Ordering::Relaxed);
-                }
+                Ok(Some(stat)) => return Ok(Some((i, stat))),
+                Ok(None) => {}
                 Err(e) => {
                     m.record_failure("stat", digest, &e);
                     failures.push(format!("{}: {e}", m.name));
@@ -514,26 +490,34 @@ impl Inner {
             .into());
         }
         let sources = self.near_caches(k).into_iter().chain(&self.members[k..]);
-        let mut mismatch = None;
+        // Tiers that returned something other than the listed chunk. Whose
+        // lie that is shows only at the end: if another tier has the chunk
+        // as listed, theirs; if none does, the list's (tier `k`'s, which
+        // the caller records), so no honest tier is blamed for it.
+        let mut mismatched: Vec<(&Member, Error)> = Vec::new();
         for m in sources {
             match m.svc.read_chunk(&chunk).await {
-                Ok(Some(data)) => return Ok(data),
-                Ok(None) => {}
-                Err(e) => {
-                    m.record_failure("chunk read", &chunk.digest, &e);
-                    if matches!(e.root(), Error::Verification(_)) {
-                        mismatch = Some(e);
+                Ok(Some(data)) => {
+                    for (m, e) in &mismatched {
+                        m.record_failure("chunk read", &chunk.digest, e);
                     }
+                    return Ok(data);
                 }
+                Ok(None) => {}
+                Err(e) if matches!(e.root(), Error::Verification(_)) => mismatched.push((m, e)),
+                Err(e) => m.record_failure("chunk read", &chunk.digest, &e),
             }
         }
-        // If some tier had the chunk but not as listed (say, another
-        // length), the chunk list itself may be the lie: report it as such,
-        // so the reader tries the tiers after the one that listed it.
-        Err(mismatch.unwrap_or(Error::MissingChunk {
-            blob: *blob,
-            chunk: chunk.digest,
-        }))
+        for (m, e) in &mismatched {
+            debug!(tier = %m.name, chunk = %chunk.digest, error = %e, "chunk not as listed");
+        }
+        Err(mismatched
+            .pop()
+            .map(|(_, e)| e)
+            .unwrap_or(Error::MissingChunk {
+                blob: *blob,
+                chunk: chunk.digest,
+            }))
     }
 
     /// Fetches the blob found in tier `k` and writes it into every fill
@@ -577,7 +561,7 @@ impl Inner {
         for (m, w) in writers {
             match w.close().await {
                 Ok(put) if put.digest == digest => {
-                    m.counters.fills.fetch_add(1, Ordering::Relaxed);
+                    m.metrics.fills.inc();
                     filled += 1;
                 }
                 Ok(put) => {
@@ -724,6 +708,7 @@ impl TiersService {
         };
         let (result, joined) = inner.flights.run(digest, work).await;
         if joined {
+            inner.metrics.singleflight_joins().inc();
             debug!(%digest, "joined a fetch already in flight");
         }
         match result {
@@ -795,7 +780,7 @@ impl AsyncFiller {
                 for m in &job.targets {
                     match copy_into(&job.spool, m.svc.as_ref()).await {
                         Ok(put) if put.digest == job.digest => {
-                            m.counters.fills.fetch_add(1, Ordering::Relaxed);
+                            m.metrics.fills.inc();
                         }
                         Ok(put) => warn!(tier = %m.name, expected = %job.digest, got = %put.digest,
                             "async fill produced another digest"),
@@ -822,7 +807,7 @@ impl AsyncFiller {
                 }
             };
             for m in &job.targets {
-                m.counters.fills_dropped.fetch_add(1, Ordering::Relaxed);
+                m.metrics.fills_dropped.inc();
             }
             warn!(digest = %job.digest, "async fill queue full; fill dropped");
         }

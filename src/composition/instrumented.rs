@@ -1,0 +1,233 @@
+//! Metrics and tracing for every tier, applied by the composition engine
+//! around each built tier (outside its `timeout`), so kinds and combinators
+//! do not count their own calls and every kind is counted the same way.
+//!
+//! Per tier: hits and misses of Stats and reads, errors (failed calls, and
+//! readers or writers that fail part-way), bytes read and written, and call
+//! durations; each call runs in a `tier` span naming the tier and digest.
+//! Verification failures, fills, evictions and occupancy are counted where
+//! they are known (the `tiers` engine, the cache stores).
+
+use std::future::Future;
+use std::io::SeekFrom;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
+use tracing::{Instrument, info_span};
+
+use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta, PutResult};
+use crate::digest::B3Digest;
+use crate::error::Result;
+use crate::metrics::TierMetrics;
+use crate::verify::Outboard;
+
+/// A tier whose calls are counted and traced.
+pub struct InstrumentedService {
+    inner: Arc<dyn BlobService>,
+    tier: String,
+    metrics: TierMetrics,
+}
+
+impl InstrumentedService {
+    /// Counts the calls of `inner`, the tier called `tier`, in `metrics`.
+    pub fn new(inner: Arc<dyn BlobService>, tier: String, metrics: TierMetrics) -> Self {
+        InstrumentedService {
+            inner,
+            tier,
+            metrics,
+        }
+    }
+
+    /// Runs `call` in a span, timing it into `histogram` and counting a
+    /// failure as an error.
+    async fn observe<T>(
+        &self,
+        op: &'static str,
+        digest: &B3Digest,
+        histogram: &Histogram,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let span = info_span!("tier", tier = %self.tier, op, %digest);
+        let started = Instant::now();
+        let result = call.instrument(span).await;
+        histogram.observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.metrics.errors.inc();
+        }
+        result
+    }
+
+    /// Counts a lookup's answer as a hit or a miss.
+    fn count_lookup<T>(&self, found: &Result<Option<T>>) {
+        match found {
+            Ok(Some(_)) => {
+                self.metrics.hits.inc();
+            }
+            Ok(None) => {
+                self.metrics.misses.inc();
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+#[async_trait]
+impl BlobService for InstrumentedService {
+    async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        let m = &self.metrics;
+        let found = self
+            .observe("stat", digest, &m.stat_seconds, self.inner.stat(digest))
+            .await;
+        self.count_lookup(&found);
+        found
+    }
+
+    async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
+        let m = &self.metrics;
+        self.observe(
+            "outboard",
+            digest,
+            &m.outboard_seconds,
+            self.inner.outboard(digest),
+        )
+        .await
+    }
+
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+        let m = &self.metrics;
+        let found = self
+            .observe(
+                "read",
+                digest,
+                &m.read_seconds,
+                self.inner.open_read(digest),
+            )
+            .await;
+        self.count_lookup(&found);
+        Ok(found?.map(|inner| {
+            Box::new(CountingReader {
+                inner,
+                metrics: self.metrics.clone(),
+            }) as Box<dyn BlobReader>
+        }))
+    }
+
+    async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+        let m = &self.metrics;
+        let found = self
+            .observe(
+                "read_chunk",
+                &chunk.digest,
+                &m.read_chunk_seconds,
+                self.inner.read_chunk(chunk),
+            )
+            .await;
+        self.count_lookup(&found);
+        if let Ok(Some(data)) = &found {
+            m.read_bytes.inc_by(data.len() as u64);
+        }
+        found
+    }
+
+    async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+        let span = info_span!("tier", tier = %self.tier, op = "write");
+        let started = Instant::now();
+        let opened = self.inner.open_write().instrument(span).await;
+        self.metrics
+            .write_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match opened {
+            Ok(inner) => Ok(Box::new(CountingWriter {
+                inner,
+                metrics: self.metrics.clone(),
+            })),
+            Err(e) => {
+                self.metrics.errors.inc();
+                Err(e)
+            }
+        }
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        self.inner.shutdown().await
+    }
+}
+
+/// Counts the bytes a reader delivers, and a read that fails.
+struct CountingReader {
+    inner: Box<dyn BlobReader>,
+    metrics: TierMetrics,
+}
+
+impl BlobReader for CountingReader {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+}
+
+impl AsyncRead for CountingReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        match &polled {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len().saturating_sub(before);
+                self.metrics.read_bytes.inc_by(n as u64);
+            }
+            Poll::Ready(Err(_)) => {
+                self.metrics.errors.inc();
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+}
+
+impl AsyncSeek for CountingReader {
+    fn start_seek(mut self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
+        Pin::new(&mut self.inner).start_seek(position)
+    }
+
+    fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
+        Pin::new(&mut self.inner).poll_complete(cx)
+    }
+}
+
+/// Counts the bytes written through a writer, and a write that fails.
+struct CountingWriter {
+    inner: Box<dyn BlobWriter>,
+    metrics: TierMetrics,
+}
+
+#[async_trait]
+impl BlobWriter for CountingWriter {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        let n = data.len() as u64;
+        let written = self.inner.write(data).await;
+        if written.is_ok() {
+            self.metrics.written_bytes.inc_by(n);
+        } else {
+            self.metrics.errors.inc();
+        }
+        written
+    }
+
+    async fn close(self: Box<Self>) -> Result<PutResult> {
+        let metrics = self.metrics.clone();
+        let closed = self.inner.close().await;
+        if closed.is_err() {
+            metrics.errors.inc();
+        }
+        closed
+    }
+}
