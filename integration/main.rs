@@ -3,6 +3,7 @@
 mod harness;
 
 mod adversarial;
+mod breaker;
 mod composition;
 mod concurrency;
 mod config_errors;

@@ -71,6 +71,17 @@ pub enum Error {
     #[error("read-only: {0}")]
     ReadOnly(String),
 
+    /// A tier's circuit breaker is open after consecutive failures.
+    #[error(
+        "tier `{tier}` is skipped after consecutive failures (circuit open; next probe in {retry_in:?})"
+    )]
+    CircuitOpen {
+        /// The tier's name.
+        tier: String,
+        /// Time until the breaker lets a probe through.
+        retry_in: std::time::Duration,
+    },
+
     /// A tier took longer than its `timeout`.
     #[error("tier `{tier}` timed out after {after:?}")]
     Timeout {

@@ -23,7 +23,7 @@ use tracing::{Instrument, info_span};
 
 use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta, PutResult};
 use crate::digest::B3Digest;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metrics::TierMetrics;
 use crate::verify::Outboard;
 
@@ -57,7 +57,11 @@ impl InstrumentedService {
         let started = Instant::now();
         let result = call.instrument(span).await;
         histogram.observe(started.elapsed().as_secs_f64());
-        if result.is_err() {
+        // Calls an open breaker refused never reached the tier; the
+        // breaker's own metrics show them.
+        if let Err(e) = &result
+            && !matches!(e.root(), Error::CircuitOpen { .. })
+        {
             self.metrics.errors.inc();
         }
         result
@@ -148,7 +152,9 @@ impl BlobService for InstrumentedService {
                 metrics: self.metrics.clone(),
             })),
             Err(e) => {
-                self.metrics.errors.inc();
+                if !matches!(e.root(), Error::CircuitOpen { .. }) {
+                    self.metrics.errors.inc();
+                }
                 Err(e)
             }
         }

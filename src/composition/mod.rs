@@ -17,12 +17,14 @@
 //! are ignored with a warning. Every error names the file, the line and the
 //! tier.
 
+mod breaker;
 mod duration;
 mod instrumented;
 mod registry;
 mod size;
 mod timeout;
 
+pub use breaker::{BreakerConfig, BreakerService};
 pub use duration::Duration;
 pub use instrumented::InstrumentedService;
 pub use registry::{Kind, Registry, TierConfig, UrlParser};
@@ -142,6 +144,8 @@ pub struct TierSpec {
     pub line: usize,
     /// `timeout`, which any tier may carry.
     pub timeout: Option<Duration>,
+    /// `breaker`, which any tier may carry (remote tiers get the default).
+    pub breaker: Option<BreakerConfig>,
     /// The kind-specific settings.
     pub config: Box<dyn TierConfig>,
 }
@@ -286,6 +290,7 @@ impl Composition {
                         kind: kind.to_owned(),
                         line: spec.line,
                         timeout: None,
+                        breaker: None,
                         config,
                     },
                 ));
@@ -382,6 +387,18 @@ impl Composition {
                 service = Arc::new(TimeoutService::new(service, name.clone(), timeout.0));
             }
             let metrics = ctx.tier_metrics();
+            let breaker = spec
+                .breaker
+                .or_else(|| spec.config.remote().then(BreakerConfig::default));
+            if let Some(breaker) = breaker.filter(|b| b.failures > 0) {
+                service = Arc::new(BreakerService::new(
+                    service,
+                    name.clone(),
+                    breaker,
+                    metrics.breaker_open.clone(),
+                    metrics.breaker_trips.clone(),
+                ));
+            }
             service = Arc::new(InstrumentedService::new(service, name.clone(), metrics));
             ctx.built.insert(name, service);
         }
@@ -396,10 +413,16 @@ impl Composition {
             let Some(spec) = c.tiers.get(name) else {
                 return;
             };
-            let timeout = spec
+            let mut timeout = spec
                 .timeout
                 .map(|t| format!(" [timeout {t}]"))
                 .unwrap_or_default();
+            if let Some(b) = spec.breaker {
+                timeout.push_str(&format!(
+                    " [breaker {} failures, open {}]",
+                    b.failures, b.open_for
+                ));
+            }
             out.push_str(&format!(
                 "{:indent$}{name}: {}{timeout}\n",
                 "",
@@ -507,9 +530,16 @@ fn parse_tier(
     };
     let mut kind_name = None;
     let mut timeout = None;
+    let mut breaker = None;
     let mut rest = DeTable::new();
     for (key, value) in table {
-        if key.get_ref() == "timeout" {
+        if key.get_ref() == "breaker" {
+            let span = value.span();
+            breaker = Some(
+                BreakerConfig::deserialize(ValueDeserializer::from(value))
+                    .map_err(|e| (e.span().or(Some(span)), format!("breaker: {}", e.message())))?,
+            );
+        } else if key.get_ref() == "timeout" {
             let span = value.span();
             timeout = Some(
                 Duration::deserialize(ValueDeserializer::from(value))
@@ -544,6 +574,7 @@ fn parse_tier(
         kind: kind_name,
         line: line_of(src, span.start),
         timeout,
+        breaker,
         config,
     })
 }

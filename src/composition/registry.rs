@@ -41,6 +41,12 @@ pub trait TierConfig: Debug + Send + Sync {
         None
     }
 
+    /// Whether the tier is reached over the network (peers, buckets): such
+    /// tiers get a circuit breaker unless their table says otherwise.
+    fn remote(&self) -> bool {
+        false
+    }
+
     /// Whether a `tiers` list fills this tier with what it fetched from
     /// farther tiers (caches and buckets do; peers fill themselves).
     fn fills_by_default(&self) -> bool {

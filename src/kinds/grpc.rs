@@ -116,6 +116,10 @@ impl TierConfig for GrpcConfig {
         format!("grpc (url = {}, protocol = {})", self.url, self.protocol)
     }
 
+    fn remote(&self) -> bool {
+        true
+    }
+
     fn persistent(&self, _ctx: &BuildContext) -> bool {
         true
     }

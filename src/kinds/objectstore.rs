@@ -67,6 +67,10 @@ impl TierConfig for ObjectStoreConfig {
         )
     }
 
+    fn remote(&self) -> bool {
+        true
+    }
+
     fn persistent(&self, _ctx: &BuildContext) -> bool {
         !self.object_store_url.starts_with("memory:")
     }

@@ -73,6 +73,8 @@ struct Families {
     tier_fills_dropped: Family<TierLabel, Counter>,
     tier_evictions: Family<TierLabel, Counter>,
     tier_occupancy: Family<TierLabel, Gauge>,
+    tier_breaker_open: Family<TierLabel, Gauge>,
+    tier_breaker_trips: Family<TierLabel, Counter>,
     tier_duration: HistogramFamily<TierOpLabels>,
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: HistogramFamily<MethodLabel>,
@@ -111,6 +113,8 @@ impl Metrics {
             tier_fills_dropped: Family::default(),
             tier_evictions: Family::default(),
             tier_occupancy: Family::default(),
+            tier_breaker_open: Family::default(),
+            tier_breaker_trips: Family::default(),
             tier_duration: Family::new_with_constructor(latency_histogram),
             rpc_requests: Family::default(),
             rpc_duration: Family::new_with_constructor(latency_histogram),
@@ -172,6 +176,16 @@ impl Metrics {
             Unit::Bytes,
             f.tier_occupancy.clone(),
         );
+        r.register(
+            "tier_breaker_open",
+            "1 while a tier's circuit breaker is open (the tier is skipped)",
+            f.tier_breaker_open.clone(),
+        );
+        r.register(
+            "tier_breaker_trips",
+            "Times a tier's circuit breaker opened",
+            f.tier_breaker_trips.clone(),
+        );
         r.register_with_unit(
             "tier_request_duration",
             "Duration of tier calls (for reads and writes: until the stream is open)",
@@ -227,6 +241,8 @@ impl Metrics {
             fills_dropped: f.tier_fills_dropped.get_or_create(&label).clone(),
             evictions: f.tier_evictions.get_or_create(&label).clone(),
             occupancy_bytes: f.tier_occupancy.get_or_create(&label).clone(),
+            breaker_open: f.tier_breaker_open.get_or_create(&label).clone(),
+            breaker_trips: f.tier_breaker_trips.get_or_create(&label).clone(),
             stat_seconds: op("stat"),
             outboard_seconds: op("outboard"),
             read_seconds: op("read"),
@@ -292,6 +308,10 @@ pub struct TierMetrics {
     pub evictions: Counter,
     /// Bytes held.
     pub occupancy_bytes: Gauge,
+    /// 1 while the circuit breaker is open.
+    pub breaker_open: Gauge,
+    /// Times the circuit breaker opened.
+    pub breaker_trips: Counter,
     /// Durations of Stats.
     pub stat_seconds: Histogram,
     /// Durations of outboard lookups.

@@ -203,9 +203,10 @@ pub fn to_status(err: Error) -> Status {
         Error::Verification(_) | Error::MissingChunk { .. } | Error::Corrupt(_) => {
             Status::data_loss(err.to_string())
         }
-        Error::Backend(_) | Error::AllTiersFailed(_) | Error::Timeout { .. } => {
-            Status::unavailable(err.to_string())
-        }
+        Error::Backend(_)
+        | Error::AllTiersFailed(_)
+        | Error::Timeout { .. }
+        | Error::CircuitOpen { .. } => Status::unavailable(err.to_string()),
         Error::Shared(_) => Status::internal(err.to_string()),
         Error::ReadOnly(_) => Status::permission_denied(err.to_string()),
         Error::Peer { .. } | Error::Connect { .. } => Status::unavailable(err.to_string()),

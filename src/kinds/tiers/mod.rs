@@ -259,6 +259,11 @@ impl Member {
 
     fn record_failure(&self, what: &str, digest: &B3Digest, err: &Error) {
         self.count_failure(err);
+        if matches!(err.root(), Error::CircuitOpen { .. }) {
+            // Said once when the breaker opened; not again per request.
+            debug!(tier = %self.name, %digest, "{what} skipped: circuit open");
+            return;
+        }
         warn!(tier = %self.name, %digest, error = %err, "{what} failed; trying the next tier");
     }
 
