@@ -9,6 +9,7 @@ mod concurrency;
 mod config_errors;
 mod disk;
 mod examples;
+mod limits;
 mod lying_peer;
 mod metrics;
 mod objectstore;

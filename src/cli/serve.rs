@@ -60,6 +60,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         opts.max_inline_size = size.0;
     }
     opts.read_only = composition.server.read_only;
+    opts.max_put_size = composition.server.max_put_size.map(|s| s.0);
+    if let Some(n) = composition.server.max_concurrent_requests {
+        anyhow::ensure!(
+            n > 0,
+            "{}: [server] max_concurrent_requests must be at least 1",
+            composition.file
+        );
+        opts.max_concurrent_requests = n;
+    }
+    if let Some(n) = composition.server.max_concurrent_per_client {
+        anyhow::ensure!(
+            n > 0,
+            "{}: [server] max_concurrent_per_client must be at least 1",
+            composition.file
+        );
+        opts.max_concurrent_per_client = n;
+    }
     if let Some(mode) = composition.server.socket_mode {
         opts.socket_mode = mode.0;
     }

@@ -111,6 +111,14 @@ pub struct ServerConfig {
     /// Refuse Puts (`PERMISSION_DENIED`): a node that only serves.
     #[serde(default)]
     pub read_only: bool,
+    /// Largest blob a Put may carry (default: no cap).
+    pub max_put_size: Option<ByteSize>,
+    /// Requests served at once; more are refused with `RESOURCE_EXHAUSTED`
+    /// (default 1024).
+    pub max_concurrent_requests: Option<usize>,
+    /// Requests from one client (IP address; all unix-socket clients are
+    /// one) served at once (default 256).
+    pub max_concurrent_per_client: Option<usize>,
     /// Permissions of unix sockets, as an octal string (default `"0660"`).
     pub socket_mode: Option<SocketMode>,
 }

@@ -1,8 +1,10 @@
 //! The gRPC server: the BlobService under both package names, the gRPC
 //! health service, and the TCP and unix-socket listeners.
 
+mod limits;
 mod service;
 
+pub use limits::{DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_CONCURRENT_PER_CLIENT};
 pub use service::{BlobServer, to_status};
 
 use std::net::SocketAddr;
@@ -36,6 +38,12 @@ pub struct ServeOptions {
     pub max_inline_size: u64,
     /// Refuse Puts.
     pub read_only: bool,
+    /// Largest blob a Put may carry, if capped.
+    pub max_put_size: Option<u64>,
+    /// Requests served at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// Requests from one client served at once.
+    pub max_concurrent_per_client: usize,
     /// Permissions of unix sockets.
     pub socket_mode: u32,
     /// Where RPCs (and, if the tiers were built with it, tiers) are
@@ -52,6 +60,9 @@ impl Default for ServeOptions {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_inline_size: DEFAULT_MAX_INLINE_SIZE,
             read_only: false,
+            max_put_size: None,
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT,
+            max_concurrent_per_client: DEFAULT_MAX_CONCURRENT_PER_CLIENT,
             socket_mode: 0o660,
             metrics: Metrics::new(),
             metrics_listen: None,

@@ -12,6 +12,7 @@ use tracing::{Instrument, info_span, warn};
 use prost::Message;
 
 use super::ServeOptions;
+use super::limits::{Client, Limits, Slot};
 use crate::blobservice::{BlobReader, BlobService, BlobStat, read_to_bytes};
 use crate::digest::B3Digest;
 use crate::error::Error;
@@ -40,7 +41,9 @@ pub struct BlobServer {
     max_inline_size: u64,
     max_message_size: usize,
     read_only: bool,
+    max_put_size: Option<u64>,
     metrics: Metrics,
+    limits: Limits,
 }
 
 impl BlobServer {
@@ -53,8 +56,21 @@ impl BlobServer {
             max_inline_size: opts.max_inline_size,
             max_message_size: opts.max_message_size,
             read_only: opts.read_only,
+            max_put_size: opts.max_put_size,
             metrics: opts.metrics.clone(),
+            limits: Limits::new(opts.max_concurrent_requests, opts.max_concurrent_per_client),
         }
+    }
+
+    /// A slot within the concurrency limits for `request`, or
+    /// `RESOURCE_EXHAUSTED` (counted as the RPC's outcome).
+    fn admit<T>(&self, request: &Request<T>, rpc: &mut RpcGuard) -> Result<Slot, Status> {
+        self.limits
+            .admit(Client::of(request))
+            .inspect_err(|status| {
+                warn!(method = rpc.method, error = %status.message(), "request refused");
+                rpc.refused();
+            })
     }
 
     /// A reader over the blob, or NOT_FOUND.
@@ -172,8 +188,19 @@ impl BlobServer {
             return Err(Status::permission_denied("this server is read-only"));
         }
         let mut writer = self.service.open_write().await.map_err(to_status)?;
+        let mut received = 0u64;
         while let Some(msg) = stream.next().await {
-            writer.write(msg?.data).await.map_err(to_status)?;
+            let data = msg?.data;
+            received += data.len() as u64;
+            if let Some(cap) = self.max_put_size
+                && received > cap
+            {
+                // Dropping the writer abandons the blob.
+                return Err(Status::resource_exhausted(format!(
+                    "blob larger than this server's max_put_size ({cap} bytes)"
+                )));
+            }
+            writer.write(data).await.map_err(to_status)?;
         }
         let result = writer.close().await.map_err(to_status)?;
         tracing::Span::current().record("digest", tracing::field::display(result.digest));
@@ -224,10 +251,11 @@ macro_rules! impl_package {
                 &self,
                 request: Request<StatBlobRequest>,
             ) -> Result<Response<StatBlobResponse>, Status> {
+                let mut rpc = RpcGuard::start(&self.metrics, "Stat");
+                let _slot = self.admit(&request, &mut rpc)?;
                 let req = request.into_inner();
                 let span = info_span!("rpc", package = stringify!($pkg), method = "Stat",
                     digest = %hex_or_raw(&req.digest), send_chunks = req.send_chunks);
-                let rpc = RpcGuard::start(&self.metrics, "Stat");
                 let answer = self.do_stat(req).instrument(span).await;
                 rpc.finish(&answer);
                 answer.map(Response::new)
@@ -239,12 +267,13 @@ macro_rules! impl_package {
                 &self,
                 request: Request<ReadBlobRequest>,
             ) -> Result<Response<Self::ReadStream>, Status> {
+                let mut rpc = RpcGuard::start(&self.metrics, "Read");
+                let slot = self.admit(&request, &mut rpc)?;
                 let req = request.into_inner();
                 let span = info_span!("rpc", package = stringify!($pkg), method = "Read",
                     digest = %hex_or_raw(&req.digest));
-                let rpc = RpcGuard::start(&self.metrics, "Read");
                 match self.do_read(req).instrument(span).await {
-                    Ok(stream) => Ok(Response::new(rpc.until_end_of(stream))),
+                    Ok(stream) => Ok(Response::new(rpc.until_end_of(stream, slot))),
                     Err(status) => {
                         rpc.finish::<()>(&Err(status.clone()));
                         Err(status)
@@ -258,7 +287,8 @@ macro_rules! impl_package {
             ) -> Result<Response<PutBlobResponse>, Status> {
                 let span = info_span!("rpc", package = stringify!($pkg), method = "Put",
                     digest = tracing::field::Empty);
-                let rpc = RpcGuard::start(&self.metrics, "Put");
+                let mut rpc = RpcGuard::start(&self.metrics, "Put");
+                let _slot = self.admit(&request, &mut rpc)?;
                 let answer = self.do_put(request.into_inner()).instrument(span).await;
                 rpc.finish(&answer);
                 answer.map(Response::new)
@@ -300,6 +330,11 @@ impl RpcGuard {
         self.metrics.rpc_done(self.method, code, seconds);
     }
 
+    /// Counts the RPC as refused by the limits.
+    fn refused(&mut self) {
+        self.record(tonic::Code::ResourceExhausted);
+    }
+
     fn finish<T>(mut self, answer: &Result<T, Status>) {
         self.record(
             answer
@@ -309,9 +344,10 @@ impl RpcGuard {
     }
 
     /// The Read stream, counted as done when its last message (or its
-    /// error) has been taken.
-    fn until_end_of(mut self, mut stream: ReadStream) -> ReadStream {
+    /// error) has been taken; it holds `slot` until then.
+    fn until_end_of(mut self, mut stream: ReadStream, slot: Slot) -> ReadStream {
         Box::pin(async_stream::stream! {
+            let _slot = slot;
             while let Some(item) = stream.next().await {
                 if let Err(status) = &item {
                     self.record(status.code());

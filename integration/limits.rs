@@ -1,0 +1,113 @@
+//! Overload answers RESOURCE_EXHAUSTED, not a crash or a queue: Reads held
+//! open fill the concurrency limits, further requests are refused at once,
+//! and the slots come back when the Reads end. An optional Put cap refuses
+//! larger blobs.
+
+use strata::proto::snix::{BlobChunk, ReadBlobRequest, StatBlobRequest};
+use tonic::Code;
+
+use crate::harness::{Daemon, metric, put_blob, snix_client, start_daemon, test_data};
+
+/// Starts a Read of `digest` and takes its first message only: the server's
+/// stream then waits on flow control, holding its slot.
+async fn hold_read(
+    addr: &str,
+    digest: &strata::B3Digest,
+) -> tonic::Streaming<strata::proto::snix::BlobChunk> {
+    let mut stream = snix_client(addr)
+        .read(ReadBlobRequest {
+            digest: (*digest).into(),
+        })
+        .await
+        .expect("read accepted")
+        .into_inner();
+    stream.message().await.expect("first message");
+    stream
+}
+
+async fn stat_code(addr: &str, digest: &strata::B3Digest) -> Code {
+    match snix_client(addr)
+        .stat(StatBlobRequest {
+            digest: (*digest).into(),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_over_the_limits_are_refused_until_slots_free() {
+    for (total, per_client) in [(2, 100), (100, 2)] {
+        let config = format!(
+            "[server]\nmax_concurrent_requests = {total}\nmax_concurrent_per_client = {per_client}\n\n\
+             [blobservices.root]\ntype = \"memory\"\nmax_size = \"256MiB\"\n"
+        );
+        let daemon = tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
+            .await
+            .unwrap();
+        let addr = daemon.tcp_addr();
+        // Larger than the HTTP/2 windows, so an unread stream stalls.
+        let digest = put_blob(&addr, &test_data(64 << 20, 9)).await;
+        let first = hold_read(&addr, &digest).await;
+        let second = hold_read(&addr, &digest).await;
+        assert_eq!(
+            stat_code(&addr, &digest).await,
+            Code::ResourceExhausted,
+            "limits ({total}, {per_client})"
+        );
+        drop((first, second));
+        // The server notices the reset streams asynchronously.
+        let mut code = Code::ResourceExhausted;
+        for _ in 0..100 {
+            code = stat_code(&addr, &digest).await;
+            if code == Code::Ok {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(code, Code::Ok, "slots never came back");
+        let page = daemon.metrics();
+        assert!(
+            metric(
+                &page,
+                "strata_rpc_requests_total{method=\"Stat\",code=\"ResourceExhausted\"}"
+            ) >= 1.0
+        );
+        assert_eq!(metric(&page, "strata_rpc_in_flight"), 0.0, "{page}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn puts_over_the_cap_are_refused_and_leave_nothing() {
+    let daemon = start_daemon(
+        "[server]\nmax_put_size = \"1MiB\"\n\n\
+         [blobservices.root]\ntype = \"memory\"\nmax_size = \"64MiB\"\n"
+            .into(),
+    )
+    .await;
+    let addr = daemon.tcp_addr();
+    let small = test_data(1 << 20, 1);
+    let small_digest = put_blob(&addr, &small).await;
+    assert_eq!(small_digest, strata::B3Digest::of(&small));
+
+    let big = test_data(3 << 20, 2);
+    let chunks: Vec<BlobChunk> = big
+        .chunks(256 << 10)
+        .map(|c| BlobChunk {
+            data: bytes::Bytes::copy_from_slice(c),
+        })
+        .collect();
+    let refused = snix_client(&addr)
+        .put(futures::stream::iter(chunks))
+        .await
+        .expect_err("an oversize Put was accepted");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("max_put_size"), "{refused:?}");
+    assert_eq!(
+        stat_code(&addr, &strata::B3Digest::of(&big)).await,
+        Code::NotFound
+    );
+}
