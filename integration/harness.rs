@@ -397,3 +397,19 @@ pub fn stalled_peer() -> String {
     });
     format!("grpc+http://{addr}")
 }
+
+/// Settings for the property tests: `cases` per test, small enough to run
+/// in a few seconds on every `cargo test`; `PROPTEST_CASES` overrides it
+/// for a longer search. Failures print the shrunk input rather than writing
+/// regression files into the source tree.
+pub fn fuzz_config(cases: u32) -> proptest::prelude::ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cases);
+    proptest::prelude::ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    }
+}
