@@ -121,6 +121,15 @@ impl Daemon {
         self.child.wait().expect("wait for strata serve")
     }
 
+    /// Asks the daemon to shut down (SIGTERM), which drains background
+    /// fills, and waits for it to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        self.wait()
+    }
+
     /// Kills the daemon (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -6,6 +6,7 @@ mod adversarial;
 mod composition;
 mod concurrency;
 mod config_errors;
+mod crash;
 mod disk;
 mod examples;
 mod fuzz_config;
