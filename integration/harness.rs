@@ -152,6 +152,15 @@ impl Daemon {
         self.child.wait().expect("wait for strata serve")
     }
 
+    /// Asks the daemon to shut down (SIGTERM), which drains background
+    /// fills, and waits for it to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        self.wait()
+    }
+
     /// Kills the daemon (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -435,4 +444,20 @@ pub fn metric(page: &str, series: &str) -> f64 {
     page.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0.0, |v| v.trim().parse().expect("a number"))
+}
+
+/// Settings for the property tests: `cases` per test, small enough to run
+/// in a few seconds on every `cargo test`; `PROPTEST_CASES` overrides it
+/// for a longer search. Failures print the shrunk input rather than writing
+/// regression files into the source tree.
+pub fn fuzz_config(cases: u32) -> proptest::prelude::ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cases);
+    proptest::prelude::ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    }
 }
