@@ -19,4 +19,5 @@ mod metrics;
 mod objectstore;
 mod ranges;
 mod roundtrip;
+mod security;
 mod status_codes;

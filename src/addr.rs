@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// HTTP/2 stream window: large enough that a single blob stream is not
 /// throttled by flow control on a fast link (the default is 64 KiB).
@@ -86,6 +86,24 @@ impl PeerAddr {
     /// start-up does not stop the caller from starting, and reconnects after
     /// failures.
     pub fn channel(&self, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+        self.channel_with_ca(connect_timeout, None)
+    }
+
+    /// Selects rustls' `ring` provider for this process. Dependencies
+    /// enable both `ring` and `aws-lc-rs`, and rustls then refuses to pick
+    /// one by itself; strata's TLS (peers and serving) uses `ring`.
+    pub fn install_crypto_provider() {
+        // An error means a provider is installed already, which is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+
+    /// Like [`PeerAddr::channel`]; a `grpc+https` peer's certificate may
+    /// also be signed by the CA in `ca_pem` (besides the system's roots).
+    pub fn channel_with_ca(
+        &self,
+        connect_timeout: Duration,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let tune = |e: Endpoint| {
             e.connect_timeout(connect_timeout)
                 .initial_stream_window_size(STREAM_WINDOW)
@@ -94,11 +112,18 @@ impl PeerAddr {
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_while_idle(false)
         };
+        if matches!(self, PeerAddr::Https(_)) {
+            PeerAddr::install_crypto_provider();
+        }
         Ok(match self {
             PeerAddr::Http(a) => tune(Endpoint::from_shared(format!("http://{a}"))?).connect_lazy(),
             PeerAddr::Https(a) => tune(
-                Endpoint::from_shared(format!("https://{a}"))?
-                    .tls_config(ClientTlsConfig::new().with_native_roots())?,
+                Endpoint::from_shared(format!("https://{a}"))?.tls_config(match ca_pem {
+                    Some(ca) => ClientTlsConfig::new()
+                        .with_native_roots()
+                        .ca_certificate(Certificate::from_pem(ca)),
+                    None => ClientTlsConfig::new().with_native_roots(),
+                })?,
             )
             .connect_lazy(),
             PeerAddr::Unix(path) => {

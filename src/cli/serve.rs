@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use strata::addr::{DEFAULT_TCP_LISTEN, ListenAddr, default_socket_path};
 use strata::composition::Composition;
-use strata::server::{self, ServeOptions};
+use strata::server::{self, ServeOptions, TlsFiles};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -81,6 +81,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         opts.socket_mode = mode.0;
     }
 
+    if let Some(path) = &composition.server.token_file {
+        opts.token = Some(read_token(path)?);
+    }
+    match (&composition.server.tls_cert, &composition.server.tls_key) {
+        (Some(cert), Some(key)) => {
+            opts.tls = Some(TlsFiles {
+                cert_pem: std::fs::read(cert)
+                    .with_context(|| format!("tls_cert {}", cert.display()))?,
+                key_pem: std::fs::read(key)
+                    .with_context(|| format!("tls_key {}", key.display()))?,
+            });
+        }
+        (None, None) => {}
+        _ => anyhow::bail!(
+            "{}: [server] tls_cert and tls_key go together",
+            composition.file
+        ),
+    }
+
     let root = composition
         .build_with_metrics(&opts.metrics)
         .await
@@ -103,4 +122,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("finishing background work at shutdown")?;
     served
+}
+
+/// A bearer token from a file (surrounding whitespace ignored).
+pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("token file {}", path.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
+    Ok(token)
 }

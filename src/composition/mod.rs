@@ -119,6 +119,12 @@ pub struct ServerConfig {
     /// Requests from one client (IP address; all unix-socket clients are
     /// one) served at once (default 256).
     pub max_concurrent_per_client: Option<usize>,
+    /// File holding a bearer token every request must carry.
+    pub token_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain: TCP listeners speak TLS (with `tls_key`).
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<std::path::PathBuf>,
     /// Permissions of unix sockets, as an octal string (default `"0660"`).
     pub socket_mode: Option<SocketMode>,
 }

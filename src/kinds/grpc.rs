@@ -35,6 +35,10 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tracing::{instrument, warn};
 
@@ -103,6 +107,11 @@ pub struct GrpcConfig {
     /// Directory for spooling large blobs while they are verified (default:
     /// the system temporary directory).
     pub spool_dir: Option<PathBuf>,
+    /// File holding a bearer token sent with every request.
+    pub token_file: Option<PathBuf>,
+    /// PEM file of a CA that may sign a `grpc+https` peer's certificate
+    /// (besides the system's roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 fn deserialize_peer_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PeerAddr, D::Error> {
@@ -125,10 +134,35 @@ impl TierConfig for GrpcConfig {
     }
 
     async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
-        Ok(Arc::new(GrpcBlobService::new(
+        let read = |what: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| {
+                Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("{what} {}: {e}", path.display()),
+                ))
+            })
+        };
+        let token = match &self.token_file {
+            Some(path) => Some(
+                String::from_utf8_lossy(&read("token_file", path)?)
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let ca = match &self.ca_file {
+            Some(path) => Some(read("ca_file", path)?),
+            None => None,
+        };
+        let peer = PeerOptions {
+            spool_dir: self.spool_dir.clone(),
+            token,
+            ca_pem: ca,
+        };
+        Ok(Arc::new(GrpcBlobService::with_options(
             self.url.clone(),
             self.protocol,
-            self.spool_dir.clone(),
+            peer,
         )?))
     }
 }
@@ -142,14 +176,44 @@ pub fn from_url(url: &str) -> Result<Box<dyn TierConfig>, String> {
             .map_err(|e: crate::addr::AddrError| e.to_string())?,
         protocol: Protocol::Snix,
         spool_dir: None,
+        token_file: None,
+        ca_file: None,
     }))
 }
+
+/// How to reach a peer beyond its address.
+#[derive(Debug, Clone, Default)]
+pub struct PeerOptions {
+    /// Where large blobs are spooled while verified.
+    pub spool_dir: Option<PathBuf>,
+    /// A bearer token sent with every request.
+    pub token: Option<String>,
+    /// A CA (PEM) that may sign a `grpc+https` peer's certificate.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+/// Adds the bearer token, if any, to every request.
+#[derive(Clone)]
+struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type AuthChannel = InterceptedService<Channel, Auth>;
 
 /// A client of either package's BlobService, over the same message types.
 #[derive(Clone)]
 enum PeerClient {
-    Snix(snix::blob_service_client::BlobServiceClient<Channel>),
-    Tvix(tvix::blob_service_client::BlobServiceClient<Channel>),
+    Snix(snix::blob_service_client::BlobServiceClient<AuthChannel>),
+    Tvix(tvix::blob_service_client::BlobServiceClient<AuthChannel>),
 }
 
 /// Calls the same method on whichever client flavour this is.
@@ -173,12 +237,33 @@ pub struct GrpcBlobService {
 impl GrpcBlobService {
     /// A service for the peer at `addr` (connected lazily).
     pub fn new(addr: PeerAddr, protocol: Protocol, spool_dir: Option<PathBuf>) -> Result<Self> {
+        let options = PeerOptions {
+            spool_dir,
+            ..Default::default()
+        };
+        GrpcBlobService::with_options(addr, protocol, options)
+    }
+
+    /// A service for the peer at `addr` (connected lazily), with a token or
+    /// a private CA.
+    pub fn with_options(addr: PeerAddr, protocol: Protocol, options: PeerOptions) -> Result<Self> {
+        let connect_error = |message: String| Error::Connect {
+            peer: addr.to_string(),
+            message,
+        };
         let channel = addr
-            .channel(Duration::from_secs(5))
-            .map_err(|e| Error::Connect {
-                peer: addr.to_string(),
-                message: e.to_string(),
-            })?;
+            .channel_with_ca(Duration::from_secs(5), options.ca_pem.as_deref())
+            .map_err(|e| connect_error(e.to_string()))?;
+        let auth = match &options.token {
+            Some(token) => Some(
+                format!("Bearer {token}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| connect_error("the token is not printable ASCII".into()))?,
+            ),
+            None => None,
+        };
+        let channel = InterceptedService::new(channel, Auth(auth));
+        let spool_dir = options.spool_dir;
         let client = match protocol {
             Protocol::Snix => PeerClient::Snix(
                 snix::blob_service_client::BlobServiceClient::new(channel)

@@ -15,11 +15,13 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::info;
 
-use crate::addr::{CONNECTION_WINDOW, DEFAULT_MAX_MESSAGE_SIZE, ListenAddr, STREAM_WINDOW};
+use crate::addr::{
+    CONNECTION_WINDOW, DEFAULT_MAX_MESSAGE_SIZE, ListenAddr, PeerAddr, STREAM_WINDOW,
+};
 use crate::blobservice::BlobService;
 use crate::metrics::{Metrics, serve_metrics};
 use crate::proto::{snix, tvix};
@@ -51,6 +53,19 @@ pub struct ServeOptions {
     pub metrics: Metrics,
     /// Where to serve `/metrics`, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// A bearer token every BlobService request must carry, if set.
+    pub token: Option<String>,
+    /// PEM certificate chain and private key: TCP listeners speak TLS.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A server's TLS identity, as PEM.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// The private key.
+    pub key_pem: Vec<u8>,
 }
 
 impl Default for ServeOptions {
@@ -66,6 +81,8 @@ impl Default for ServeOptions {
             socket_mode: 0o660,
             metrics: Metrics::new(),
             metrics_listen: None,
+            token: None,
+            tls: None,
         }
     }
 }
@@ -164,6 +181,13 @@ pub async fn serve(
             .initial_connection_window_size(CONNECTION_WINDOW)
             .tcp_nodelay(true)
     };
+    if opts.tls.is_some() {
+        PeerAddr::install_crypto_provider();
+    }
+    let tls = opts
+        .tls
+        .as_ref()
+        .map(|t| ServerTlsConfig::new().identity(Identity::from_pem(&t.cert_pem, &t.key_pem)));
 
     let mut tasks = tokio::task::JoinSet::new();
     for b in bound {
@@ -171,9 +195,15 @@ pub async fn serve(
         let stop = shutdown.clone().cancelled_owned();
         match b {
             Bound::Tcp(listener) => {
-                info!(addr = %listener.local_addr()?, "listening (tcp)");
+                info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening (tcp)");
                 let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-                let router = builder().add_routes(routes);
+                let mut server = builder();
+                if let Some(tls) = &tls {
+                    server = server
+                        .tls_config(tls.clone())
+                        .map_err(|e| anyhow::anyhow!("TLS certificate or key: {e}"))?;
+                }
+                let router = server.add_routes(routes);
                 tasks.spawn(async move {
                     router
                         .serve_with_incoming_shutdown(incoming, stop)

@@ -44,6 +44,8 @@ pub struct BlobServer {
     max_put_size: Option<u64>,
     metrics: Metrics,
     limits: Limits,
+    /// BLAKE3 of the `authorization` value requests must carry, if any.
+    expected_auth: Option<blake3::Hash>,
 }
 
 impl BlobServer {
@@ -59,12 +61,32 @@ impl BlobServer {
             max_put_size: opts.max_put_size,
             metrics: opts.metrics.clone(),
             limits: Limits::new(opts.max_concurrent_requests, opts.max_concurrent_per_client),
+            expected_auth: opts
+                .token
+                .as_ref()
+                .map(|t| blake3::hash(format!("Bearer {t}").as_bytes())),
         }
     }
 
-    /// A slot within the concurrency limits for `request`, or
-    /// `RESOURCE_EXHAUSTED` (counted as the RPC's outcome).
+    /// Checks the bearer token, if the server requires one
+    /// (`UNAUTHENTICATED`), then takes a slot within the concurrency limits
+    /// (`RESOURCE_EXHAUSTED`); a refusal is counted as the RPC's outcome.
     fn admit<T>(&self, request: &Request<T>, rpc: &mut RpcGuard) -> Result<Slot, Status> {
+        if let Some(expected) = &self.expected_auth {
+            let given = request
+                .metadata()
+                .get("authorization")
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            // Compared as BLAKE3 hashes: `blake3::Hash` equality runs in
+            // constant time, so timing does not leak the token.
+            if blake3::hash(given) != *expected {
+                rpc.record(tonic::Code::Unauthenticated);
+                return Err(Status::unauthenticated(
+                    "missing or wrong bearer token (authorization: Bearer …)",
+                ));
+            }
+        }
         self.limits
             .admit(Client::of(request))
             .inspect_err(|status| {
