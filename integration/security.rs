@@ -6,7 +6,7 @@ use strata::addr::PeerAddr;
 use strata::blobservice::BlobService;
 use strata::kinds::grpc::{GrpcBlobService, PeerOptions, Protocol};
 
-use crate::harness::{Daemon, read_blob, test_data};
+use crate::harness::{Daemon, cli, cli_ok, read_blob, test_data};
 
 struct Secrets {
     _dir: tempfile::TempDir,
@@ -95,6 +95,23 @@ async fn tls_peers_with_tokens() {
     }
     // Plain text to a TLS listener: no answer.
     assert!(read_blob(&peer.tcp_addr(), &digest).await.is_err());
+
+    // The CLI takes the token and the CA too.
+    let (token, cert) = (s.token.display().to_string(), s.cert.display().to_string());
+    let hex = digest.to_hex();
+    let auth = ["--addr", &https, "--token-file", &token, "--ca-file", &cert];
+    let stat = cli_ok(&[&["stat"][..], &auth, &[&hex]].concat());
+    assert!(stat.contains(&(3u64 << 20).to_string()), "{stat}");
+    let out = s._dir.path().join("got");
+    let out_arg = out.display().to_string();
+    cli_ok(&[&["get"][..], &auth, &[&hex, "-o", &out_arg]].concat());
+    assert!(std::fs::read(&out).unwrap() == data);
+    let refused = cli(&["stat", "--addr", &https, "--ca-file", &cert, &hex]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("bearer token"),
+        "{refused:?}"
+    );
 
     // A sidecar naming the peer's CA and token serves the blob.
     let sidecar_config = |token: bool| {

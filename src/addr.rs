@@ -8,6 +8,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use tonic::Status;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// HTTP/2 stream window: large enough that a single blob stream is not
@@ -140,6 +144,42 @@ impl PeerAddr {
                 )
             }
         })
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every request, when a token is
+/// set.
+#[derive(Debug, Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+/// A channel whose requests carry a [`BearerToken`].
+pub type AuthChannel = InterceptedService<Channel, BearerToken>;
+
+impl BearerToken {
+    /// Sends `token`, if any. Fails if it is not printable ASCII.
+    pub fn new(token: Option<&str>) -> Result<Self, AddrError> {
+        token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| AddrError {
+                        addr: "<token>".into(),
+                        reason: "the token is not printable ASCII",
+                    })
+            })
+            .transpose()
+            .map(BearerToken)
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
     }
 }
 

@@ -146,10 +146,10 @@ async fn run_range(
     use tokio::io::AsyncReadExt;
 
     let addr = args.addr.resolve()?;
-    let peer = strata::kinds::grpc::GrpcBlobService::new(
+    let peer = strata::kinds::grpc::GrpcBlobService::with_options(
         addr.clone(),
         strata::kinds::grpc::Protocol::Snix,
-        None,
+        args.addr.peer_options()?,
     )?;
     let mut reader = peer
         .open_read(&digest)

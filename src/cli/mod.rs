@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use strata::addr::{DEFAULT_TCP_LISTEN, PeerAddr, default_socket_path};
+use strata::addr::{AuthChannel, BearerToken, DEFAULT_TCP_LISTEN, PeerAddr, default_socket_path};
+use strata::kinds::grpc::PeerOptions;
 use strata::proto::snix::blob_service_client::BlobServiceClient;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
 
 /// The `--addr` flag shared by the client subcommands.
 #[derive(clap::Args, Debug)]
@@ -24,6 +25,14 @@ pub struct AddrArg {
     /// Defaults to $STRATA_ADDR, then the local default listener.
     #[arg(long, env = "STRATA_ADDR")]
     pub addr: Option<String>,
+
+    /// File holding a bearer token for a server that requires one.
+    #[arg(long, env = "STRATA_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+
+    /// PEM CA that may sign a grpc+https server's certificate.
+    #[arg(long, env = "STRATA_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl AddrArg {
@@ -42,13 +51,34 @@ impl AddrArg {
         }
     }
 
+    /// The token and CA to reach the server with.
+    pub fn peer_options(&self) -> anyhow::Result<PeerOptions> {
+        let token = match &self.token_file {
+            Some(path) => Some(serve::read_token(path)?),
+            None => None,
+        };
+        let ca_pem = match &self.ca_file {
+            Some(path) => {
+                Some(std::fs::read(path).with_context(|| format!("--ca-file {}", path.display()))?)
+            }
+            None => None,
+        };
+        Ok(PeerOptions {
+            token,
+            ca_pem,
+            ..Default::default()
+        })
+    }
+
     /// A raw BlobService client for the address.
-    pub fn client(&self) -> anyhow::Result<(PeerAddr, BlobServiceClient<Channel>)> {
+    pub fn client(&self) -> anyhow::Result<(PeerAddr, BlobServiceClient<AuthChannel>)> {
         let addr = self.resolve()?;
+        let options = self.peer_options()?;
         let channel = addr
-            .channel(Duration::from_secs(5))
+            .channel_with_ca(Duration::from_secs(5), options.ca_pem.as_deref())
             .with_context(|| format!("connecting to {addr}"))?;
-        let client = BlobServiceClient::new(channel)
+        let token = BearerToken::new(options.token.as_deref()).context("--token-file")?;
+        let client = BlobServiceClient::new(InterceptedService::new(channel, token))
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(strata::addr::DEFAULT_MAX_MESSAGE_SIZE);
         Ok((addr, client))

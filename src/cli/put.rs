@@ -26,7 +26,8 @@ pub struct Args {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let addr = args.addr.resolve()?;
-    let service = GrpcBlobService::new(addr.clone(), Protocol::Snix, None)?;
+    let service =
+        GrpcBlobService::with_options(addr.clone(), Protocol::Snix, args.addr.peer_options()?)?;
     for file in &args.files {
         let name = file.display().to_string();
         let (reader, len): (Box<dyn AsyncRead + Unpin + Send>, Option<u64>) = if name == "-" {

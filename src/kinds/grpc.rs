@@ -35,14 +35,10 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tracing::{instrument, warn};
 
-use crate::addr::{DEFAULT_MAX_MESSAGE_SIZE, PeerAddr};
+use crate::addr::{AuthChannel, BearerToken, DEFAULT_MAX_MESSAGE_SIZE, PeerAddr};
 use crate::blobservice::{
     BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, PutResult,
     read_to_bytes,
@@ -192,23 +188,6 @@ pub struct PeerOptions {
     pub ca_pem: Option<Vec<u8>>,
 }
 
-/// Adds the bearer token, if any, to every request.
-#[derive(Clone)]
-struct Auth(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Auth {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-type AuthChannel = InterceptedService<Channel, Auth>;
-
 /// A client of either package's BlobService, over the same message types.
 #[derive(Clone)]
 enum PeerClient {
@@ -254,15 +233,9 @@ impl GrpcBlobService {
         let channel = addr
             .channel_with_ca(Duration::from_secs(5), options.ca_pem.as_deref())
             .map_err(|e| connect_error(e.to_string()))?;
-        let auth = match &options.token {
-            Some(token) => Some(
-                format!("Bearer {token}")
-                    .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| connect_error("the token is not printable ASCII".into()))?,
-            ),
-            None => None,
-        };
-        let channel = InterceptedService::new(channel, Auth(auth));
+        let auth =
+            BearerToken::new(options.token.as_deref()).map_err(|e| connect_error(e.to_string()))?;
+        let channel = InterceptedService::new(channel, auth);
         let spool_dir = options.spool_dir;
         let client = match protocol {
             Protocol::Snix => PeerClient::Snix(
