@@ -302,7 +302,7 @@ fn sidecar_config(near: &Path, liar: &str, honest: Option<&str>, fill: &str) -> 
     let mut tiers = vec!["near", "liar"];
     let mut config = format!(
         "[blobservices.near]\ntype = \"disk\"\npath = \"{}\"\nmax_size = \"1GiB\"\n\n\
-         [blobservices.liar]\ntype = \"grpc\"\nurl = \"{liar}\"\ntimeout = \"2s\"\n\n",
+         [blobservices.liar]\ntype = \"grpc\"\nurl = \"{liar}\"\nfirst_byte_timeout = \"2s\"\nidle_timeout = \"2s\"\n\n",
         near.display()
     );
     if let Some(honest) = honest {

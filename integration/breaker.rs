@@ -113,7 +113,7 @@ async fn a_hung_peer_is_skipped_then_probed_back() {
     let config = format!(
         "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"flaky\", \"origin\"]\n\n\
          [blobservices.flaky]\ntype = \"grpc\"\nurl = \"grpc+http://{proxy_addr}\"\n\
-         timeout = \"300ms\"\nbreaker = {{ failures = 3, open_for = \"3s\" }}\n\n\
+         first_byte_timeout = \"300ms\"\nbreaker = {{ failures = 3, open_for = \"3s\" }}\n\n\
          [blobservices.origin]\ntype = \"grpc\"\nurl = \"{}\"\n",
         origin.tcp_addr()
     );
@@ -136,7 +136,7 @@ async fn a_hung_peer_is_skipped_then_probed_back() {
         assert!(read_blob(&addr, &digests[i]).await.unwrap() == blobs[i]);
         latencies.push(started.elapsed());
     }
-    println!("fall-through latency with the peer hung (timeout 300ms): {latencies:?}");
+    println!("fall-through latency with the peer hung (first_byte_timeout 300ms): {latencies:?}");
     let page = sidecar.metrics();
     assert_eq!(open(&page), 1.0, "breaker not open:\n{page}");
     assert_eq!(

@@ -108,6 +108,13 @@ pub struct GrpcConfig {
     /// PEM file of a CA that may sign a `grpc+https` peer's certificate
     /// (besides the system's roots).
     pub ca_file: Option<PathBuf>,
+    /// Bound on connecting (default 5 s).
+    pub connect_timeout: Option<crate::composition::Duration>,
+    /// Bound on the wait for the first answer of a Stat or Read (default
+    /// 30 s).
+    pub first_byte_timeout: Option<crate::composition::Duration>,
+    /// Bound on the gap between two messages of a Read (default 30 s).
+    pub idle_timeout: Option<crate::composition::Duration>,
 }
 
 fn deserialize_peer_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PeerAddr, D::Error> {
@@ -150,10 +157,18 @@ impl TierConfig for GrpcConfig {
             Some(path) => Some(read("ca_file", path)?),
             None => None,
         };
+        let defaults = PeerOptions::default();
         let peer = PeerOptions {
             spool_dir: self.spool_dir.clone(),
             token,
             ca_pem: ca,
+            connect_timeout: self
+                .connect_timeout
+                .map_or(defaults.connect_timeout, |d| d.0),
+            first_byte_timeout: self
+                .first_byte_timeout
+                .map_or(defaults.first_byte_timeout, |d| d.0),
+            idle_timeout: self.idle_timeout.map_or(defaults.idle_timeout, |d| d.0),
         };
         Ok(Arc::new(GrpcBlobService::with_options(
             self.url.clone(),
@@ -174,11 +189,14 @@ pub fn from_url(url: &str) -> Result<Box<dyn TierConfig>, String> {
         spool_dir: None,
         token_file: None,
         ca_file: None,
+        connect_timeout: None,
+        first_byte_timeout: None,
+        idle_timeout: None,
     }))
 }
 
 /// How to reach a peer beyond its address.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PeerOptions {
     /// Where large blobs are spooled while verified.
     pub spool_dir: Option<PathBuf>,
@@ -186,6 +204,28 @@ pub struct PeerOptions {
     pub token: Option<String>,
     /// A CA (PEM) that may sign a `grpc+https` peer's certificate.
     pub ca_pem: Option<Vec<u8>>,
+    /// Bound on connecting.
+    pub connect_timeout: Duration,
+    /// Bound on the wait for the first answer of a Stat or Read.
+    pub first_byte_timeout: Duration,
+    /// Bound on the gap between two messages of a Read.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PeerOptions {
+    /// Timeouts that let a slow peer finish but cut off a hung one: a
+    /// Read's total time is not bounded (a large blob takes as long as it
+    /// takes), only its first answer and each gap.
+    fn default() -> Self {
+        PeerOptions {
+            spool_dir: None,
+            token: None,
+            ca_pem: None,
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A client of either package's BlobService, over the same message types.
@@ -211,6 +251,8 @@ pub struct GrpcBlobService {
     addr: PeerAddr,
     client: PeerClient,
     spool_dir: Option<PathBuf>,
+    first_byte_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl GrpcBlobService {
@@ -231,7 +273,7 @@ impl GrpcBlobService {
             message,
         };
         let channel = addr
-            .channel_with_ca(Duration::from_secs(5), options.ca_pem.as_deref())
+            .channel_with_ca(options.connect_timeout, options.ca_pem.as_deref())
             .map_err(|e| connect_error(e.to_string()))?;
         let auth =
             BearerToken::new(options.token.as_deref()).map_err(|e| connect_error(e.to_string()))?;
@@ -253,7 +295,23 @@ impl GrpcBlobService {
             addr,
             client,
             spool_dir,
+            first_byte_timeout: options.first_byte_timeout,
+            idle_timeout: options.idle_timeout,
         })
+    }
+
+    fn timed_out(&self, after: Duration) -> Error {
+        Error::Timeout {
+            tier: self.addr.to_string(),
+            after,
+        }
+    }
+
+    /// `call` bounded by the first-byte timeout.
+    async fn first_answer<T>(&self, call: impl Future<Output = T>) -> Result<T> {
+        tokio::time::timeout(self.first_byte_timeout, call)
+            .await
+            .map_err(|_| self.timed_out(self.first_byte_timeout))
     }
 
     fn peer_error(&self, status: tonic::Status) -> Error {
@@ -280,7 +338,10 @@ impl GrpcBlobService {
             bao_shift: if send_bao { STORED_SHIFT.into() } else { 0 },
             ..Default::default()
         };
-        let resp: StatBlobResponse = match call!(self.client, stat(req)) {
+        let resp: StatBlobResponse = match self
+            .first_answer(async { call!(self.client, stat(req)) })
+            .await?
+        {
             Ok(resp) => resp.into_inner(),
             Err(status) if status.code() == tonic::Code::NotFound => return Ok(None),
             Err(status) => return Err(self.peer_error(status)),
@@ -357,19 +418,37 @@ impl GrpcBlobService {
         let req = ReadBlobRequest {
             digest: (*digest).into(),
         };
-        let stream = match call!(self.client, read(req)) {
+        let stream = match self
+            .first_answer(async { call!(self.client, read(req)) })
+            .await?
+        {
             Ok(resp) => resp.into_inner(),
             Err(status) if status.code() == tonic::Code::NotFound => return Ok(None),
             Err(status) => return Err(self.peer_error(status)),
         };
         // The status may also come as the first item of the stream.
         let mut stream = stream.peekable();
-        if let Some(Err(status)) = std::pin::Pin::new(&mut stream).peek().await
+        let first = self
+            .first_answer(std::pin::Pin::new(&mut stream).peek())
+            .await?;
+        if let Some(Err(status)) = first
             && status.code() == tonic::Code::NotFound
         {
             return Ok(None);
         }
-        let pieces = stream.map(|msg| msg.map(|m| m.data).map_err(|s| self.peer_error(s)));
+        let idle = self.idle_timeout;
+        let pieces = Box::pin(async_stream::stream! {
+            loop {
+                match tokio::time::timeout(idle, stream.next()).await {
+                    Ok(Some(msg)) => yield msg.map(|m| m.data).map_err(|s| self.peer_error(s)),
+                    Ok(None) => break,
+                    Err(_) => {
+                        yield Err(self.timed_out(idle));
+                        break;
+                    }
+                }
+            }
+        });
         let spool_dir = self.spool_dir.clone();
         match spool_verified(*digest, expected_len, outboard, spool_dir, pieces).await {
             Ok(reader) => Ok(Some(reader)),
