@@ -59,17 +59,18 @@ async fn requests_over_the_limits_are_refused_until_slots_free() {
             "limits ({total}, {per_client})"
         );
         drop((first, second));
-        // The server notices the reset streams asynchronously.
+        // The server notices the reset streams asynchronously, one by one.
         let mut code = Code::ResourceExhausted;
-        for _ in 0..100 {
+        let mut page = String::new();
+        for _ in 0..200 {
             code = stat_code(&addr, &digest).await;
-            if code == Code::Ok {
+            page = daemon.metrics();
+            if code == Code::Ok && metric(&page, "strata_rpc_in_flight") == 0.0 {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert_eq!(code, Code::Ok, "slots never came back");
-        let page = daemon.metrics();
         assert!(
             metric(
                 &page,

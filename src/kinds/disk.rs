@@ -207,6 +207,11 @@ impl DiskStore {
         let dest = self.path(&key);
         let tmp = dest.with_file_name(format!("{TMP_PREFIX}{}-{seq}", std::process::id()));
         let len = data.len() as u64;
+        let index = self.index.clone();
+        let occupancy = self.metrics.occupancy_bytes.clone();
+        // The blocking task runs to its end even if this future is dropped
+        // (a Put abandoned mid-way): it accounts for the file it renamed
+        // into place itself, so no file is on disk outside the size bound.
         tokio::task::spawn_blocking(move || {
             let result = (|| {
                 use std::io::Write;
@@ -217,17 +222,23 @@ impl DiskStore {
                 }
                 std::fs::rename(&tmp, &dest)
             })();
-            if result.is_err() {
-                let _ = std::fs::remove_file(&tmp);
+            match result {
+                Ok(()) => {
+                    occupancy.inc_by(len as i64);
+                    index.insert(key, len);
+                    // Evict now, so the directory never holds much more
+                    // than max_size.
+                    index.run_pending_tasks();
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    Err(e)
+                }
             }
-            result
         })
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-        self.metrics.occupancy_bytes.inc_by(len as i64);
-        self.index.insert(key, len);
-        // Evict now, so the directory never holds much more than max_size.
-        self.index.run_pending_tasks();
         Ok(())
     }
 
