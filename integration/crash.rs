@@ -34,7 +34,7 @@ fn disk_config(path: &Path) -> String {
 }
 
 /// Every regular file under `dir/kind/`, as (path, name).
-fn files_of(dir: &Path, kind: &str) -> Vec<(PathBuf, String)> {
+pub(crate) fn files_of(dir: &Path, kind: &str) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
     let Ok(prefixes) = std::fs::read_dir(dir.join(kind)) else {
         return out;
@@ -51,13 +51,13 @@ fn files_of(dir: &Path, kind: &str) -> Vec<(PathBuf, String)> {
 }
 
 /// What a disk tier's directory holds, checked.
-struct DiskState {
+pub(crate) struct DiskState {
     /// Chunk files by digest, with their sizes.
-    chunks: HashMap<B3Digest, u64>,
+    pub(crate) chunks: HashMap<B3Digest, u64>,
     /// Digests of the blobs that have an index.
-    indexes: Vec<B3Digest>,
+    pub(crate) indexes: Vec<B3Digest>,
     /// Half-written files left over.
-    temporaries: usize,
+    pub(crate) temporaries: usize,
 }
 
 /// Checks the invariants of a disk tier's directory, which must hold at any
@@ -65,7 +65,7 @@ struct DiskState {
 /// bytes and filed under its first two hex digits; an index decodes, and
 /// its chunks are all present with the listed sizes and hash, in order, to
 /// the digest the index is filed under. Only temporary files may be partial.
-fn check_disk(dir: &Path, when: &str) -> DiskState {
+pub(crate) fn check_disk(dir: &Path, when: &str) -> DiskState {
     let mut state = DiskState {
         chunks: HashMap::new(),
         indexes: Vec::new(),
@@ -214,7 +214,7 @@ impl Drop for Watcher {
     }
 }
 
-async fn stat_code(addr: &str, digest: &B3Digest) -> tonic::Code {
+pub(crate) async fn stat_code(addr: &str, digest: &B3Digest) -> tonic::Code {
     let req = StatBlobRequest {
         digest: (*digest).into(),
         ..Default::default()
@@ -227,7 +227,12 @@ async fn stat_code(addr: &str, digest: &B3Digest) -> tonic::Code {
 
 /// The torn blob after a restart: absent (Stat NOT_FOUND), or present and
 /// exactly right.
-async fn assert_absent_or_whole(addr: &str, digest: &B3Digest, data: &[u8], when: &str) -> bool {
+pub(crate) async fn assert_absent_or_whole(
+    addr: &str,
+    digest: &B3Digest,
+    data: &[u8],
+    when: &str,
+) -> bool {
     match stat_code(addr, digest).await {
         tonic::Code::NotFound => false,
         tonic::Code::Ok => {
@@ -241,7 +246,7 @@ async fn assert_absent_or_whole(addr: &str, digest: &B3Digest, data: &[u8], when
     }
 }
 
-async fn assert_all_read_back(addr: &str, blobs: &[(B3Digest, Vec<u8>)], when: &str) {
+pub(crate) async fn assert_all_read_back(addr: &str, blobs: &[(B3Digest, Vec<u8>)], when: &str) {
     for (digest, data) in blobs {
         let got = read_blob(addr, digest)
             .await

@@ -35,14 +35,22 @@ impl Daemon {
     /// Starts `strata serve` with the given composition (or the default when
     /// `None`), listening on a fresh TCP port and a unix socket.
     pub fn start(config: Option<&str>) -> Daemon {
-        Daemon::start_inner(config, None, &[])
+        Daemon::start_inner(config, None, &[], &[])
+    }
+
+    /// Like [`Daemon::start`], run through `wrapper` (a command that ends by
+    /// exec'ing its arguments, such as `nsenter …`), so the daemon can live
+    /// in another mount namespace. The wrapper must not fork: signals go to
+    /// the process it starts as.
+    pub fn start_wrapped(config: &str, wrapper: &[String]) -> Daemon {
+        Daemon::start_inner(Some(config), None, &[], wrapper)
     }
 
     /// Like [`Daemon::start`], also serving `/metrics` on a fresh port;
     /// [`Daemon::metrics`] scrapes it.
     pub fn start_with_metrics(config: Option<&str>) -> Daemon {
         let addr = format!("127.0.0.1:{}", free_port());
-        let mut daemon = Daemon::start_inner(config, None, &["--metrics-listen", &addr]);
+        let mut daemon = Daemon::start_inner(config, None, &["--metrics-listen", &addr], &[]);
         daemon.metrics = Some(addr);
         daemon
     }
@@ -50,10 +58,15 @@ impl Daemon {
     /// Like [`Daemon::start`], with `$XDG_CACHE_HOME` (where the default
     /// composition keeps its disk cache) set to `cache_home`.
     pub fn start_with_cache_home(config: Option<&str>, cache_home: &Path) -> Daemon {
-        Daemon::start_inner(config, Some(cache_home), &[])
+        Daemon::start_inner(config, Some(cache_home), &[], &[])
     }
 
-    fn start_inner(config: Option<&str>, cache_home: Option<&Path>, extra: &[&str]) -> Daemon {
+    fn start_inner(
+        config: Option<&str>,
+        cache_home: Option<&Path>,
+        extra: &[&str],
+        wrapper: &[String],
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache_home = cache_home
             .map(Path::to_owned)
@@ -70,7 +83,14 @@ impl Daemon {
         // daemon binds it; retry with another.
         for _ in 0..5 {
             let tcp = format!("127.0.0.1:{}", free_port());
-            let mut cmd = Command::new(strata_bin());
+            let mut cmd = match wrapper.split_first() {
+                Some((program, args)) => {
+                    let mut cmd = Command::new(program);
+                    cmd.args(args).arg(strata_bin());
+                    cmd
+                }
+                None => Command::new(strata_bin()),
+            };
             cmd.arg("serve")
                 .arg("--listen")
                 .arg(&tcp)
@@ -155,10 +175,29 @@ impl Daemon {
     /// Asks the daemon to shut down (SIGTERM), which drains background
     /// fills, and waits for it to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.sigterm();
+        self.wait()
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn sigterm(&self) {
         if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
-        self.wait()
+    }
+
+    /// Waits up to `limit` for the daemon to exit; `None` if it still runs.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for strata serve") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Kills the daemon (SIGKILL) and waits for it.

@@ -80,6 +80,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(mode) = composition.server.socket_mode {
         opts.socket_mode = mode.0;
     }
+    if let Some(grace) = composition.server.shutdown_grace {
+        opts.shutdown_grace = grace.0;
+    }
 
     if let Some(path) = &composition.server.token_file {
         opts.token = Some(read_token(path)?);

@@ -127,6 +127,9 @@ pub struct ServerConfig {
     pub tls_key: Option<std::path::PathBuf>,
     /// Permissions of unix sockets, as an octal string (default `"0660"`).
     pub socket_mode: Option<SocketMode>,
+    /// How long requests in flight may take to finish after SIGTERM before
+    /// their connections are dropped (default 30 s).
+    pub shutdown_grace: Option<Duration>,
 }
 
 /// Unix permission bits written as an octal string, like `"0660"`.

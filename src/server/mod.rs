@@ -10,6 +10,7 @@ pub use service::{BlobServer, to_status};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::addr::{
     CONNECTION_WINDOW, DEFAULT_MAX_MESSAGE_SIZE, ListenAddr, PeerAddr, STREAM_WINDOW,
@@ -28,6 +29,9 @@ use crate::proto::{snix, tvix};
 
 /// Default cap on blobs returned inline by Stat.
 pub const DEFAULT_MAX_INLINE_SIZE: u64 = 1024 * 1024;
+
+/// Default time in-flight requests get to finish after shutdown begins.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// How to serve.
 #[derive(Debug, Clone)]
@@ -48,6 +52,9 @@ pub struct ServeOptions {
     pub max_concurrent_per_client: usize,
     /// Permissions of unix sockets.
     pub socket_mode: u32,
+    /// How long requests in flight may take to finish once shutdown
+    /// begins; the connections still open then are dropped.
+    pub shutdown_grace: Duration,
     /// Where RPCs (and, if the tiers were built with it, tiers) are
     /// counted.
     pub metrics: Metrics,
@@ -79,6 +86,7 @@ impl Default for ServeOptions {
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT,
             max_concurrent_per_client: DEFAULT_MAX_CONCURRENT_PER_CLIENT,
             socket_mode: 0o660,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             metrics: Metrics::new(),
             metrics_listen: None,
             token: None,
@@ -134,7 +142,12 @@ async fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
 }
 
 /// Serves `service` on every listener in `opts` until `shutdown` is
-/// cancelled, then lets in-flight requests finish.
+/// cancelled, then lets in-flight requests finish, for at most
+/// `opts.shutdown_grace`: a client that never ends its request (a Put
+/// stream left open, a Read it stops consuming) must not hold the process
+/// forever. The connections still open then are dropped — their clients see
+/// an error, never a short success, since a gRPC response without its final
+/// status is an error — and this returns `Ok`.
 pub async fn serve(
     service: Arc<dyn BlobService>,
     opts: ServeOptions,
@@ -190,6 +203,7 @@ pub async fn serve(
         .map(|t| ServerTlsConfig::new().identity(Identity::from_pem(&t.cert_pem, &t.key_pem)));
 
     let mut tasks = tokio::task::JoinSet::new();
+    let mut sockets = Vec::new();
     for b in bound {
         let routes = routes.clone();
         let stop = shutdown.clone().cancelled_owned();
@@ -213,6 +227,7 @@ pub async fn serve(
             }
             Bound::Unix(listener, path) => {
                 info!(path = %path.display(), "listening (unix)");
+                sockets.push(path.clone());
                 let incoming = UnixListenerStream::new(listener);
                 let router = builder().add_routes(routes);
                 tasks.spawn(async move {
@@ -223,8 +238,28 @@ pub async fn serve(
             }
         }
     }
-    while let Some(done) = tasks.join_next().await {
-        done??;
+    let grace = opts.shutdown_grace;
+    let grace_over = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    let mut grace_over = std::pin::pin!(grace_over);
+    loop {
+        tokio::select! {
+            done = tasks.join_next() => match done {
+                Some(done) => done??,
+                None => return Ok(()),
+            },
+            () = &mut grace_over => {
+                warn!(?grace, "shutdown grace period over: dropping the connections still open");
+                // The connections are tasks of their own: they end when the
+                // runtime does, right after this returns.
+                tasks.abort_all();
+                for path in sockets {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Ok(());
+            }
+        }
     }
-    Ok(())
 }

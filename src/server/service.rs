@@ -259,8 +259,21 @@ pub fn to_status(err: Error) -> Status {
         Error::Shared(_) => Status::internal(err.to_string()),
         Error::ReadOnly(_) => Status::permission_denied(err.to_string()),
         Error::Peer { .. } | Error::Connect { .. } => Status::unavailable(err.to_string()),
+        // gRPC's own definition of RESOURCE_EXHAUSTED names a full file
+        // system; the client may retry later or elsewhere.
+        Error::Io(e) if is_storage_full(e) => {
+            Status::resource_exhausted(format!("disk full: {err}"))
+        }
         Error::Io(_) => Status::internal(err.to_string()),
     }
+}
+
+/// Whether a write failed for lack of space (ENOSPC) or quota (EDQUOT).
+fn is_storage_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// Implements one package's generated server trait by delegating to the
@@ -392,5 +405,23 @@ fn hex_or_raw(raw: &[u8]) -> String {
     match B3Digest::try_from(raw) {
         Ok(d) => d.to_hex(),
         Err(_) => format!("<{} bytes>", raw.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_resource_exhausted_and_says_so() {
+        // 28 = ENOSPC, 122 = EDQUOT on Linux.
+        for errno in [28, 122] {
+            let err = Error::Io(std::io::Error::from_raw_os_error(errno));
+            let status = to_status(Error::Shared(Arc::new(err)));
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+            assert!(status.message().starts_with("disk full: "), "{status:?}");
+        }
+        let other = to_status(Error::Io(std::io::Error::from_raw_os_error(5)));
+        assert_eq!(other.code(), tonic::Code::Internal);
     }
 }
