@@ -40,15 +40,15 @@ const ABSENT: usize = 64;
 /// hung server fails the test instead of stalling it.
 const OP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Bound on the daemon's peak resident memory. What the daemon holds by
-/// design: the memory tier (64 MiB), and per request a bounded buffer — a
-/// Read's read-ahead window of at most 8 chunks of at most 512 KiB, a Put's
-/// one maximum chunk plus one message plus 4 chunk uploads — about 4 MiB at
-/// worst, though the pool's blobs are at most 4 MiB, so a Read holds at
-/// most its blob. With 500 requests at once that is a worst case near
-/// 64 MiB + 500 × 2 MiB (the mean large-ish request) ≈ 1 GiB, and in
-/// practice most requests are small. A daemon that buffered whole blobs per
-/// request without bound, or leaked them, would pass this within seconds.
+/// Bound on the daemon's peak resident memory. By design the daemon holds
+/// the memory tier (64 MiB) plus, per request, buffers bounded by its
+/// blob: a Read's read-ahead window (at most 8 chunks) and the HTTP/2
+/// stream window, a Put's one maximum chunk plus one message plus its chunk
+/// uploads. The pool's mean blob is about 0.45 MiB and about 60 % of the
+/// 500 requests in flight move data, so a few hundred MiB is the expected
+/// peak, allocator slack included. 1 GiB leaves room for that to double,
+/// yet a daemon that kept Put payloads (several GiB are put per run) or
+/// buffered every request several times over would cross it.
 const RSS_LIMIT_MIB: u64 = 1024;
 
 fn config(disk: &std::path::Path) -> String {
