@@ -62,20 +62,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     opts.read_only = composition.server.read_only;
     opts.max_put_size = composition.server.max_put_size.map(|s| s.0);
     if let Some(n) = composition.server.max_concurrent_requests {
-        anyhow::ensure!(
-            n > 0,
-            "{}: [server] max_concurrent_requests must be at least 1",
-            composition.file
-        );
-        opts.max_concurrent_requests = n;
+        opts.max_concurrent_requests = n.get();
     }
     if let Some(n) = composition.server.max_concurrent_per_client {
-        anyhow::ensure!(
-            n > 0,
-            "{}: [server] max_concurrent_per_client must be at least 1",
-            composition.file
-        );
-        opts.max_concurrent_per_client = n;
+        opts.max_concurrent_per_client = n.get();
     }
     if let Some(mode) = composition.server.socket_mode {
         opts.socket_mode = mode.0;

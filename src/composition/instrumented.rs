@@ -57,14 +57,19 @@ impl InstrumentedService {
         let started = Instant::now();
         let result = call.instrument(span).await;
         histogram.observe(started.elapsed().as_secs_f64());
-        // Calls an open breaker refused never reached the tier; the
-        // breaker's own metrics show them.
-        if let Err(e) = &result
-            && !matches!(e.root(), Error::CircuitOpen { .. })
-        {
-            self.metrics.errors.inc();
+        if let Err(e) = &result {
+            self.count_error(e);
         }
         result
+    }
+
+    /// Counts a failed call as an error, unless an open breaker refused it:
+    /// such a call never reached the tier, and the breaker's own metrics
+    /// show it.
+    fn count_error(&self, e: &Error) {
+        if !matches!(e.root(), Error::CircuitOpen { .. }) {
+            self.metrics.errors.inc();
+        }
     }
 
     /// Counts a lookup's answer as a hit or a miss.
@@ -152,9 +157,7 @@ impl BlobService for InstrumentedService {
                 metrics: self.metrics.clone(),
             })),
             Err(e) => {
-                if !matches!(e.root(), Error::CircuitOpen { .. }) {
-                    self.metrics.errors.inc();
-                }
+                self.count_error(&e);
                 Err(e)
             }
         }

@@ -115,10 +115,10 @@ pub struct ServerConfig {
     pub max_put_size: Option<ByteSize>,
     /// Requests served at once; more are refused with `RESOURCE_EXHAUSTED`
     /// (default 1024).
-    pub max_concurrent_requests: Option<usize>,
+    pub max_concurrent_requests: Option<std::num::NonZeroUsize>,
     /// Requests from one client (IP address; all unix-socket clients are
     /// one) served at once (default 256).
-    pub max_concurrent_per_client: Option<usize>,
+    pub max_concurrent_per_client: Option<std::num::NonZeroUsize>,
     /// File holding a bearer token every request must carry.
     pub token_file: Option<std::path::PathBuf>,
     /// PEM certificate chain: TCP listeners speak TLS (with `tls_key`).
