@@ -45,7 +45,9 @@ async fn chunks_match_a_streaming_fastcdc_whatever_the_write_sizes() {
         (c.offset, c.length)
     })
     .collect();
-    for piece in [1000, 65_536, 1 << 20, 3 << 20] {
+    // Pieces smaller than a chunk, just over a maximum chunk, and several
+    // chunks long: cut from the carry, from the piece, and both.
+    for piece in [1000, 65_536, 524_289, 700_001, 1 << 20, 3 << 20] {
         let svc = ChunkedBlobService::new(MemoryStore::new(64 << 20));
         let result = put(&svc, &blob, piece).await;
         assert_eq!(result.digest, B3Digest::of(&blob));
@@ -60,8 +62,10 @@ async fn chunks_match_a_streaming_fastcdc_whatever_the_write_sizes() {
             })
             .collect();
         assert_eq!(ours, reference, "write pieces of {piece}");
-        for c in &result.chunks {
+        for (c, (offset, len)) in result.chunks.iter().zip(&reference) {
             assert!(c.size <= MAX_CHUNK_SIZE as u64);
+            let bytes = &blob[*offset as usize..*offset as usize + len];
+            assert_eq!(c.digest, B3Digest::of(bytes), "chunk at {offset}");
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use fastcdc::v2020::FastCDC;
 use tokio::task::JoinSet;
 
@@ -12,7 +12,7 @@ use super::{BlobIndex, ChunkStore};
 use crate::blobservice::{BlobWriter, ChunkMeta, PutResult};
 use crate::digest::B3Digest;
 use crate::error::Result;
-use crate::verify::{OutboardHasher, STORED_SHIFT};
+use crate::verify::{PipelinedHasher, STORED_SHIFT};
 
 /// Average chunk size: snix's default, so both cut identical chunks.
 pub const AVG_CHUNK_SIZE: u32 = 256 * 1024;
@@ -63,23 +63,34 @@ impl Chunking {
 
 /// Writes a blob into a [`ChunkStore`].
 ///
-/// Incoming bytes collect in a buffer; whenever it holds at least a maximum
-/// chunk, the next FastCDC cut point is found. A cut only depends on the bytes
-/// from the chunk start up to the maximum chunk size, so this yields exactly
-/// the chunks a streaming FastCDC v2020 chunker (snix's) produces, while
-/// memory stays at about one maximum chunk plus one write, plus the chunks
-/// being uploaded ([`ChunkStore::write_concurrency`] at most).
+/// A chunk cut only depends on the bytes from the chunk start up to the
+/// maximum chunk size, so cutting wherever a maximum chunk's worth of bytes
+/// is at hand yields exactly the chunks a streaming FastCDC v2020 chunker
+/// (snix's) produces. Chunks are cut straight out of the incoming pieces
+/// when they lie inside one, without a copy; only the bytes of a chunk that
+/// straddles two pieces are gathered in a carry buffer.
+///
+/// The work is spread so a Put is not bound by one task: the blob digest and
+/// outboard are computed on a thread of their own ([`PipelinedHasher`]), and
+/// each chunk is hashed and stored by an upload task
+/// ([`ChunkStore::write_concurrency`] at most in flight). Memory stays at
+/// about one maximum chunk, plus the queued pieces and uploads.
 pub struct ChunkingWriter<S> {
     store: Arc<S>,
     chunking: Chunking,
-    buf: BytesMut,
-    /// The blob's digest and outboard, computed in the same pass.
-    blob_hasher: OutboardHasher,
-    chunks: Vec<ChunkMeta>,
+    /// Bytes of the chunk being assembled across pieces (less than a
+    /// maximum chunk).
+    carry: BytesMut,
+    /// The blob's digest and outboard.
+    blob_hasher: PipelinedHasher,
+    /// The chunks cut so far, in order; `None` until its upload task has
+    /// hashed it.
+    chunks: Vec<Option<ChunkMeta>>,
     size: u64,
-    /// Chunk uploads in flight. Tasks, so they progress while the writer
-    /// waits for more input; aborted if the writer is dropped.
-    uploads: JoinSet<Result<()>>,
+    /// Chunk uploads in flight, each yielding its index in `chunks` and its
+    /// chunk. Tasks, so they progress while the writer waits for more
+    /// input; aborted if the writer is dropped.
+    uploads: JoinSet<Result<(usize, ChunkMeta)>>,
 }
 
 impl<S: ChunkStore> ChunkingWriter<S> {
@@ -89,48 +100,54 @@ impl<S: ChunkStore> ChunkingWriter<S> {
         ChunkingWriter {
             store,
             chunking,
-            buf: BytesMut::with_capacity(2 * chunking.max() as usize),
-            blob_hasher: OutboardHasher::new(STORED_SHIFT),
+            carry: BytesMut::new(),
+            blob_hasher: PipelinedHasher::new(STORED_SHIFT),
             chunks: Vec::new(),
             size: 0,
             uploads: JoinSet::new(),
         }
     }
 
-    /// Cuts the next chunk off the front of the buffer and stores it.
-    async fn emit_one(&mut self) -> Result<()> {
+    /// Where the chunk starting at `data[0]` ends. `data` holds at least a
+    /// maximum chunk, or is the end of the blob.
+    fn cut(&self, data: &[u8]) -> usize {
         let c = self.chunking;
-        let cdc = FastCDC::new(&self.buf, c.min(), c.avg, c.max());
-        let (_, end) = cdc.cut(0, self.buf.len());
-        let chunk = self.buf.split_to(end).freeze();
-        self.store_chunk(chunk).await
+        FastCDC::new(data, c.min(), c.avg, c.max())
+            .cut(0, data.len())
+            .1
     }
 
-    /// Starts storing `chunk` (unless the store has it), after waiting for
-    /// room in the upload window.
+    /// Hashes and stores `chunk` (unless the store has it) in an upload
+    /// task, after waiting for room in the upload window.
     async fn store_chunk(&mut self, chunk: Bytes) -> Result<()> {
-        let digest = B3Digest::of(&chunk);
-        self.chunks.push(ChunkMeta {
-            digest,
-            size: chunk.len() as u64,
-        });
+        let index = self.chunks.len();
+        self.chunks.push(None);
         while self.uploads.len() >= self.store.write_concurrency().max(1) {
             self.join_one().await?;
         }
         let store = self.store.clone();
         self.uploads.spawn(async move {
-            if !store.has_chunk(&digest).await? {
-                store.put_chunk(digest, chunk).await?;
+            let meta = ChunkMeta {
+                digest: B3Digest::of(&chunk),
+                size: chunk.len() as u64,
+            };
+            if !store.has_chunk(&meta.digest).await? {
+                store.put_chunk(meta.digest, chunk).await?;
             }
-            Ok(())
+            Ok((index, meta))
         });
         Ok(())
     }
 
-    /// Waits for one upload to finish and returns its error, if any.
+    /// Waits for one upload to finish and records its digest, or returns
+    /// its error.
     async fn join_one(&mut self) -> Result<()> {
         match self.uploads.join_next().await {
-            Some(Ok(result)) => result,
+            Some(Ok(result)) => {
+                let (index, meta) = result?;
+                self.chunks[index] = Some(meta);
+                Ok(())
+            }
             Some(Err(join)) => {
                 Err(std::io::Error::other(format!("chunk upload task: {join}")).into())
             }
@@ -141,26 +158,58 @@ impl<S: ChunkStore> ChunkingWriter<S> {
 
 #[async_trait]
 impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
-    async fn write(&mut self, data: Bytes) -> Result<()> {
-        self.blob_hasher.update(&data);
+    async fn write(&mut self, mut data: Bytes) -> Result<()> {
         self.size += data.len() as u64;
-        self.buf.extend_from_slice(&data);
-        while self.buf.len() >= self.chunking.max() as usize {
-            self.emit_one().await?;
+        self.blob_hasher.update(data.clone()).await?;
+        let max = self.chunking.max() as usize;
+        loop {
+            if self.carry.is_empty() {
+                // Chunks that lie inside this piece: cut without copying.
+                while data.len() >= max {
+                    let end = self.cut(&data[..max]);
+                    let chunk = data.split_to(end);
+                    self.store_chunk(chunk).await?;
+                }
+                self.carry.extend_from_slice(&data);
+                return Ok(());
+            }
+            let carried = self.carry.len();
+            if carried + data.len() < max {
+                self.carry.extend_from_slice(&data);
+                return Ok(());
+            }
+            // A chunk starts in the carry: complete a maximum chunk's worth
+            // of bytes from this piece and cut it.
+            self.carry.extend_from_slice(&data[..max - carried]);
+            let end = self.cut(&self.carry);
+            let chunk = self.carry.split_to(end).freeze();
+            self.store_chunk(chunk).await?;
+            if end >= carried {
+                // The next chunk starts inside this piece: take it from
+                // there rather than from the copy.
+                self.carry.clear();
+                data.advance(end - carried);
+            } else {
+                data.advance(max - carried);
+            }
         }
-        Ok(())
     }
 
     async fn close(mut self: Box<Self>) -> Result<PutResult> {
-        while !self.buf.is_empty() {
-            self.emit_one().await?;
+        while !self.carry.is_empty() {
+            let end = self.cut(&self.carry);
+            let chunk = self.carry.split_to(end).freeze();
+            self.store_chunk(chunk).await?;
         }
         while !self.uploads.is_empty() {
             self.join_one().await?;
         }
-        let hasher = std::mem::replace(&mut self.blob_hasher, OutboardHasher::new(STORED_SHIFT));
-        let (digest, outboard) = hasher.finalize();
-        let chunks = std::mem::take(&mut self.chunks);
+        let hasher = std::mem::replace(&mut self.blob_hasher, PipelinedHasher::new(STORED_SHIFT));
+        let (digest, outboard) = hasher.finalize().await?;
+        let chunks = std::mem::take(&mut self.chunks)
+            .into_iter()
+            .collect::<Option<Vec<ChunkMeta>>>()
+            .ok_or_else(|| std::io::Error::other("a chunk upload never reported back"))?;
         if chunks.len() < 2 {
             // The empty blob is never stored, and a single chunk is the blob.
             return Ok(PutResult {

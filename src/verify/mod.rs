@@ -14,9 +14,11 @@
 
 pub mod bao;
 mod groups;
+mod pipelined;
 
 pub use bao::{Outboard, OutboardHasher, STORED_SHIFT};
 pub use groups::GroupVerifier;
+pub use pipelined::PipelinedHasher;
 
 use std::path::PathBuf;
 
