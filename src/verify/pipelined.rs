@@ -27,7 +27,7 @@ pub struct PipelinedHasher {
 }
 
 enum State {
-    Inline(OutboardHasher),
+    Inline(Box<OutboardHasher>),
     Offloaded {
         tx: mpsc::Sender<Bytes>,
         done: JoinHandle<OutboardHasher>,
@@ -40,7 +40,7 @@ impl PipelinedHasher {
     /// A hasher producing an outboard at `shift`.
     pub fn new(shift: u8) -> Self {
         PipelinedHasher {
-            state: State::Inline(OutboardHasher::new(shift)),
+            state: State::Inline(Box::new(OutboardHasher::new(shift))),
         }
     }
 
@@ -53,7 +53,7 @@ impl PipelinedHasher {
                 self.state = State::Inline(hasher);
                 return Ok(());
             }
-            State::Inline(hasher) => offload(hasher),
+            State::Inline(hasher) => offload(*hasher),
             other => other,
         };
         match &self.state {
