@@ -432,6 +432,7 @@ pub async fn read_blob(addr: &str, digest: &strata::B3Digest) -> Result<Vec<u8>,
             return Err(ReadFailure {
                 status,
                 received: 0,
+                data: Vec::new(),
             });
         }
     };
@@ -443,6 +444,7 @@ pub async fn read_blob(addr: &str, digest: &strata::B3Digest) -> Result<Vec<u8>,
                 return Err(ReadFailure {
                     status,
                     received: out.len(),
+                    data: out,
                 });
             }
         }
@@ -455,6 +457,8 @@ pub async fn read_blob(addr: &str, digest: &strata::B3Digest) -> Result<Vec<u8>,
 pub struct ReadFailure {
     pub status: tonic::Status,
     pub received: usize,
+    /// The bytes that arrived before the error.
+    pub data: Vec<u8>,
 }
 
 impl ReadFailure {

@@ -24,3 +24,4 @@ mod roundtrip;
 mod security;
 mod shutdown;
 mod status_codes;
+mod streaming_fill;

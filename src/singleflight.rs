@@ -15,7 +15,8 @@ use futures::future::{BoxFuture, Shared};
 
 use crate::error::{Error, Result};
 
-type Flight<V> = Shared<BoxFuture<'static, Result<V, Arc<Error>>>>;
+/// A run in flight: await it (any number of clones) for its result.
+pub type Flight<V> = Shared<BoxFuture<'static, Result<V, Arc<Error>>>>;
 
 /// Runs at most one piece of work per key at a time; callers that arrive
 /// while it runs wait for its result instead of starting their own.
@@ -36,44 +37,51 @@ where
     K: Hash + Eq + Clone + Send + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    /// Runs `work` for `key`, or joins the run already in flight. The work
-    /// runs in its own task, so it completes for the other waiters even if
-    /// the caller that started it goes away. Returns the result and whether
-    /// this call joined an earlier one.
+    /// Runs `work` for `key`, or joins the run already in flight, and waits
+    /// for it. Returns the result and whether this call joined an earlier
+    /// one. See [`start`](Self::start).
     pub async fn run<F>(&self, key: K, work: F) -> (Result<V, Arc<Error>>, bool)
     where
         F: Future<Output = Result<V>> + Send + 'static,
     {
-        let (flight, joined) = {
-            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-            match flights.get(&key) {
-                Some(flight) => (flight.clone(), true),
-                None => {
-                    let registry = self.flights.clone();
-                    let done_key = key.clone();
-                    let task = tokio::spawn(async move {
-                        let result = work.await.map_err(Arc::new);
-                        registry
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&done_key);
-                        result
-                    });
-                    let flight = async move {
-                        task.await.unwrap_or_else(|join| {
-                            Err(Arc::new(Error::Io(std::io::Error::other(format!(
-                                "coalesced work failed: {join}"
-                            )))))
-                        })
-                    }
-                    .boxed()
-                    .shared();
-                    flights.insert(key, flight.clone());
-                    (flight, false)
-                }
-            }
-        };
+        let (flight, joined) = self.start(key, work);
         (flight.await, joined)
+    }
+
+    /// Starts `work` for `key`, or joins the run already in flight (and
+    /// drops `work`). The work runs in its own task, so it completes for the
+    /// other waiters even if the caller that started it goes away. Returns
+    /// the run, to await when its result is needed, and whether this call
+    /// joined an earlier one.
+    pub fn start<F>(&self, key: K, work: F) -> (Flight<V>, bool)
+    where
+        F: Future<Output = Result<V>> + Send + 'static,
+    {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(flight) = flights.get(&key) {
+            return (flight.clone(), true);
+        }
+        let registry = self.flights.clone();
+        let done_key = key.clone();
+        let task = tokio::spawn(async move {
+            let result = work.await.map_err(Arc::new);
+            registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&done_key);
+            result
+        });
+        let flight = async move {
+            task.await.unwrap_or_else(|join| {
+                Err(Arc::new(Error::Io(std::io::Error::other(format!(
+                    "coalesced work failed: {join}"
+                )))))
+            })
+        }
+        .boxed()
+        .shared();
+        flights.insert(key, flight.clone());
+        (flight, false)
     }
 }
 

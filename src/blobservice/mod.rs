@@ -29,7 +29,7 @@ use bytes::Bytes;
 
 use crate::digest::B3Digest;
 use crate::error::Result;
-use crate::verify::Outboard;
+use crate::verify::{BlobProof, Outboard};
 
 /// One physical chunk of a blob: its digest and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +105,20 @@ pub trait BlobService: Send + Sync + 'static {
     /// [`BlobWriter::close`] succeeds; dropping the writer abandons it.
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>>;
 
+    /// Starts storing a blob known in advance by its digest, size and
+    /// chunk list (`stat`, with two or more chunks): a fill from another
+    /// tier. The caller writes the listed chunks in order, one chunk per
+    /// [`BlobWriter::write`], each already verified against its digest,
+    /// checks the whole run with a [`crate::verify::BlobCheck`], and
+    /// finishes with [`BlobWriter::close_verified`].
+    ///
+    /// A service that can store chunks as listed skips chunking and hashing
+    /// them again. The default is an ordinary [`open_write`](Self::open_write).
+    async fn open_fill(&self, digest: &B3Digest, stat: &BlobStat) -> Result<Box<dyn BlobWriter>> {
+        let _ = (digest, stat);
+        self.open_write().await
+    }
+
     /// Finishes background work (queued fills, ...) before the process
     /// exits. Combinators forward it to the tiers they use.
     async fn shutdown(&self) -> Result<()> {
@@ -121,6 +135,23 @@ pub trait BlobWriter: Send {
     /// Finishes the blob and makes it visible. Returns its digest, size and
     /// chunk list.
     async fn close(self: Box<Self>) -> Result<PutResult>;
+
+    /// Finishes a blob whose bytes `proof` vouches for (see
+    /// [`BlobService::open_fill`]). Writers that hash what they store check
+    /// their digest against the proof; fill writers, which do not, publish
+    /// only this way.
+    async fn close_verified(self: Box<Self>, proof: &BlobProof) -> Result<PutResult> {
+        let put = self.close().await?;
+        if put.digest != *proof.digest() {
+            return Err(crate::error::VerifyError::DigestMismatch {
+                what: "blob",
+                expected: *proof.digest(),
+                actual: put.digest,
+            }
+            .into());
+        }
+        Ok(put)
+    }
 }
 
 #[async_trait]
@@ -142,6 +173,9 @@ impl<T: BlobService + ?Sized> BlobService for std::sync::Arc<T> {
     }
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
         (**self).open_write().await
+    }
+    async fn open_fill(&self, digest: &B3Digest, stat: &BlobStat) -> Result<Box<dyn BlobWriter>> {
+        (**self).open_fill(digest, stat).await
     }
     async fn shutdown(&self) -> Result<()> {
         (**self).shutdown().await

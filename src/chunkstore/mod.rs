@@ -12,10 +12,12 @@
 //! read-ahead reader that verifies every chunk ([`reader`]). The backends
 //! only move bytes.
 
+mod fill;
 mod index;
 mod reader;
 mod writer;
 
+pub use fill::ListedWriter;
 pub use index::BlobIndex;
 pub use reader::{ChunkSource, ChunkedReader, ServiceChunks, StoreChunks};
 pub use writer::{AVG_CHUNK_SIZE, Chunking, ChunkingWriter, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -194,6 +196,18 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
         Ok(Box::new(ChunkingWriter::new(self.store.clone())))
+    }
+
+    /// Stores the chunks as listed: see [`ListedWriter`].
+    async fn open_fill(&self, digest: &B3Digest, stat: &BlobStat) -> Result<Box<dyn BlobWriter>> {
+        if stat.chunks.len() < 2 {
+            return self.open_write().await;
+        }
+        Ok(Box::new(ListedWriter::new(
+            self.store.clone(),
+            *digest,
+            stat.chunks.clone(),
+        )))
     }
 }
 

@@ -377,3 +377,97 @@ async fn the_chunking_notes_example_fetches_the_edge_neighbours() {
     assert!(buf == blob[1..5 * 1024]);
     assert_eq!(fetched(&svc), 4, "chunks [0 1], [2 3 4 5], [6], [7 8]");
 }
+
+/// Fills `target` with the blob `source` holds, the way a `tiers` fill does:
+/// listed chunks, proven by a [`crate::verify::BlobCheck`].
+async fn fill_from(
+    source: &ChunkedBlobService<MemoryStore>,
+    target: &ChunkedBlobService<MemoryStore>,
+    digest: &B3Digest,
+) -> crate::Result<crate::blobservice::PutResult> {
+    let stat = source.stat(digest).await?.unwrap();
+    let outboard = source.outboard(digest).await?;
+    let mut check = crate::verify::BlobCheck::new(*digest, stat.size, outboard);
+    let mut w = target.open_fill(digest, &stat).await?;
+    for c in &stat.chunks {
+        let chunk = source.read_chunk(c).await?.unwrap();
+        check.push(chunk.clone())?;
+        w.write(chunk).await?;
+    }
+    w.close_verified(&check.finish()?).await
+}
+
+#[tokio::test]
+async fn a_fill_stores_the_listed_chunks_and_the_proven_outboard() {
+    let source = ChunkedBlobService::new(MemoryStore::new(64 << 20));
+    let target = ChunkedBlobService::new(MemoryStore::new(64 << 20));
+    let blob = data(3 << 20, 30);
+    let put = put(&source, &blob, 1 << 20).await;
+    let filled = fill_from(&source, &target, &put.digest).await.unwrap();
+    assert_eq!(filled, put);
+    assert_eq!(
+        target.stat(&put.digest).await.unwrap(),
+        source.stat(&put.digest).await.unwrap()
+    );
+    assert_eq!(
+        target.outboard(&put.digest).await.unwrap(),
+        source.outboard(&put.digest).await.unwrap()
+    );
+    let mut r = target.open_read(&put.digest).await.unwrap().unwrap();
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    assert!(back == blob);
+}
+
+#[tokio::test]
+async fn a_fill_writer_publishes_nothing_without_a_matching_proof() {
+    let source = ChunkedBlobService::new(MemoryStore::new(64 << 20));
+    let target = ChunkedBlobService::new(MemoryStore::new(64 << 20));
+    let blob = data(2 << 20, 31);
+    let other = data(2 << 20, 32);
+    let put = put(&source, &blob, 1 << 20).await;
+    let stat = source.stat(&put.digest).await.unwrap().unwrap();
+    let chunks: Vec<Bytes> = {
+        let mut v = Vec::new();
+        for c in &stat.chunks {
+            v.push(source.read_chunk(c).await.unwrap().unwrap());
+        }
+        v
+    };
+
+    // Closed without a proof.
+    let mut w = target.open_fill(&put.digest, &stat).await.unwrap();
+    for c in &chunks {
+        w.write(c.clone()).await.unwrap();
+    }
+    assert!(w.close().await.is_err());
+
+    // A chunk of the wrong length, or one too many.
+    let mut w = target.open_fill(&put.digest, &stat).await.unwrap();
+    assert!(w.write(chunks[0].slice(1..)).await.is_err());
+    let mut w = target.open_fill(&put.digest, &stat).await.unwrap();
+    for c in &chunks {
+        w.write(c.clone()).await.unwrap();
+    }
+    assert!(w.write(chunks[0].clone()).await.is_err());
+
+    // A proof of another blob, or of a run cut short.
+    let (other_digest, other_outboard) = crate::verify::bao::outboard_of(&other, 4);
+    let mut check =
+        crate::verify::BlobCheck::new(other_digest, other.len() as u64, Some(other_outboard));
+    check.push(Bytes::from(other.clone())).unwrap();
+    let proof = check.finish().unwrap();
+    let mut w = target.open_fill(&put.digest, &stat).await.unwrap();
+    for c in &chunks {
+        w.write(c.clone()).await.unwrap();
+    }
+    assert!(w.close_verified(&proof).await.is_err());
+    let mut check = crate::verify::BlobCheck::new(put.digest, blob.len() as u64, None);
+    check.push(Bytes::from(blob.clone())).unwrap();
+    let proof = check.finish().unwrap();
+    let mut w = target.open_fill(&put.digest, &stat).await.unwrap();
+    w.write(chunks[0].clone()).await.unwrap();
+    assert!(w.close_verified(&proof).await.is_err());
+
+    assert_eq!(target.stat(&put.digest).await.unwrap(), None);
+}

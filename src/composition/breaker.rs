@@ -247,6 +247,10 @@ impl BlobService for BreakerService {
         self.guarded(self.inner.open_write()).await
     }
 
+    async fn open_fill(&self, digest: &B3Digest, stat: &BlobStat) -> Result<Box<dyn BlobWriter>> {
+        self.guarded(self.inner.open_fill(digest, stat)).await
+    }
+
     async fn shutdown(&self) -> Result<()> {
         self.inner.shutdown().await
     }

@@ -25,7 +25,7 @@ use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, ChunkMet
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 use crate::metrics::TierMetrics;
-use crate::verify::Outboard;
+use crate::verify::{BlobProof, Outboard};
 
 /// A tier whose calls are counted and traced.
 pub struct InstrumentedService {
@@ -69,6 +69,28 @@ impl InstrumentedService {
     fn count_error(&self, e: &Error) {
         if !matches!(e.root(), Error::CircuitOpen { .. }) {
             self.metrics.errors.inc();
+        }
+    }
+
+    /// Opens a writer with `open`, timing it, and counts what it writes.
+    async fn counted_writer(
+        &self,
+        open: impl Future<Output = Result<Box<dyn BlobWriter>>>,
+    ) -> Result<Box<dyn BlobWriter>> {
+        let started = Instant::now();
+        let opened = open.await;
+        self.metrics
+            .write_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match opened {
+            Ok(inner) => Ok(Box::new(CountingWriter {
+                inner,
+                metrics: self.metrics.clone(),
+            })),
+            Err(e) => {
+                self.count_error(&e);
+                Err(e)
+            }
         }
     }
 
@@ -146,21 +168,14 @@ impl BlobService for InstrumentedService {
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
         let span = info_span!("tier", tier = %self.tier, op = "write");
-        let started = Instant::now();
-        let opened = self.inner.open_write().instrument(span).await;
-        self.metrics
-            .write_seconds
-            .observe(started.elapsed().as_secs_f64());
-        match opened {
-            Ok(inner) => Ok(Box::new(CountingWriter {
-                inner,
-                metrics: self.metrics.clone(),
-            })),
-            Err(e) => {
-                self.count_error(&e);
-                Err(e)
-            }
-        }
+        self.counted_writer(self.inner.open_write().instrument(span))
+            .await
+    }
+
+    async fn open_fill(&self, digest: &B3Digest, stat: &BlobStat) -> Result<Box<dyn BlobWriter>> {
+        let span = info_span!("tier", tier = %self.tier, op = "fill", %digest);
+        self.counted_writer(self.inner.open_fill(digest, stat).instrument(span))
+            .await
     }
 
     async fn shutdown(&self) -> Result<()> {
@@ -234,6 +249,15 @@ impl BlobWriter for CountingWriter {
     async fn close(self: Box<Self>) -> Result<PutResult> {
         let metrics = self.metrics.clone();
         let closed = self.inner.close().await;
+        if closed.is_err() {
+            metrics.errors.inc();
+        }
+        closed
+    }
+
+    async fn close_verified(self: Box<Self>, proof: &BlobProof) -> Result<PutResult> {
+        let metrics = self.metrics.clone();
+        let closed = self.inner.close_verified(proof).await;
         if closed.is_err() {
             metrics.errors.inc();
         }

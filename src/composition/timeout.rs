@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta, PutResult};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
-use crate::verify::Outboard;
+use crate::verify::{BlobProof, Outboard};
 
 /// A tier whose calls are bounded by a timeout.
 pub struct TimeoutService {
@@ -80,6 +80,15 @@ impl BlobService for TimeoutService {
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
         let inner = self.bounded(self.inner.open_write()).await?;
+        Ok(Box::new(TimeoutWriter {
+            inner,
+            after: self.after,
+            tier: self.tier.clone(),
+        }))
+    }
+
+    async fn open_fill(&self, digest: &B3Digest, stat: &BlobStat) -> Result<Box<dyn BlobWriter>> {
+        let inner = self.bounded(self.inner.open_fill(digest, stat)).await?;
         Ok(Box::new(TimeoutWriter {
             inner,
             after: self.after,
@@ -178,6 +187,13 @@ impl BlobWriter for TimeoutWriter {
     async fn close(self: Box<Self>) -> Result<PutResult> {
         let error = self.error();
         tokio::time::timeout(self.after, self.inner.close())
+            .await
+            .unwrap_or(Err(error))
+    }
+
+    async fn close_verified(self: Box<Self>, proof: &BlobProof) -> Result<PutResult> {
+        let error = self.error();
+        tokio::time::timeout(self.after, self.inner.close_verified(proof))
             .await
             .unwrap_or(Err(error))
     }

@@ -148,9 +148,10 @@ impl BlobServer {
     /// The outboard Stat sends: at the shift asked for, or the finest
     /// coarser one that fits `budget` bytes. Derived from the stored
     /// outboard when that is as fine; else computed from the (verified)
-    /// data, which reads the whole blob — unless no outboard is stored and
-    /// the blob is larger than [`COMPUTE_LIMIT`]: then none is sent, rather
-    /// than pulling a large blob through a Stat.
+    /// data, which reads the whole blob — unless the blob is larger than
+    /// [`COMPUTE_LIMIT`]: then the stored outboard is sent as it is, at its
+    /// coarser shift, or none if none is stored, rather than pulling a large
+    /// blob through a Stat.
     async fn outboard(
         &self,
         digest: &B3Digest,
@@ -169,11 +170,14 @@ impl BlobServer {
             }
         };
         match stored {
-            Some(stored) => {
-                if let Some(outboard) = stored.coarsen(shift) {
-                    return Ok(Some(outboard));
-                }
-            }
+            Some(stored) => match stored.coarsen(shift) {
+                Some(outboard) => return Ok(Some(outboard)),
+                // Stored coarser than asked (a fill kept the outboard its
+                // source sent): the response names the shift it uses, and
+                // that beats reading a large blob to compute a finer one.
+                None if stat.size > COMPUTE_LIMIT => return Ok(Some(stored)),
+                None => {}
+            },
             None if stat.size > COMPUTE_LIMIT => return Ok(None),
             None => {}
         }

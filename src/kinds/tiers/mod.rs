@@ -28,11 +28,15 @@
 //!    from *k* or a later tier, verified against its digest, a bounded
 //!    number in flight. The chunks stream into a writer on every fill tier
 //!    before *k* (except tiers smaller than twice the blob, which it would
-//!    mostly flush). A writer publishes a blob only under the digest it
-//!    computed itself, so a far tier's chunk list is never trusted: if the
-//!    result does not hash to the digest asked for, the source is recorded as
-//!    lying and nothing is published under that digest.
-//!    * `sync`: the read is answered from the near tier once the fill
+//!    mostly flush). A far tier's chunk list is never trusted: the run of
+//!    chunks is proven to be the blob ([`BlobCheck`]: group by group against
+//!    *k*'s outboard, else by hashing it all) before any fill tier publishes
+//!    it; if it is not, the source is recorded as lying and nothing is
+//!    published. Fill tiers store a sane chunk list as listed, without
+//!    cutting and hashing it again ([`BlobService::open_fill`]).
+//!    * `sync`: the reader that started the fill gets the proven bytes as
+//!      they arrive, while the fill writes them (see [`tap`]); readers that
+//!      join it, or that fall behind, read from the near tier once the fill
 //!      completed.
 //!    * `async`: the fetched blob is verified into a spool, the read is
 //!      answered from the spool at once, and a background worker writes the
@@ -47,6 +51,7 @@
 //! tier, else the nearest tier).
 
 mod failover;
+mod tap;
 
 use std::sync::Arc;
 
@@ -67,7 +72,8 @@ use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError, absent_unless_failed};
 use crate::metrics::{Metrics, TierMetrics};
 use crate::singleflight::SingleFlight;
-use crate::verify::{GroupVerifier, Outboard, spool_verified_shared};
+use crate::verify::{BlobCheck, GroupVerifier, Outboard, spool_verified_shared};
+use tap::{Tap, TapReader};
 
 /// No chunk is larger than this (FastCDC v2020's maximum).
 const MAX_CHUNK_SIZE: u64 = fastcdc::v2020::MAXIMUM_MAX as u64;
@@ -77,6 +83,22 @@ const DEFAULT_READ_AHEAD: usize = 8;
 const DEFAULT_FILL_QUEUE: usize = 64;
 /// Size of the pieces a whole-blob fetch is streamed in.
 const PIECE: usize = 256 * 1024;
+/// Smallest chunk (but the last) of a chunk list a fill keeps as listed.
+/// Any honest FastCDC list qualifies; a list of tiny chunks, which would
+/// cost a file or an object per few bytes, is cut afresh instead.
+const MIN_KEPT_CHUNK: u64 = 16 * 1024;
+
+/// Whether a fill may store the blob as `stat` lists it: two or more
+/// chunks, none too large (those fail their fetch anyway) and none but the
+/// last too small.
+fn keeps_chunk_list(stat: &BlobStat) -> bool {
+    let Some((_, init)) = stat.chunks.split_last() else {
+        return false;
+    };
+    stat.chunks.len() >= 2
+        && stat.chunks.iter().all(|c| c.size <= MAX_CHUNK_SIZE)
+        && init.iter().all(|c| c.size >= MIN_KEPT_CHUNK)
+}
 
 /// When fetched data is written into the near tiers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -526,12 +548,34 @@ impl Inner {
     }
 
     /// Fetches the blob found in tier `k` and writes it into every fill
-    /// tier before `k`. Succeeds only if the fill tiers computed the digest
-    /// asked for.
-    async fn fill_sync(self: Arc<Self>, digest: B3Digest, k: usize, stat: BlobStat) -> Result<()> {
+    /// tier before `k`. The bytes are proven to be the blob (a
+    /// [`BlobCheck`], against tier `k`'s outboard when it has one) before
+    /// any fill tier publishes them.
+    ///
+    /// When tier `k` lists chunks of sane sizes, each arrives verified
+    /// against its digest and the fill tiers store them as listed
+    /// ([`BlobService::open_fill`]): the check is the only other pass over
+    /// the bytes. Otherwise the fill tiers chunk and hash the stream
+    /// themselves.
+    ///
+    /// Proven bytes also go to `tap`, the reader that started the fill, as
+    /// they arrive.
+    async fn fill_sync(
+        self: Arc<Self>,
+        digest: B3Digest,
+        k: usize,
+        stat: BlobStat,
+        mut tap: Tap,
+    ) -> Result<()> {
+        let listed = keeps_chunk_list(&stat);
         let mut writers = Vec::new();
         for m in self.fill_targets(k, stat.size) {
-            match m.svc.open_write().await {
+            let opened = if listed {
+                m.svc.open_fill(&digest, &stat).await
+            } else {
+                m.svc.open_write().await
+            };
+            match opened {
                 Ok(w) => writers.push((m, w)),
                 Err(e) => m.record_failure("fill", &digest, &e),
             }
@@ -541,13 +585,25 @@ impl Inner {
                 "no fill tier accepted a write".into(),
             ]));
         }
-        let mut pieces = self.pieces(digest, k, &stat).await?;
+        let outboard = self.source_outboard(&digest, k).await?;
+        let mut check = BlobCheck::new(digest, stat.size, outboard);
+        if !check.streams() {
+            // Nothing is proven before the end: the reader waits for it.
+            tap.close();
+        }
+        let mut pieces = self.unchecked_pieces(digest, k, &stat).await?;
+        let source_lied = |e: &Error| {
+            if matches!(e.root(), Error::Verification(_)) {
+                self.members[k].record_failure("fill source", &digest, e);
+            }
+        };
         while let Some(piece) = pieces.next().await {
-            let piece = piece.inspect_err(|e| {
-                if matches!(e.root(), Error::Verification(_)) {
-                    self.members[k].record_failure("fill source", &digest, e);
-                }
-            })?;
+            let piece = piece.inspect_err(source_lied)?;
+            let proven = check
+                .push(piece.clone())
+                .map_err(Error::from)
+                .inspect_err(source_lied)?;
+            tap.feed(proven).await;
             let mut i = 0;
             while i < writers.len() {
                 match writers[i].1.write(piece.clone()).await {
@@ -562,22 +618,17 @@ impl Inner {
                 return Err(Error::AllTiersFailed(vec!["every fill tier failed".into()]));
             }
         }
+        let proof = check
+            .finish()
+            .map_err(Error::from)
+            .inspect_err(source_lied)?;
+        tap.close();
         let mut filled = 0;
         for (m, w) in writers {
-            match w.close().await {
-                Ok(put) if put.digest == digest => {
+            match w.close_verified(&proof).await {
+                Ok(_) => {
                     m.metrics.fills.inc();
                     filled += 1;
-                }
-                Ok(put) => {
-                    // The source's chunk list does not make up this blob.
-                    let err = Error::from(VerifyError::DigestMismatch {
-                        what: "blob",
-                        expected: digest,
-                        actual: put.digest,
-                    });
-                    self.members[k].record_failure("fill source", &digest, &err);
-                    return Err(err);
                 }
                 Err(e) => m.record_failure("fill", &digest, &e),
             }
@@ -585,7 +636,7 @@ impl Inner {
         if filled == 0 {
             return Err(Error::AllTiersFailed(vec!["every fill tier failed".into()]));
         }
-        debug!(%digest, source = %self.members[k].name, filled, "filled near tiers");
+        debug!(%digest, source = %self.members[k].name, filled, listed, "filled near tiers");
         Ok(())
     }
 
@@ -701,21 +752,39 @@ impl TiersService {
         let span =
             info_span!("fill", %digest, source = %inner.members[k].name, policy = %inner.fill);
         let verification_failed = |e: &Error| matches!(e.root(), Error::Verification(_));
+        // A sync fill streams to the reader that starts it (see [`tap`]).
+        let (tap, tap_rx) = match inner.fill {
+            Fill::Sync => {
+                let (tap, rx) = Tap::new();
+                (tap, Some(rx))
+            }
+            _ => (Tap::none(), None),
+        };
         let work = {
             let inner = inner.clone();
             async move {
                 match inner.fill {
                     Fill::Async => inner.fill_async(digest, k, stat).await.map(Some),
-                    _ => inner.fill_sync(digest, k, stat).await.map(|()| None),
+                    _ => inner.fill_sync(digest, k, stat, tap).await.map(|()| None),
                 }
             }
             .instrument(span)
         };
-        let (result, joined) = inner.flights.run(digest, work).await;
+        let (flight, joined) = inner.flights.start(digest, work);
         if joined {
             inner.metrics.singleflight_joins().inc();
             debug!(%digest, "joined a fetch already in flight");
+        } else if let Some(rx) = tap_rx {
+            return Ok(Some(Box::new(TapReader::new(
+                inner.clone(),
+                digest,
+                k,
+                size,
+                rx,
+                flight,
+            ))));
         }
+        let result = flight.await;
         match result {
             Ok(Some(spool)) => return spool.open().await.map(Some),
             Ok(None) => {
@@ -836,4 +905,35 @@ async fn copy_into(spool: &SharedSpool, target: &dyn BlobService) -> Result<PutR
         writer.write(piece?).await?;
     }
     writer.close().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat_of(sizes: &[u64]) -> BlobStat {
+        let chunks: Vec<ChunkMeta> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| ChunkMeta {
+                digest: B3Digest::of(&i.to_le_bytes()),
+                size,
+            })
+            .collect();
+        BlobStat {
+            size: sizes.iter().sum(),
+            chunks,
+        }
+    }
+
+    #[test]
+    fn fills_keep_only_sane_chunk_lists() {
+        assert!(keeps_chunk_list(&stat_of(&[300_000, 200_000, 10])));
+        // Not a list: one piece.
+        assert!(!keeps_chunk_list(&stat_of(&[])));
+        assert!(!keeps_chunk_list(&stat_of(&[300_000])));
+        // A tiny chunk before the last, or an oversize one.
+        assert!(!keeps_chunk_list(&stat_of(&[300_000, 100, 300_000])));
+        assert!(!keeps_chunk_list(&stat_of(&[MAX_CHUNK_SIZE + 1, 300_000])));
+    }
 }

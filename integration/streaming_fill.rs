@@ -1,0 +1,218 @@
+//! A cold read streams while its sync fill runs: the client gets the bytes
+//! the fill has proven before the fill is over, and a client that stops
+//! reading does not hold the fill back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use strata::B3Digest;
+use strata::addr::PeerAddr;
+use strata::proto::snix::blob_service_client::BlobServiceClient;
+use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
+use strata::proto::snix::{
+    BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
+};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::harness::{Daemon, metric, put_blob, snix_client, test_data};
+
+/// Forwards to an upstream, but holds back Reads of `gated` until the gate
+/// opens.
+struct GatedProxy {
+    upstream: BlobServiceClient<Channel>,
+    gated: Vec<u8>,
+    open: watch::Receiver<bool>,
+}
+
+#[tonic::async_trait]
+impl BlobService for GatedProxy {
+    async fn stat(
+        &self,
+        request: Request<StatBlobRequest>,
+    ) -> Result<Response<StatBlobResponse>, Status> {
+        self.upstream.clone().stat(request.into_inner()).await
+    }
+
+    type ReadStream = futures::stream::BoxStream<'static, Result<BlobChunk, Status>>;
+
+    async fn read(
+        &self,
+        request: Request<ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let request = request.into_inner();
+        if request.digest == self.gated {
+            let mut open = self.open.clone();
+            open.wait_for(|open| *open)
+                .await
+                .map_err(|_| Status::unavailable("gate dropped"))?;
+        }
+        let stream = self.upstream.clone().read(request).await?.into_inner();
+        Ok(Response::new(stream.boxed()))
+    }
+
+    async fn put(
+        &self,
+        _request: Request<Streaming<BlobChunk>>,
+    ) -> Result<Response<PutBlobResponse>, Status> {
+        Err(Status::unimplemented("read-only proxy"))
+    }
+}
+
+fn client_of(addr: &str) -> BlobServiceClient<Channel> {
+    BlobServiceClient::new(
+        addr.parse::<PeerAddr>()
+            .unwrap()
+            .channel(Duration::from_secs(5))
+            .unwrap(),
+    )
+}
+
+/// A sidecar (disk, then `peer`) with metrics.
+async fn sidecar(disk: &std::path::Path, peer: &str) -> Daemon {
+    let config = format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"near\", \"peer\"]\n\n\
+         [blobservices.near]\ntype = \"disk\"\npath = {}\n\n\
+         [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer}\"\n",
+        toml::Value::String(disk.display().to_string())
+    );
+    tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
+        .await
+        .unwrap()
+}
+
+async fn origin_with(blob: &[u8]) -> (Daemon, B3Digest) {
+    let origin = tokio::task::spawn_blocking(|| {
+        Daemon::start(Some(
+            "[blobservices.root]\ntype = \"memory\"\nmax_size = \"256MiB\"\n",
+        ))
+    })
+    .await
+    .unwrap();
+    let digest = put_blob(&origin.tcp_addr(), blob).await;
+    (origin, digest)
+}
+
+fn fills(sidecar: &Daemon) -> f64 {
+    metric(&sidecar.metrics(), "strata_tier_fills_total{tier=\"near\"}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_read_streams_before_its_fill_is_over() {
+    let blob = test_data(8 << 20, 71);
+    let (origin, digest) = origin_with(&blob).await;
+    let stat = client_of(&origin.tcp_addr())
+        .stat(StatBlobRequest {
+            digest: digest.into(),
+            send_chunks: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stat.chunks.len() >= 4, "{} chunks", stat.chunks.len());
+    let last = stat.chunks.last().unwrap();
+
+    // The peer holds back its last chunk until the gate opens.
+    let (gate, open) = watch::channel(false);
+    let proxy = GatedProxy {
+        upstream: client_of(&origin.tcp_addr()),
+        gated: last.digest.to_vec(),
+        open,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = format!("grpc+http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(BlobServiceServer::new(proxy))
+            .serve_with_incoming(TcpIncoming::from(listener)),
+    );
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = sidecar(near.path(), &proxy_addr).await;
+
+    let mut stream = snix_client(&sidecar.tcp_addr())
+        .read(ReadBlobRequest {
+            digest: digest.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Everything up to the group the held-back chunk starts in is proven
+    // without it.
+    let before_last = blob.len() - last.size as usize;
+    let provable = before_last - before_last % (16 * 1024);
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < provable {
+        let msg = tokio::time::timeout_at(deadline.into(), stream.next())
+            .await
+            .expect("the client got nothing while the fill waited for its last chunk")
+            .expect("stream ended early")
+            .unwrap();
+        got.extend_from_slice(&msg.data);
+    }
+    assert_eq!(&got[..], &blob[..got.len()]);
+    assert_eq!(
+        fills(&sidecar),
+        0.0,
+        "the fill finished without its last chunk"
+    );
+
+    gate.send(true).unwrap();
+    while let Some(msg) = stream.next().await {
+        got.extend_from_slice(&msg.unwrap().data);
+    }
+    assert!(got == blob, "the streamed blob differs");
+    // The fill completes, and the next read is local.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fills(&sidecar) < 1.0 {
+        assert!(Instant::now() < deadline, "the fill never completed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(origin);
+    let again = crate::harness::read_blob(&sidecar.tcp_addr(), &digest)
+        .await
+        .unwrap();
+    assert!(again == blob);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_does_not_hold_the_fill_back() {
+    let blob = Arc::new(test_data(48 << 20, 72));
+    let (origin, digest) = origin_with(&blob).await;
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = sidecar(near.path(), &origin.tcp_addr()).await;
+
+    let mut stream = snix_client(&sidecar.tcp_addr())
+        .read(ReadBlobRequest {
+            digest: digest.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = stream.next().await.unwrap().unwrap().data.to_vec();
+    // The client pauses with most of the blob still to come (more than the
+    // transport's windows and the tap hold): the fill goes on without it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fills(&sidecar) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the fill waited for a client that stopped reading"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(got.len() < blob.len() / 2);
+    // The client then reads on, from the filled tier, without a gap.
+    while let Some(msg) = stream.next().await {
+        got.extend_from_slice(&msg.unwrap().data);
+    }
+    assert!(got[..] == blob[..], "the resumed blob differs");
+    let log = sidecar.log_text();
+    assert!(
+        !log.contains("ERROR"),
+        "errors while the client paused:\n{log}"
+    );
+}

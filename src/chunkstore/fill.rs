@@ -1,0 +1,124 @@
+//! [`ListedWriter`]: stores a blob fetched from another tier as the chunks
+//! it was listed with, without chunking or hashing it again.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::task::JoinSet;
+
+use super::{BlobIndex, ChunkStore};
+use crate::blobservice::{BlobWriter, ChunkMeta, PutResult};
+use crate::digest::B3Digest;
+use crate::error::{Error, Result};
+use crate::verify::BlobProof;
+
+/// The writer [`super::ChunkedBlobService`] returns from
+/// [`crate::blobservice::BlobService::open_fill`].
+///
+/// A fill's chunks were each verified against their digests by the tier they
+/// came from, and the caller proves the whole run with a
+/// [`crate::verify::BlobCheck`]. Cutting and hashing them again, as a Put's
+/// [`super::ChunkingWriter`] must, would only repeat that work: this writer
+/// stores each chunk under its listed digest and publishes the index only
+/// with the proof, in [`BlobWriter::close_verified`].
+pub struct ListedWriter<S> {
+    store: Arc<S>,
+    digest: B3Digest,
+    chunks: Vec<ChunkMeta>,
+    /// How many chunks have been written.
+    written: usize,
+    uploads: JoinSet<Result<()>>,
+}
+
+impl<S: ChunkStore> ListedWriter<S> {
+    /// Starts filling blob `digest`, listed as `chunks`.
+    pub fn new(store: Arc<S>, digest: B3Digest, chunks: Vec<ChunkMeta>) -> Self {
+        ListedWriter {
+            store,
+            digest,
+            chunks,
+            written: 0,
+            uploads: JoinSet::new(),
+        }
+    }
+
+    async fn join_one(&mut self) -> Result<()> {
+        match self.uploads.join_next().await {
+            Some(Ok(result)) => result,
+            Some(Err(join)) => {
+                Err(std::io::Error::other(format!("chunk upload task: {join}")).into())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn misuse(&self, why: String) -> Error {
+        Error::Io(std::io::Error::other(format!(
+            "fill of blob {}: {why}",
+            self.digest
+        )))
+    }
+}
+
+#[async_trait]
+impl<S: ChunkStore> BlobWriter for ListedWriter<S> {
+    /// Takes the next listed chunk, whole.
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        let Some(meta) = self.chunks.get(self.written).copied() else {
+            return Err(self.misuse("more chunks written than listed".into()));
+        };
+        if data.len() as u64 != meta.size {
+            return Err(self.misuse(format!(
+                "chunk {} written with {} bytes, listed with {}",
+                self.written,
+                data.len(),
+                meta.size
+            )));
+        }
+        self.written += 1;
+        while self.uploads.len() >= self.store.write_concurrency().max(1) {
+            self.join_one().await?;
+        }
+        let store = self.store.clone();
+        self.uploads.spawn(async move {
+            if !store.has_chunk(&meta.digest).await? {
+                store.put_chunk(meta.digest, data).await?;
+            }
+            Ok(())
+        });
+        Ok(())
+    }
+
+    async fn close(self: Box<Self>) -> Result<PutResult> {
+        Err(self.misuse("a fill is published only with its proof".into()))
+    }
+
+    async fn close_verified(mut self: Box<Self>, proof: &BlobProof) -> Result<PutResult> {
+        let listed: u64 = self.chunks.iter().map(|c| c.size).sum();
+        if *proof.digest() != self.digest
+            || self.written != self.chunks.len()
+            || listed != proof.size()
+        {
+            return Err(self.misuse(format!(
+                "{} of {} chunks ({listed} bytes) written, proof for {} ({} bytes)",
+                self.written,
+                self.chunks.len(),
+                proof.digest(),
+                proof.size()
+            )));
+        }
+        while !self.uploads.is_empty() {
+            self.join_one().await?;
+        }
+        let chunks = std::mem::take(&mut self.chunks);
+        // Last: a visible index means every chunk is stored.
+        let index = BlobIndex::new(chunks.clone(), Some(proof.outboard()));
+        self.store.put_index(self.digest, index).await?;
+        Ok(PutResult {
+            digest: self.digest,
+            size: proof.size(),
+            chunks,
+        })
+    }
+}
