@@ -83,6 +83,9 @@ const DEFAULT_READ_AHEAD: usize = 8;
 const DEFAULT_FILL_QUEUE: usize = 64;
 /// Size of the pieces a whole-blob fetch is streamed in.
 const PIECE: usize = 256 * 1024;
+/// Largest blob a sync fill without an outboard holds in memory until it is
+/// proven, to answer its reader before the fill tiers have stored it.
+const HOLD_LIMIT: u64 = crate::blobservice::SPOOL_IN_MEMORY as u64;
 /// Smallest chunk (but the last) of a chunk list a fill keeps as listed.
 /// Any honest FastCDC list qualifies; a list of tiny chunks, which would
 /// cost a file or an object per few bytes, is cut afresh instead.
@@ -585,10 +588,21 @@ impl Inner {
                 "no fill tier accepted a write".into(),
             ]));
         }
-        let outboard = self.source_outboard(&digest, k).await?;
+        // A blob of one chunk is hashed whole: asking the source for its
+        // outboard would cost a round trip more than the hashing saves, and
+        // no index keeps an outboard for it.
+        let outboard = if stat.chunks.len() >= 2 || stat.size > MAX_CHUNK_SIZE {
+            self.source_outboard(&digest, k).await?
+        } else {
+            None
+        };
         let mut check = BlobCheck::new(digest, stat.size, outboard);
-        if !check.streams() {
-            // Nothing is proven before the end: the reader waits for it.
+        // Without an outboard nothing is proven before the end. A small
+        // blob is held until then and handed to the reader at once, before
+        // the fill tiers finish storing it; the reader of a larger one
+        // waits for the fill.
+        let mut held = (!check.streams() && stat.size <= HOLD_LIMIT).then(Vec::new);
+        if !check.streams() && held.is_none() {
             tap.close();
         }
         let mut pieces = self.unchecked_pieces(digest, k, &stat).await?;
@@ -604,6 +618,9 @@ impl Inner {
                 .map_err(Error::from)
                 .inspect_err(source_lied)?;
             tap.feed(proven).await;
+            if let Some(held) = &mut held {
+                held.push(piece.clone());
+            }
             let mut i = 0;
             while i < writers.len() {
                 match writers[i].1.write(piece.clone()).await {
@@ -622,6 +639,9 @@ impl Inner {
             .finish()
             .map_err(Error::from)
             .inspect_err(source_lied)?;
+        if let Some(held) = held {
+            tap.feed(held).await;
+        }
         tap.close();
         let mut filled = 0;
         for (m, w) in writers {

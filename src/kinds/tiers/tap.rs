@@ -8,12 +8,16 @@
 //! reader that started it through a bounded channel, the tap, while it
 //! writes the same bytes into the near tiers.
 //!
+//! Without an outboard nothing is proven before the end: a small blob (a
+//! chunk, typically) is held by the fill and handed over as soon as it
+//! hashed right, before the near tiers have stored it; the reader of a
+//! larger one is cut off the tap at once.
+//!
 //! The tap never holds the fill back for long: a client that stops reading
-//! for [`TAP_PATIENCE`] is cut off the tap, and so is every reader when the
-//! source has no outboard (nothing is proven before the end then). A reader
-//! cut off, or one that seeks, waits for the fill to end and carries on from
-//! the near tiers (or, if the fill failed, from the source tier on) at its
-//! position, as any other reader of a fill does.
+//! for [`TAP_PATIENCE`] is cut off too. A reader cut off, or one that seeks,
+//! waits for the fill to end and carries on from the near tiers (or, if the
+//! fill failed, from the source tier on) at its position, as any other
+//! reader of a fill does.
 
 use std::io::{self, SeekFrom};
 use std::pin::Pin;
