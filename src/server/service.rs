@@ -7,7 +7,8 @@ use std::time::Instant;
 use futures::{Stream, StreamExt};
 use tokio_util::io::ReaderStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info_span, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, info_span, warn};
 
 use prost::Message;
 
@@ -205,17 +206,21 @@ impl BlobServer {
         Ok(Box::pin(stream))
     }
 
-    async fn do_put(&self, mut stream: Streaming<BlobChunk>) -> Result<PutBlobResponse, Status> {
+    /// Stores the blob the stream carries; `received` counts its bytes.
+    async fn do_put(
+        &self,
+        mut stream: Streaming<BlobChunk>,
+        received: &mut u64,
+    ) -> Result<PutBlobResponse, Status> {
         if self.read_only {
             return Err(Status::permission_denied("this server is read-only"));
         }
         let mut writer = self.service.open_write().await.map_err(to_status)?;
-        let mut received = 0u64;
         while let Some(msg) = stream.next().await {
             let data = msg?.data;
-            received += data.len() as u64;
+            *received += data.len() as u64;
             if let Some(cap) = self.max_put_size
-                && received > cap
+                && *received > cap
             {
                 // Dropping the writer abandons the blob.
                 return Err(Status::resource_exhausted(format!(
@@ -290,7 +295,9 @@ macro_rules! impl_package {
                 let _slot = self.admit(&request, &mut rpc)?;
                 let req = request.into_inner();
                 let span = info_span!("rpc", package = stringify!($pkg), method = "Stat",
-                    digest = %hex_or_raw(&req.digest), send_chunks = req.send_chunks);
+                    digest = %hex_or_raw(&req.digest), send_chunks = req.send_chunks,
+                    outcome = Empty);
+                rpc.trace(&span);
                 let answer = self.do_stat(req).instrument(span).await;
                 rpc.finish(&answer);
                 answer.map(Response::new)
@@ -306,7 +313,8 @@ macro_rules! impl_package {
                 let slot = self.admit(&request, &mut rpc)?;
                 let req = request.into_inner();
                 let span = info_span!("rpc", package = stringify!($pkg), method = "Read",
-                    digest = %hex_or_raw(&req.digest));
+                    digest = %hex_or_raw(&req.digest), bytes = Empty, outcome = Empty);
+                rpc.trace(&span);
                 match self.do_read(req).instrument(span).await {
                     Ok(stream) => Ok(Response::new(rpc.until_end_of(stream, slot))),
                     Err(status) => {
@@ -321,10 +329,16 @@ macro_rules! impl_package {
                 request: Request<Streaming<BlobChunk>>,
             ) -> Result<Response<PutBlobResponse>, Status> {
                 let span = info_span!("rpc", package = stringify!($pkg), method = "Put",
-                    digest = tracing::field::Empty);
+                    digest = Empty, bytes = Empty, outcome = Empty);
                 let mut rpc = RpcGuard::start(&self.metrics, "Put");
+                rpc.trace(&span);
                 let _slot = self.admit(&request, &mut rpc)?;
-                let answer = self.do_put(request.into_inner()).instrument(span).await;
+                let mut received = 0;
+                let answer = self
+                    .do_put(request.into_inner(), &mut received)
+                    .instrument(span)
+                    .await;
+                rpc.bytes = received;
                 rpc.finish(&answer);
                 answer.map(Response::new)
             }
@@ -338,11 +352,18 @@ impl_package!(tvix);
 /// Counts one RPC: in flight while it lives, then done with a status code
 /// and a duration. An RPC dropped before it finished (the client went away)
 /// counts as `Cancelled`.
+///
+/// It also finishes the RPC's `rpc` span: records `bytes` (sent by a Read,
+/// received by a Put) and `outcome` (the status code's name, as in the
+/// metrics) and logs `request finished` in it at debug level. It holds the
+/// span, so a Read's span closes when its stream ends or is dropped.
 struct RpcGuard {
     metrics: Metrics,
     method: &'static str,
     started: Instant,
     done: bool,
+    span: Span,
+    bytes: u64,
 }
 
 impl RpcGuard {
@@ -353,7 +374,14 @@ impl RpcGuard {
             method,
             started: Instant::now(),
             done: false,
+            span: Span::none(),
+            bytes: 0,
         }
+    }
+
+    /// The span the RPC runs in, finished with the RPC.
+    fn trace(&mut self, span: &Span) {
+        self.span = span.clone();
     }
 
     fn record(&mut self, code: tonic::Code) {
@@ -363,6 +391,9 @@ impl RpcGuard {
         self.metrics.rpc_in_flight().dec();
         let seconds = self.started.elapsed().as_secs_f64();
         self.metrics.rpc_done(self.method, code, seconds);
+        self.span.record("bytes", self.bytes);
+        self.span.record("outcome", tracing::field::debug(code));
+        debug!(parent: &self.span, seconds, "request finished");
     }
 
     /// Counts the RPC as refused by the limits.
@@ -384,8 +415,9 @@ impl RpcGuard {
         Box::pin(async_stream::stream! {
             let _slot = slot;
             while let Some(item) = stream.next().await {
-                if let Err(status) = &item {
-                    self.record(status.code());
+                match &item {
+                    Ok(chunk) => self.bytes += chunk.data.len() as u64,
+                    Err(status) => self.record(status.code()),
                 }
                 yield item;
             }
