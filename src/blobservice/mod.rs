@@ -106,8 +106,10 @@ pub trait BlobService: Send + Sync + 'static {
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>>;
 
     /// Finishes background work (queued fills, ...) before the process
-    /// exits. Combinators forward it to the tiers they use.
-    async fn shutdown(&self) -> Result<()> {
+    /// exits, abandoning what is not done by `deadline` (an abandoned write
+    /// publishes nothing). Combinators forward it to the tiers they use.
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
+        let _ = deadline;
         Ok(())
     }
 }
@@ -143,8 +145,8 @@ impl<T: BlobService + ?Sized> BlobService for std::sync::Arc<T> {
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
         (**self).open_write().await
     }
-    async fn shutdown(&self) -> Result<()> {
-        (**self).shutdown().await
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
+        (**self).shutdown(deadline).await
     }
 }
 

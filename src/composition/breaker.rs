@@ -247,8 +247,8 @@ impl BlobService for BreakerService {
         self.guarded(self.inner.open_write()).await
     }
 
-    async fn shutdown(&self) -> Result<()> {
-        self.inner.shutdown().await
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
+        self.inner.shutdown(deadline).await
     }
 }
 

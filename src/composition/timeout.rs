@@ -87,8 +87,8 @@ impl BlobService for TimeoutService {
         }))
     }
 
-    async fn shutdown(&self) -> Result<()> {
-        self.inner.shutdown().await
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
+        self.inner.shutdown(deadline).await
     }
 }
 
