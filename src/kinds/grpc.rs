@@ -816,10 +816,11 @@ fn is_connection_failure(err: &Error) -> bool {
 
 /// Whether a status reports a broken or refused connection rather than an
 /// answer: it was made on this side from a transport error (it carries
-/// that error as its source; a status the peer sent has none), it is
-/// UNAVAILABLE or comes from an I/O error that means the connection is
-/// gone, and it is not a timeout (a slow peer is not helped by asking
-/// again).
+/// that error as its source; a status the peer sent has none); it is
+/// UNAVAILABLE, or comes from an I/O error that means the connection is
+/// gone, or from hyper giving up on the request because its connection
+/// closed (before it was sent, or before the answer was complete); and it
+/// is not a timeout (a slow peer is not helped by asking again).
 fn status_is_connection_failure(status: &tonic::Status) -> bool {
     use std::error::Error as _;
     use std::io::ErrorKind;
@@ -831,6 +832,14 @@ fn status_is_connection_failure(status: &tonic::Status) -> bool {
     while let Some(e) = next {
         if e.is::<tonic::TimeoutExpired>() {
             return false;
+        }
+        if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+            if hyper.is_timeout() {
+                return false;
+            }
+            if hyper.is_canceled() || hyper.is_closed() || hyper.is_incomplete_message() {
+                broken_io = true;
+            }
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             match io.kind() {
