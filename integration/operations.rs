@@ -61,7 +61,8 @@ async fn reset_connections_to_a_peer_are_retried() {
         format!(
             "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"peer\"]\n\n\
              [blobservices.peer]\ntype = \"grpc\"\nurl = \"grpc+http://{proxy}\"\n\
-             retries = {retries}\nretry_backoff = \"20ms\"\n"
+             retries = {retries}\nretry_backoff = \"20ms\"\n\
+             breaker = {{ failures = 2, open_for = \"1h\" }}\n"
         )
     };
     let retries = |page: &str| metric(page, "strata_tier_retries_total{tier=\"peer\"}");
@@ -94,6 +95,26 @@ async fn reset_connections_to_a_peer_are_retried() {
     let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
     assert!(got == data, "wrong bytes");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    drop(sidecar);
+
+    // A call whose every attempt fails is one failure to the breaker
+    // (which opens at two here), however many retries it took.
+    let (proxy, accepted) = strata::testkit::resetting_proxy(origin_addr, 3)
+        .await
+        .unwrap();
+    let sidecar = start_sidecar(sidecar_config(proxy, 2)).await;
+    let failed = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    let page = sidecar.metrics();
+    assert_eq!(retries(&page), 2.0, "{page}");
+    assert_eq!(
+        metric(&page, "strata_tier_breaker_open{tier=\"peer\"}"),
+        0.0,
+        "{page}"
+    );
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(got == data, "wrong bytes");
 }
 
 /// Forwards Stat to an upstream and Reads too, except that a Read of any
