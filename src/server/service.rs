@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
@@ -210,7 +211,7 @@ impl BlobServer {
     async fn do_put(
         &self,
         mut stream: Streaming<BlobChunk>,
-        received: &mut u64,
+        received: &AtomicU64,
     ) -> Result<PutBlobResponse, Status> {
         if self.read_only {
             return Err(Status::permission_denied("this server is read-only"));
@@ -218,9 +219,10 @@ impl BlobServer {
         let mut writer = self.service.open_write().await.map_err(to_status)?;
         while let Some(msg) = stream.next().await {
             let data = msg?.data;
-            *received += data.len() as u64;
+            let total =
+                received.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
             if let Some(cap) = self.max_put_size
-                && *received > cap
+                && total > cap
             {
                 // Dropping the writer abandons the blob.
                 return Err(Status::resource_exhausted(format!(
@@ -333,12 +335,10 @@ macro_rules! impl_package {
                 let mut rpc = RpcGuard::start(&self.metrics, "Put");
                 rpc.trace(&span);
                 let _slot = self.admit(&request, &mut rpc)?;
-                let mut received = 0;
                 let answer = self
-                    .do_put(request.into_inner(), &mut received)
+                    .do_put(request.into_inner(), &rpc.bytes)
                     .instrument(span)
                     .await;
-                rpc.bytes = received;
                 rpc.finish(&answer);
                 answer.map(Response::new)
             }
@@ -363,7 +363,9 @@ struct RpcGuard {
     started: Instant,
     done: bool,
     span: Span,
-    bytes: u64,
+    /// Bytes sent (Read) or received (Put) so far; shared with the Put
+    /// handler, so a Put the client abandons still reports them.
+    bytes: AtomicU64,
 }
 
 impl RpcGuard {
@@ -375,7 +377,7 @@ impl RpcGuard {
             started: Instant::now(),
             done: false,
             span: Span::none(),
-            bytes: 0,
+            bytes: AtomicU64::new(0),
         }
     }
 
@@ -391,7 +393,8 @@ impl RpcGuard {
         self.metrics.rpc_in_flight().dec();
         let seconds = self.started.elapsed().as_secs_f64();
         self.metrics.rpc_done(self.method, code, seconds);
-        self.span.record("bytes", self.bytes);
+        self.span
+            .record("bytes", self.bytes.load(Ordering::Relaxed));
         self.span.record("outcome", tracing::field::debug(code));
         debug!(parent: &self.span, seconds, "request finished");
     }
@@ -416,7 +419,9 @@ impl RpcGuard {
             let _slot = slot;
             while let Some(item) = stream.next().await {
                 match &item {
-                    Ok(chunk) => self.bytes += chunk.data.len() as u64,
+                    Ok(chunk) => {
+                        self.bytes.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                    }
                     Err(status) => self.record(status.code()),
                 }
                 yield item;
