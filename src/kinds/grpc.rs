@@ -268,8 +268,9 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 impl Default for PeerOptions {
     /// Timeouts that let a slow peer finish but cut off a hung one: a
-    /// Read's total time is not bounded (a large blob takes as long as it
-    /// takes), only its first answer and each gap.
+    /// Read's total time is not bounded unless `request_timeout` is set (a
+    /// large blob takes as long as it takes), only its first answer and
+    /// each gap; two retries after a connection failure.
     fn default() -> Self {
         PeerOptions {
             spool_dir: None,
