@@ -16,7 +16,7 @@ use strata::proto::snix::BlobChunk;
 use tonic::Code;
 
 use crate::crash::{assert_absent_or_whole, assert_all_read_back, check_disk};
-use crate::harness::{Daemon, snix_client, test_data};
+use crate::harness::{Daemon, put_blob, read_blob, snix_client, start_daemon, test_data};
 
 /// Size of the file system: room for a dozen or so of the blobs below.
 const FS_SIZE: &str = "16m";
@@ -153,27 +153,18 @@ fn assert_disk_full(status: &tonic::Status, when: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_full_disk_refuses_puts_clearly_and_keeps_what_it_has() {
-    let fs = tokio::task::spawn_blocking(SmallFs::mount).await.unwrap();
-    // max_size far above the file system, so the disk fills before the
-    // tier would evict anything.
-    let config = format!(
-        "[blobservices.root]\ntype = \"disk\"\npath = \"{}\"\nmax_size = \"1GiB\"\n",
-        fs.path().display()
-    );
-    let start = |config: String, fs_wrapper: Vec<String>| {
-        tokio::task::spawn_blocking(move || Daemon::start_wrapped(&config, &fs_wrapper))
-    };
-    let mut daemon = start(config.clone(), fs.wrapper.clone()).await.unwrap();
-    let addr = daemon.tcp_addr();
-
-    // Multi-chunk blobs of 0.7 to 1.5 MiB until one does not fit.
+/// Puts multi-chunk blobs of 0.7 to 1.5 MiB (seeded from `seed`) until one
+/// is refused as disk full; returns the blobs stored and the one refused.
+#[allow(clippy::type_complexity)]
+async fn put_until_full(
+    addr: &str,
+    seed: u64,
+) -> (Vec<(B3Digest, Vec<u8>)>, Vec<(B3Digest, Vec<u8>)>) {
     let mut stored: Vec<(B3Digest, Vec<u8>)> = Vec::new();
     let mut refused: Vec<(B3Digest, Vec<u8>)> = Vec::new();
     for i in 0..64u64 {
-        let data = test_data(700_000 + (i as usize * 91_813) % 800_000, 3000 + i);
-        match try_put(&addr, &data).await {
+        let data = test_data(700_000 + (i as usize * 91_813) % 800_000, seed + i);
+        match try_put(addr, &data).await {
             Ok(digest) => {
                 assert_eq!(
                     digest,
@@ -195,7 +186,25 @@ async fn a_full_disk_refuses_puts_clearly_and_keeps_what_it_has() {
         "only {} blobs fitted into {FS_SIZE}",
         stored.len()
     );
+    (stored, refused)
+}
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_refuses_puts_clearly_and_keeps_what_it_has() {
+    let fs = tokio::task::spawn_blocking(SmallFs::mount).await.unwrap();
+    // max_size far above the file system, so the disk fills before the
+    // tier would evict anything.
+    let config = format!(
+        "[blobservices.root]\ntype = \"disk\"\npath = \"{}\"\nmax_size = \"1GiB\"\n",
+        fs.path().display()
+    );
+    let start = |config: String, fs_wrapper: Vec<String>| {
+        tokio::task::spawn_blocking(move || Daemon::start_wrapped(&config, &fs_wrapper))
+    };
+    let mut daemon = start(config.clone(), fs.wrapper.clone()).await.unwrap();
+    let addr = daemon.tcp_addr();
+
+    let (mut stored, mut refused) = put_until_full(&addr, 3000).await;
     // More Puts, large and small: each is either stored whole or refused
     // the same way; the daemon is still up.
     for (i, len) in [3 << 20, 600_000, 5000, 3].into_iter().enumerate() {
@@ -249,4 +258,81 @@ async fn a_full_disk_refuses_puts_clearly_and_keeps_what_it_has() {
         stored.len(),
         refused.len()
     );
+}
+
+/// The usual sidecar shape on a full disk: memory before disk, Puts to the
+/// disk (the default `write_to`), and a peer behind them. Puts are refused
+/// as disk full, earlier blobs read back, and a cold read whose fill into
+/// the full disk fails is still answered with the right bytes, read
+/// directly from the peer; after a restart nothing is damaged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_behind_memory_refuses_puts_and_still_serves_cold_reads() {
+    let fs = tokio::task::spawn_blocking(SmallFs::mount).await.unwrap();
+    let origin =
+        start_daemon("[blobservices.root]\ntype = \"memory\"\nmax_size = \"64MiB\"\n".into()).await;
+    // The memory tier takes fills of blobs up to half its size (2 MiB), so
+    // a larger cold blob can only be filled into the disk.
+    let config = format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"memory\", \"disk\", \"origin\"]\n\n\
+         [blobservices.memory]\ntype = \"memory\"\nmax_size = \"4MiB\"\n\n\
+         [blobservices.disk]\ntype = \"disk\"\npath = \"{}\"\nmax_size = \"1GiB\"\n\n\
+         [blobservices.origin]\ntype = \"grpc\"\nurl = \"{}\"\n",
+        fs.path().display(),
+        origin.tcp_addr()
+    );
+    let start = |config: String, fs_wrapper: Vec<String>| {
+        tokio::task::spawn_blocking(move || Daemon::start_wrapped(&config, &fs_wrapper))
+    };
+    let mut daemon = start(config.clone(), fs.wrapper.clone()).await.unwrap();
+    let addr = daemon.tcp_addr();
+
+    let (stored, refused) = put_until_full(&addr, 6000).await;
+    assert_all_read_back(&addr, &stored, "memory + full disk").await;
+    for (digest, data) in &refused {
+        assert_absent_or_whole(&addr, digest, data, "a refused Put").await;
+    }
+
+    // Cold reads: blobs only the origin has. The large one can go only to
+    // the disk, where it does not fit; the small one lands in memory.
+    let large = test_data(3 << 20, 6100);
+    let small = test_data(300_000, 6101);
+    let mut cold = Vec::new();
+    for data in [large, small] {
+        let digest = put_blob(&origin.tcp_addr(), &data).await;
+        let got = read_blob(&addr, &digest)
+            .await
+            .unwrap_or_else(|e| panic!("cold read of {} bytes failed: {e:?}", data.len()));
+        assert!(
+            got == data,
+            "cold read of {} bytes: wrong bytes",
+            data.len()
+        );
+        cold.push((digest, data));
+    }
+    let log = daemon.log_text();
+    assert!(
+        log.contains("fetch and fill failed; reading directly"),
+        "the large cold read did not fall back to a direct read:\n{log}"
+    );
+    assert!(
+        daemon.wait_timeout(Duration::ZERO).is_none(),
+        "strata serve died on a full disk: {log}"
+    );
+    check_disk(&fs.view(), "memory + full disk");
+
+    // Restart: what was stored is whole, nothing half-written is left,
+    // and the cold blobs still read right (from wherever they are).
+    let status = tokio::task::spawn_blocking(move || daemon.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "strata serve exited with {status}");
+    let daemon = start(config, fs.wrapper.clone()).await.unwrap();
+    let addr = daemon.tcp_addr();
+    let after = check_disk(&fs.view(), "memory + disk, after the restart");
+    assert_eq!(after.temporaries, 0, "temporary files survived the restart");
+    assert_all_read_back(&addr, &stored, "memory + disk, after the restart").await;
+    assert_all_read_back(&addr, &cold, "cold blobs, after the restart").await;
+    for (digest, data) in &refused {
+        assert_absent_or_whole(&addr, digest, data, "a refused Put, after the restart").await;
+    }
 }

@@ -35,7 +35,18 @@ impl Daemon {
     /// Starts `strata serve` with the given composition (or the default when
     /// `None`), listening on a fresh TCP port and a unix socket.
     pub fn start(config: Option<&str>) -> Daemon {
-        Daemon::start_inner(config, None, &[], &[])
+        Daemon::start_inner(config, None, &[], &[], "info")
+    }
+
+    /// Like [`Daemon::start_with_metrics`], with extra `strata serve`
+    /// arguments and `RUST_LOG` set to `rust_log`.
+    pub fn start_logging(config: &str, extra: &[&str], rust_log: &str) -> Daemon {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut args = vec!["--metrics-listen", &addr];
+        args.extend_from_slice(extra);
+        let mut daemon = Daemon::start_inner(Some(config), None, &args, &[], rust_log);
+        daemon.metrics = Some(addr);
+        daemon
     }
 
     /// Like [`Daemon::start`], run through `wrapper` (a command that ends by
@@ -43,14 +54,15 @@ impl Daemon {
     /// in another mount namespace. The wrapper must not fork: signals go to
     /// the process it starts as.
     pub fn start_wrapped(config: &str, wrapper: &[String]) -> Daemon {
-        Daemon::start_inner(Some(config), None, &[], wrapper)
+        Daemon::start_inner(Some(config), None, &[], wrapper, "info")
     }
 
     /// Like [`Daemon::start`], also serving `/metrics` on a fresh port;
     /// [`Daemon::metrics`] scrapes it.
     pub fn start_with_metrics(config: Option<&str>) -> Daemon {
         let addr = format!("127.0.0.1:{}", free_port());
-        let mut daemon = Daemon::start_inner(config, None, &["--metrics-listen", &addr], &[]);
+        let mut daemon =
+            Daemon::start_inner(config, None, &["--metrics-listen", &addr], &[], "info");
         daemon.metrics = Some(addr);
         daemon
     }
@@ -58,7 +70,7 @@ impl Daemon {
     /// Like [`Daemon::start`], with `$XDG_CACHE_HOME` (where the default
     /// composition keeps its disk cache) set to `cache_home`.
     pub fn start_with_cache_home(config: Option<&str>, cache_home: &Path) -> Daemon {
-        Daemon::start_inner(config, Some(cache_home), &[], &[])
+        Daemon::start_inner(config, Some(cache_home), &[], &[], "info")
     }
 
     fn start_inner(
@@ -66,6 +78,7 @@ impl Daemon {
         cache_home: Option<&Path>,
         extra: &[&str],
         wrapper: &[String],
+        rust_log: &str,
     ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache_home = cache_home
@@ -96,7 +109,7 @@ impl Daemon {
                 .arg(&tcp)
                 .arg("--listen")
                 .arg(&socket)
-                .env("RUST_LOG", "info")
+                .env("RUST_LOG", rust_log)
                 // The default composition's disk cache goes here, not into
                 // the user's cache directory.
                 .env("XDG_CACHE_HOME", &cache_home)

@@ -19,6 +19,7 @@ mod load;
 mod lying_peer;
 mod metrics;
 mod objectstore;
+mod operations;
 mod ranges;
 mod roundtrip;
 mod security;

@@ -1,5 +1,6 @@
-//! Helpers shared by `strata bench` and the integration tests: reproducible
-//! incompressible data, and a proxy that counts the bytes a peer serves.
+//! Helpers shared by `strata bench` and the tests: reproducible
+//! incompressible data, a proxy that counts the bytes a peer serves, and a
+//! TCP proxy that breaks the first connections made through it.
 
 use prost::Message;
 use std::sync::Arc;
@@ -100,4 +101,36 @@ impl BlobService for CountingProxy {
     ) -> Result<Response<PutBlobResponse>, Status> {
         Err(Status::unimplemented("read-only proxy"))
     }
+}
+
+/// A TCP proxy on loopback in front of `upstream` that resets the first
+/// `resets` connections made to it as soon as they are accepted (RST, as a
+/// peer that crashed or restarted would), then forwards the others.
+/// Returns its address and the number of connections accepted so far.
+pub async fn resetting_proxy(
+    upstream: std::net::SocketAddr,
+    resets: u64,
+) -> std::io::Result<(std::net::SocketAddr, Arc<AtomicU64>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            if n <= resets {
+                // A zero linger makes the close a reset.
+                let _ = conn.set_zero_linger();
+                drop(conn);
+                continue;
+            }
+            tokio::spawn(async move {
+                let mut conn = conn;
+                if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                }
+            });
+        }
+    });
+    Ok((addr, accepted))
 }

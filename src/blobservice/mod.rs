@@ -120,8 +120,10 @@ pub trait BlobService: Send + Sync + 'static {
     }
 
     /// Finishes background work (queued fills, ...) before the process
-    /// exits. Combinators forward it to the tiers they use.
-    async fn shutdown(&self) -> Result<()> {
+    /// exits, abandoning what is not done by `deadline` (an abandoned write
+    /// publishes nothing). Combinators forward it to the tiers they use.
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
+        let _ = deadline;
         Ok(())
     }
 }
@@ -177,8 +179,8 @@ impl<T: BlobService + ?Sized> BlobService for std::sync::Arc<T> {
     async fn open_fill(&self, digest: &B3Digest, stat: &BlobStat) -> Result<Box<dyn BlobWriter>> {
         (**self).open_fill(digest, stat).await
     }
-    async fn shutdown(&self) -> Result<()> {
-        (**self).shutdown().await
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
+        (**self).shutdown(deadline).await
     }
 }
 

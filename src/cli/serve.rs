@@ -110,8 +110,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         trigger.cancel();
     });
     let served = server::serve(root.clone(), opts, shutdown).await;
-    // Finish background work (queued fills) before exiting.
-    root.shutdown()
+    // Finish background work (queued fills) before exiting, for a bounded
+    // time: fills only warm caches, and a stop must not hang on them.
+    let drain = composition
+        .server
+        .fill_drain
+        .map_or(server::DEFAULT_FILL_DRAIN, |d| d.0);
+    root.shutdown(tokio::time::Instant::now() + drain)
         .await
         .context("finishing background work at shutdown")?;
     served

@@ -251,8 +251,8 @@ impl BlobService for BreakerService {
         self.guarded(self.inner.open_fill(digest, stat)).await
     }
 
-    async fn shutdown(&self) -> Result<()> {
-        self.inner.shutdown().await
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
+        self.inner.shutdown(deadline).await
     }
 }
 

@@ -178,8 +178,8 @@ impl BlobService for InstrumentedService {
             .await
     }
 
-    async fn shutdown(&self) -> Result<()> {
-        self.inner.shutdown().await
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
+        self.inner.shutdown(deadline).await
     }
 }
 

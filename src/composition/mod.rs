@@ -130,6 +130,9 @@ pub struct ServerConfig {
     /// How long requests in flight may take to finish after SIGTERM before
     /// their connections are dropped (default 30 s).
     pub shutdown_grace: Option<Duration>,
+    /// After the server stopped, how long queued async fills may still
+    /// run before they are abandoned (default 15 s).
+    pub fill_drain: Option<Duration>,
 }
 
 /// Unix permission bits written as an octal string, like `"0660"`.

@@ -96,8 +96,8 @@ impl BlobService for TimeoutService {
         }))
     }
 
-    async fn shutdown(&self) -> Result<()> {
-        self.inner.shutdown().await
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
+        self.inner.shutdown(deadline).await
     }
 }
 

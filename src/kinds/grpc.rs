@@ -23,20 +23,43 @@
 //!   only once the whole blob hashed to the digest asked for.
 //!
 //! Writes hash locally and check the digest the peer reports.
+//!
+//! # Retries
+//!
+//! A call that cannot have had any effect yet and whose answer nobody has
+//! seen — a Stat, or a Read before its first message arrived — is repeated
+//! when the connection failed (refused, reset, broken before an answer):
+//! up to `retries` more times, after an exponentially growing, jittered
+//! delay starting at `retry_backoff`. An answer from the peer (NOT_FOUND, an
+//! error status it sent, data that fails verification) and a timeout are
+//! never retried, nor is a Put (the client decides). The whole series is one
+//! call to the tier's circuit breaker and timeout wrappers, so it counts as
+//! at most one failure.
+//!
+//! # Whole-request bound
+//!
+//! `request_timeout` (off by default) bounds a Stat with its retries, and a
+//! Read from the moment it is opened to the last byte fetched from the
+//! peer, however steadily the bytes trickle in.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::stream::Peekable;
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
 use tonic::service::interceptor::InterceptedService;
-use tracing::{instrument, warn};
+use tracing::{debug, instrument, warn};
 
 use crate::addr::{AuthChannel, BearerToken, DEFAULT_MAX_MESSAGE_SIZE, PeerAddr};
 use crate::blobservice::{
@@ -115,6 +138,15 @@ pub struct GrpcConfig {
     pub first_byte_timeout: Option<crate::composition::Duration>,
     /// Bound on the gap between two messages of a Read (default 30 s).
     pub idle_timeout: Option<crate::composition::Duration>,
+    /// Bound on a whole Stat, and on a Read from opening it to its last
+    /// byte (default: none).
+    pub request_timeout: Option<crate::composition::Duration>,
+    /// How many times a Stat, or a Read that has not delivered anything
+    /// yet, is repeated after a connection failure (default 2; 0 disables).
+    pub retries: Option<u32>,
+    /// Delay before the first retry; it doubles (plus jitter) with each
+    /// further one (default 50 ms).
+    pub retry_backoff: Option<crate::composition::Duration>,
 }
 
 fn deserialize_peer_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PeerAddr, D::Error> {
@@ -136,7 +168,7 @@ impl TierConfig for GrpcConfig {
         true
     }
 
-    async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
+    async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobService>> {
         let read = |what: &str, path: &PathBuf| {
             std::fs::read(path).map_err(|e| {
                 Error::Io(std::io::Error::new(
@@ -169,6 +201,10 @@ impl TierConfig for GrpcConfig {
                 .first_byte_timeout
                 .map_or(defaults.first_byte_timeout, |d| d.0),
             idle_timeout: self.idle_timeout.map_or(defaults.idle_timeout, |d| d.0),
+            request_timeout: self.request_timeout.map(|d| d.0),
+            retries: self.retries.unwrap_or(defaults.retries),
+            retry_backoff: self.retry_backoff.map_or(defaults.retry_backoff, |d| d.0),
+            retry_counter: ctx.tier_metrics().retries,
         };
         Ok(Arc::new(GrpcBlobService::with_options(
             self.url.clone(),
@@ -192,6 +228,9 @@ pub fn from_url(url: &str) -> Result<Box<dyn TierConfig>, String> {
         connect_timeout: None,
         first_byte_timeout: None,
         idle_timeout: None,
+        request_timeout: None,
+        retries: None,
+        retry_backoff: None,
     }))
 }
 
@@ -210,12 +249,28 @@ pub struct PeerOptions {
     pub first_byte_timeout: Duration,
     /// Bound on the gap between two messages of a Read.
     pub idle_timeout: Duration,
+    /// Bound on a whole Stat, and on a Read from opening to last byte.
+    pub request_timeout: Option<Duration>,
+    /// Repeats of a Stat or unanswered Read after a connection failure.
+    pub retries: u32,
+    /// Delay before the first retry.
+    pub retry_backoff: Duration,
+    /// Counts the retries.
+    pub retry_counter: Counter,
 }
+
+/// Default number of retries after a connection failure.
+pub const DEFAULT_RETRIES: u32 = 2;
+/// Default delay before the first retry.
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest delay between two retries, however many there are.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 impl Default for PeerOptions {
     /// Timeouts that let a slow peer finish but cut off a hung one: a
-    /// Read's total time is not bounded (a large blob takes as long as it
-    /// takes), only its first answer and each gap.
+    /// Read's total time is not bounded unless `request_timeout` is set (a
+    /// large blob takes as long as it takes), only its first answer and
+    /// each gap; two retries after a connection failure.
     fn default() -> Self {
         PeerOptions {
             spool_dir: None,
@@ -224,6 +279,10 @@ impl Default for PeerOptions {
             connect_timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
+            request_timeout: None,
+            retries: DEFAULT_RETRIES,
+            retry_backoff: DEFAULT_RETRY_BACKOFF,
+            retry_counter: Counter::default(),
         }
     }
 }
@@ -253,6 +312,13 @@ pub struct GrpcBlobService {
     spool_dir: Option<PathBuf>,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
+    request_timeout: Option<Duration>,
+    /// When the request this copy of the service serves must be done (set
+    /// on the copy a chunked Read fetches its chunks through).
+    deadline: Option<Instant>,
+    retries: u32,
+    retry_backoff: Duration,
+    retry_counter: Counter,
 }
 
 impl GrpcBlobService {
@@ -297,7 +363,64 @@ impl GrpcBlobService {
             spool_dir,
             first_byte_timeout: options.first_byte_timeout,
             idle_timeout: options.idle_timeout,
+            request_timeout: options.request_timeout,
+            deadline: None,
+            retries: options.retries,
+            retry_backoff: options.retry_backoff,
+            retry_counter: options.retry_counter,
         })
+    }
+
+    /// When a request starting now must be done: the deadline of the Read
+    /// this copy serves, else `request_timeout` from now.
+    fn request_deadline(&self) -> Option<Instant> {
+        self.deadline
+            .or_else(|| self.request_timeout.map(|t| Instant::now() + t))
+    }
+
+    /// `call` cut off at `deadline`, if there is one.
+    async fn by_deadline<T>(
+        &self,
+        deadline: Option<Instant>,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let Some(deadline) = deadline else {
+            return call.await;
+        };
+        let after = self.request_timeout.unwrap_or_default();
+        tokio::time::timeout_at(deadline, call)
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out(after)))
+    }
+
+    /// Runs `call` and repeats it, after a backoff, while it fails for a
+    /// connection failure and retries are left. Only for calls that are
+    /// safe to repeat: nothing of their answer has been used yet.
+    ///
+    /// `backon` supplies the schedule (exponential, capped, with jitter so
+    /// that sidecars that lost the same peer do not come back in step).
+    async fn retrying<T, F, Fut>(&self, op: &'static str, digest: &B3Digest, call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let schedule = ExponentialBuilder::new()
+            .with_min_delay(self.retry_backoff)
+            .with_max_delay(MAX_RETRY_DELAY.max(self.retry_backoff))
+            .with_factor(2.0)
+            .with_jitter()
+            .with_max_times(self.retries as usize);
+        let mut attempt = 0u32;
+        call.retry(schedule)
+            .sleep(tokio::time::sleep)
+            .when(is_connection_failure)
+            .notify(|e: &Error, delay: Duration| {
+                attempt += 1;
+                self.retry_counter.inc();
+                debug!(peer = %self.addr, op, %digest, attempt, ?delay, error = %e,
+                    "connection to the peer failed; retrying");
+            })
+            .await
     }
 
     fn timed_out(&self, after: Duration) -> Error {
@@ -338,13 +461,20 @@ impl GrpcBlobService {
             bao_shift: if send_bao { STORED_SHIFT.into() } else { 0 },
             ..Default::default()
         };
-        let resp: StatBlobResponse = match self
-            .first_answer(async { call!(self.client, stat(req)) })
-            .await?
-        {
-            Ok(resp) => resp.into_inner(),
-            Err(status) if status.code() == tonic::Code::NotFound => return Ok(None),
-            Err(status) => return Err(self.peer_error(status)),
+        let answer = self
+            .retrying("stat", digest, || async {
+                match self
+                    .first_answer(async { call!(self.client, stat(req.clone())) })
+                    .await?
+                {
+                    Ok(resp) => Ok(Some(resp.into_inner())),
+                    Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+                    Err(status) => Err(self.peer_error(status)),
+                }
+            })
+            .await?;
+        let Some(resp): Option<StatBlobResponse> = answer else {
+            return Ok(None);
         };
         let chunks = resp
             .chunks
@@ -406,15 +536,14 @@ impl GrpcBlobService {
         }
     }
 
-    /// Reads the whole blob from the peer and verifies it before returning a
-    /// reader over it. `expected_len` is the size the peer announced, if any.
-    #[instrument(skip(self), fields(peer = %self.addr))]
-    async fn fetch_verified(
+    /// Sends a Read and waits for the first message of the answer, which
+    /// stays in the stream; `None` if the peer does not have the blob. A
+    /// connection failure up to here is an error (and nothing was consumed,
+    /// so the caller may try again).
+    async fn open_stream(
         &self,
         digest: &B3Digest,
-        expected_len: Option<u64>,
-        outboard: Option<Outboard>,
-    ) -> Result<Option<Box<dyn BlobReader>>> {
+    ) -> Result<Option<Peekable<Streaming<BlobChunk>>>> {
         let req = ReadBlobRequest {
             digest: (*digest).into(),
         };
@@ -431,11 +560,40 @@ impl GrpcBlobService {
         let first = self
             .first_answer(std::pin::Pin::new(&mut stream).peek())
             .await?;
-        if let Some(Err(status)) = first
-            && status.code() == tonic::Code::NotFound
-        {
+        let (absent, broken) = match first {
+            Some(Err(status)) => (
+                status.code() == tonic::Code::NotFound,
+                status_is_connection_failure(status),
+            ),
+            _ => (false, false),
+        };
+        if absent {
             return Ok(None);
         }
+        if broken {
+            // Take the status out of the stream, to report it.
+            if let Some(Err(status)) = stream.next().await {
+                return Err(self.peer_error(status));
+            }
+        }
+        Ok(Some(stream))
+    }
+
+    /// Reads the whole blob from the peer and verifies it before returning a
+    /// reader over it. `expected_len` is the size the peer announced, if any.
+    #[instrument(skip(self), fields(peer = %self.addr))]
+    async fn fetch_verified(
+        &self,
+        digest: &B3Digest,
+        expected_len: Option<u64>,
+        outboard: Option<Outboard>,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
+        let Some(mut stream) = self
+            .retrying("read", digest, || self.open_stream(digest))
+            .await?
+        else {
+            return Ok(None);
+        };
         let idle = self.idle_timeout;
         let pieces = Box::pin(async_stream::stream! {
             loop {
@@ -465,68 +623,84 @@ impl GrpcBlobService {
 impl BlobService for GrpcBlobService {
     #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        let Some(stat) = self.stat_raw(digest, false).await? else {
-            return Ok(None);
-        };
-        let size = match stat.size {
-            Some(size) => size,
-            // A stock peer that keeps the blob in one piece says nothing
-            // about its size; the only trustworthy way to learn it is a
-            // verified read.
-            None => match self.fetch_verified(digest, None, None).await? {
-                Some(reader) => reader.len(),
-                None => return Ok(None),
-            },
-        };
-        Ok(Some(BlobStat {
-            size,
-            chunks: stat.chunks,
-        }))
+        self.by_deadline(self.request_deadline(), async {
+            let Some(stat) = self.stat_raw(digest, false).await? else {
+                return Ok(None);
+            };
+            let size = match stat.size {
+                Some(size) => size,
+                // A stock peer that keeps the blob in one piece says
+                // nothing about its size; the only trustworthy way to learn
+                // it is a verified read.
+                None => match self.fetch_verified(digest, None, None).await? {
+                    Some(reader) => reader.len(),
+                    None => return Ok(None),
+                },
+            };
+            Ok(Some(BlobStat {
+                size,
+                chunks: stat.chunks,
+            }))
+        })
+        .await
     }
 
     /// Asks the peer for the outboard at the shift strata stores (or the
     /// coarser one it can fit in a message). A wrong outboard is an error.
     #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
     async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
-        Ok(self
-            .stat_raw(digest, true)
-            .await?
-            .and_then(|stat| stat.outboard))
+        let stat = self
+            .by_deadline(self.request_deadline(), self.stat_raw(digest, true))
+            .await?;
+        Ok(stat.and_then(|stat| stat.outboard))
     }
 
     #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
-        let Some(stat) = self.stat_raw(digest, true).await? else {
-            return Ok(None);
-        };
-        if stat.size == Some(0) && digest.is_empty_blob() {
-            return Ok(Some(Box::new(BufferedReader::new(Bytes::new()))));
-        }
-        if stat.chunks.len() >= 2
-            && let Some(outboard) = stat.outboard
-        {
-            let source = Arc::new(ServiceChunks(Arc::new(self.clone())));
-            return Ok(Some(Box::new(ChunkedReader::new(
-                *digest,
-                stat.chunks,
-                source,
-                READ_AHEAD,
-                Some(outboard),
-            ))));
-        }
-        self.fetch_verified(digest, stat.size, stat.outboard).await
+        let deadline = self.request_deadline();
+        self.by_deadline(deadline, async {
+            let Some(stat) = self.stat_raw(digest, true).await? else {
+                return Ok(None);
+            };
+            if stat.size == Some(0) && digest.is_empty_blob() {
+                return Ok(Some(Box::new(BufferedReader::new(Bytes::new())) as _));
+            }
+            if stat.chunks.len() >= 2
+                && let Some(outboard) = stat.outboard
+            {
+                // The chunks are fetched as the reader goes, each within
+                // what is left of this Read's time.
+                let fetcher = GrpcBlobService {
+                    deadline,
+                    ..self.clone()
+                };
+                let source = Arc::new(ServiceChunks(Arc::new(fetcher)));
+                return Ok(Some(Box::new(ChunkedReader::new(
+                    *digest,
+                    stat.chunks,
+                    source,
+                    READ_AHEAD,
+                    Some(outboard),
+                )) as _));
+            }
+            self.fetch_verified(digest, stat.size, stat.outboard).await
+        })
+        .await
     }
 
     /// Skips the Stat: the length is known, so the Read goes out at once.
     #[instrument(skip(self), fields(peer = %self.addr, digest = %chunk.digest), err)]
     async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
-        let Some(mut reader) = self
-            .fetch_verified(&chunk.digest, Some(chunk.size), None)
-            .await?
-        else {
-            return Ok(None);
-        };
-        read_to_bytes(reader.as_mut(), chunk.size).await.map(Some)
+        self.by_deadline(self.request_deadline(), async {
+            let Some(mut reader) = self
+                .fetch_verified(&chunk.digest, Some(chunk.size), None)
+                .await?
+            else {
+                return Ok(None);
+            };
+            read_to_bytes(reader.as_mut(), chunk.size).await.map(Some)
+        })
+        .await
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
@@ -629,5 +803,185 @@ impl Drop for GrpcWriter {
         if !self.closed {
             self.task.abort();
         }
+    }
+}
+
+/// Whether `err` is a connection failure: the peer was not reached, or the
+/// connection broke before it answered. See [`status_is_connection_failure`].
+fn is_connection_failure(err: &Error) -> bool {
+    match err {
+        Error::Peer { status, .. } => status_is_connection_failure(status),
+        _ => false,
+    }
+}
+
+/// Whether a status reports a broken or refused connection rather than an
+/// answer: it was made on this side from a transport error (it carries
+/// that error as its source; a status the peer sent has none); it is
+/// UNAVAILABLE, or comes from an I/O error that means the connection is
+/// gone, or from hyper giving up on the request because its connection
+/// closed (before it was sent, or before the answer was complete); and it
+/// is not a timeout (a slow peer is not helped by asking again).
+fn status_is_connection_failure(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    use std::io::ErrorKind;
+    let Some(source) = status.source() else {
+        return false;
+    };
+    let mut broken_io = false;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(source);
+    while let Some(e) = next {
+        if e.is::<tonic::TimeoutExpired>() {
+            return false;
+        }
+        if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+            if hyper.is_timeout() {
+                return false;
+            }
+            if hyper.is_canceled() || hyper.is_closed() || hyper.is_incomplete_message() {
+                broken_io = true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                ErrorKind::TimedOut => return false,
+                ErrorKind::ConnectionRefused
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::NotConnected
+                | ErrorKind::UnexpectedEof => broken_io = true,
+                _ => {}
+            }
+        }
+        next = e.source();
+    }
+    status.code() == tonic::Code::Unavailable || broken_io
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunkstore::ChunkedBlobService;
+    use crate::kinds::memory::MemoryStore;
+    use crate::server::{BlobServer, ServeOptions};
+
+    /// A strata server over a memory store holding `data`, on loopback.
+    async fn origin(data: &[u8]) -> (std::net::SocketAddr, B3Digest) {
+        let store: Arc<dyn BlobService> =
+            Arc::new(ChunkedBlobService::new(MemoryStore::new(64 << 20)));
+        let mut w = store.open_write().await.unwrap();
+        w.write(Bytes::copy_from_slice(data)).await.unwrap();
+        let digest = w.close().await.unwrap().digest;
+        let server = BlobServer::new(store, &ServeOptions::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(snix::blob_service_server::BlobServiceServer::new(server))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        (addr, digest)
+    }
+
+    fn peer(addr: std::net::SocketAddr, retries: u32, counter: &Counter) -> GrpcBlobService {
+        let options = PeerOptions {
+            retries,
+            retry_backoff: Duration::from_millis(10),
+            retry_counter: counter.clone(),
+            ..Default::default()
+        };
+        GrpcBlobService::with_options(
+            format!("grpc+http://{addr}").parse().unwrap(),
+            Protocol::Snix,
+            options,
+        )
+        .unwrap()
+    }
+
+    /// A Read (here of a whole chunk, which goes straight to the Read RPC)
+    /// is repeated after connections that were reset before any answer,
+    /// and only as often as configured.
+    #[tokio::test]
+    async fn a_read_is_retried_after_reset_connections() {
+        let data = crate::testkit::pseudo_random(100_000, 7);
+        let (origin, digest) = origin(&data).await;
+        let chunk = ChunkMeta {
+            digest,
+            size: data.len() as u64,
+        };
+
+        let (proxy, accepted) = crate::testkit::resetting_proxy(origin, 2).await.unwrap();
+        let retries = Counter::default();
+        let got = peer(proxy, 2, &retries).read_chunk(&chunk).await.unwrap();
+        assert_eq!(got.as_deref(), Some(&data[..]));
+        assert_eq!(retries.get(), 2);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+
+        let (proxy, _) = crate::testkit::resetting_proxy(origin, 2).await.unwrap();
+        let retries = Counter::default();
+        let err = peer(proxy, 1, &retries)
+            .read_chunk(&chunk)
+            .await
+            .unwrap_err();
+        assert!(is_connection_failure(&err), "{err}");
+        assert_eq!(retries.get(), 1);
+
+        let (proxy, _) = crate::testkit::resetting_proxy(origin, 1).await.unwrap();
+        let retries = Counter::default();
+        assert!(peer(proxy, 0, &retries).read_chunk(&chunk).await.is_err());
+        assert_eq!(retries.get(), 0);
+    }
+
+    /// Answers are not retried: NOT_FOUND is an answer, and so is an
+    /// error status the peer sent.
+    #[tokio::test]
+    async fn answers_are_not_retried() {
+        let (origin, _) = origin(b"x").await;
+        let retries = Counter::default();
+        let svc = peer(origin, 3, &retries);
+        let absent = B3Digest::of(b"absent");
+        assert!(svc.stat(&absent).await.unwrap().is_none());
+        assert!(
+            svc.read_chunk(&ChunkMeta {
+                digest: absent,
+                size: 6
+            })
+            .await
+            .unwrap()
+            .is_none()
+        );
+        assert_eq!(retries.get(), 0);
+        let sent = tonic::Status::unavailable("the peer's own tiers are down");
+        assert!(!status_is_connection_failure(&sent));
+    }
+
+    /// `request_timeout` bounds a Stat even when the peer accepts the
+    /// connection and never answers, well before `first_byte_timeout`.
+    #[tokio::test]
+    async fn request_timeout_bounds_a_stat() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let options = PeerOptions {
+            request_timeout: Some(Duration::from_millis(200)),
+            first_byte_timeout: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let svc = GrpcBlobService::with_options(
+            format!("grpc+http://{addr}").parse().unwrap(),
+            Protocol::Snix,
+            options,
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let err = svc.stat(&B3Digest::of(b"x")).await.unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 }

@@ -169,9 +169,9 @@ impl BlobService for RaceService {
         ))
     }
 
-    async fn shutdown(&self) -> Result<()> {
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
         for (_, m) in &self.members {
-            m.shutdown().await?;
+            m.shutdown(deadline).await?;
         }
         Ok(())
     }

@@ -187,9 +187,9 @@ impl BlobService for ShardService {
         }))
     }
 
-    async fn shutdown(&self) -> Result<()> {
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
         for m in self.members.iter() {
-            m.svc.shutdown().await?;
+            m.svc.shutdown(deadline).await?;
         }
         Ok(())
     }

@@ -75,6 +75,7 @@ struct Families {
     tier_occupancy: Family<TierLabel, Gauge>,
     tier_breaker_open: Family<TierLabel, Gauge>,
     tier_breaker_trips: Family<TierLabel, Counter>,
+    tier_retries: Family<TierLabel, Counter>,
     tier_duration: HistogramFamily<TierOpLabels>,
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: HistogramFamily<MethodLabel>,
@@ -115,6 +116,7 @@ impl Metrics {
             tier_occupancy: Family::default(),
             tier_breaker_open: Family::default(),
             tier_breaker_trips: Family::default(),
+            tier_retries: Family::default(),
             tier_duration: Family::new_with_constructor(latency_histogram),
             rpc_requests: Family::default(),
             rpc_duration: Family::new_with_constructor(latency_histogram),
@@ -186,6 +188,11 @@ impl Metrics {
             "Times a tier's circuit breaker opened",
             f.tier_breaker_trips.clone(),
         );
+        r.register(
+            "tier_retries",
+            "Calls to a peer repeated after its connection failed",
+            f.tier_retries.clone(),
+        );
         r.register_with_unit(
             "tier_request_duration",
             "Duration of tier calls (for reads and writes: until the stream is open)",
@@ -243,6 +250,7 @@ impl Metrics {
             occupancy_bytes: f.tier_occupancy.get_or_create(&label).clone(),
             breaker_open: f.tier_breaker_open.get_or_create(&label).clone(),
             breaker_trips: f.tier_breaker_trips.get_or_create(&label).clone(),
+            retries: f.tier_retries.get_or_create(&label).clone(),
             stat_seconds: op("stat"),
             outboard_seconds: op("outboard"),
             read_seconds: op("read"),
@@ -312,6 +320,8 @@ pub struct TierMetrics {
     pub breaker_open: Gauge,
     /// Times the circuit breaker opened.
     pub breaker_trips: Counter,
+    /// Calls repeated after a connection failure.
+    pub retries: Counter,
     /// Durations of Stats.
     pub stat_seconds: Histogram,
     /// Durations of outboard lookups.

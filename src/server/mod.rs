@@ -33,6 +33,9 @@ pub const DEFAULT_MAX_INLINE_SIZE: u64 = 1024 * 1024;
 /// Default time in-flight requests get to finish after shutdown begins.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// Default time queued async fills get once the server has stopped.
+pub const DEFAULT_FILL_DRAIN: Duration = Duration::from_secs(15);
+
 /// How to serve.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {

@@ -2,12 +2,14 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
 use tokio_util::io::ReaderStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info_span, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, info_span, warn};
 
 use prost::Message;
 
@@ -209,17 +211,22 @@ impl BlobServer {
         Ok(Box::pin(stream))
     }
 
-    async fn do_put(&self, mut stream: Streaming<BlobChunk>) -> Result<PutBlobResponse, Status> {
+    /// Stores the blob the stream carries; `received` counts its bytes.
+    async fn do_put(
+        &self,
+        mut stream: Streaming<BlobChunk>,
+        received: &AtomicU64,
+    ) -> Result<PutBlobResponse, Status> {
         if self.read_only {
             return Err(Status::permission_denied("this server is read-only"));
         }
         let mut writer = self.service.open_write().await.map_err(to_status)?;
-        let mut received = 0u64;
         while let Some(msg) = stream.next().await {
             let data = msg?.data;
-            received += data.len() as u64;
+            let total =
+                received.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
             if let Some(cap) = self.max_put_size
-                && received > cap
+                && total > cap
             {
                 // Dropping the writer abandons the blob.
                 return Err(Status::resource_exhausted(format!(
@@ -294,7 +301,9 @@ macro_rules! impl_package {
                 let _slot = self.admit(&request, &mut rpc)?;
                 let req = request.into_inner();
                 let span = info_span!("rpc", package = stringify!($pkg), method = "Stat",
-                    digest = %hex_or_raw(&req.digest), send_chunks = req.send_chunks);
+                    digest = %hex_or_raw(&req.digest), send_chunks = req.send_chunks,
+                    outcome = Empty);
+                rpc.trace(&span);
                 let answer = self.do_stat(req).instrument(span).await;
                 rpc.finish(&answer);
                 answer.map(Response::new)
@@ -310,7 +319,8 @@ macro_rules! impl_package {
                 let slot = self.admit(&request, &mut rpc)?;
                 let req = request.into_inner();
                 let span = info_span!("rpc", package = stringify!($pkg), method = "Read",
-                    digest = %hex_or_raw(&req.digest));
+                    digest = %hex_or_raw(&req.digest), bytes = Empty, outcome = Empty);
+                rpc.trace(&span);
                 match self.do_read(req).instrument(span).await {
                     Ok(stream) => Ok(Response::new(rpc.until_end_of(stream, slot))),
                     Err(status) => {
@@ -325,10 +335,14 @@ macro_rules! impl_package {
                 request: Request<Streaming<BlobChunk>>,
             ) -> Result<Response<PutBlobResponse>, Status> {
                 let span = info_span!("rpc", package = stringify!($pkg), method = "Put",
-                    digest = tracing::field::Empty);
+                    digest = Empty, bytes = Empty, outcome = Empty);
                 let mut rpc = RpcGuard::start(&self.metrics, "Put");
+                rpc.trace(&span);
                 let _slot = self.admit(&request, &mut rpc)?;
-                let answer = self.do_put(request.into_inner()).instrument(span).await;
+                let answer = self
+                    .do_put(request.into_inner(), &rpc.bytes)
+                    .instrument(span)
+                    .await;
                 rpc.finish(&answer);
                 answer.map(Response::new)
             }
@@ -342,11 +356,20 @@ impl_package!(tvix);
 /// Counts one RPC: in flight while it lives, then done with a status code
 /// and a duration. An RPC dropped before it finished (the client went away)
 /// counts as `Cancelled`.
+///
+/// It also finishes the RPC's `rpc` span: records `bytes` (sent by a Read,
+/// received by a Put) and `outcome` (the status code's name, as in the
+/// metrics) and logs `request finished` in it at debug level. It holds the
+/// span, so a Read's span closes when its stream ends or is dropped.
 struct RpcGuard {
     metrics: Metrics,
     method: &'static str,
     started: Instant,
     done: bool,
+    span: Span,
+    /// Bytes sent (Read) or received (Put) so far; shared with the Put
+    /// handler, so a Put the client abandons still reports them.
+    bytes: AtomicU64,
 }
 
 impl RpcGuard {
@@ -357,7 +380,14 @@ impl RpcGuard {
             method,
             started: Instant::now(),
             done: false,
+            span: Span::none(),
+            bytes: AtomicU64::new(0),
         }
+    }
+
+    /// The span the RPC runs in, finished with the RPC.
+    fn trace(&mut self, span: &Span) {
+        self.span = span.clone();
     }
 
     fn record(&mut self, code: tonic::Code) {
@@ -367,6 +397,10 @@ impl RpcGuard {
         self.metrics.rpc_in_flight().dec();
         let seconds = self.started.elapsed().as_secs_f64();
         self.metrics.rpc_done(self.method, code, seconds);
+        self.span
+            .record("bytes", self.bytes.load(Ordering::Relaxed));
+        self.span.record("outcome", tracing::field::debug(code));
+        debug!(parent: &self.span, seconds, "request finished");
     }
 
     /// Counts the RPC as refused by the limits.
@@ -388,8 +422,11 @@ impl RpcGuard {
         Box::pin(async_stream::stream! {
             let _slot = slot;
             while let Some(item) = stream.next().await {
-                if let Err(status) = &item {
-                    self.record(status.code());
+                match &item {
+                    Ok(chunk) => {
+                        self.bytes.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(status) => self.record(status.code()),
                 }
                 yield item;
             }

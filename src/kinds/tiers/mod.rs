@@ -743,12 +743,12 @@ impl BlobService for TiersService {
         Ok(Box::new(TeeWriter { writers }))
     }
 
-    async fn shutdown(&self) -> Result<()> {
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
         if let Some(filler) = &self.inner.filler {
-            filler.drain().await;
+            filler.drain(deadline).await;
         }
         for m in &self.inner.members {
-            m.svc.shutdown().await?;
+            m.svc.shutdown(deadline).await?;
         }
         Ok(())
     }
@@ -860,33 +860,81 @@ struct FillJob {
 }
 
 /// The worker behind `fill = "async"`: a bounded queue of fills, drained on
-/// shutdown.
+/// shutdown until a deadline.
 struct AsyncFiller {
     tx: std::sync::Mutex<Option<mpsc::Sender<FillJob>>>,
-    worker: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    worker: tokio::sync::Mutex<Option<tokio::task::JoinHandle<usize>>>,
+    /// Tells the worker to give up: drop the fill in progress and the
+    /// queued ones.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl AsyncFiller {
     fn start(queue: usize) -> Self {
-        let (tx, mut rx) = mpsc::channel::<FillJob>(queue);
-        let worker = tokio::spawn(async move {
-            while let Some(job) = rx.recv().await {
-                for m in &job.targets {
-                    match copy_into(&job.spool, m.svc.as_ref()).await {
-                        Ok(put) if put.digest == job.digest => {
-                            m.metrics.fills.inc();
-                        }
-                        Ok(put) => warn!(tier = %m.name, expected = %job.digest, got = %put.digest,
-                            "async fill produced another digest"),
-                        Err(e) => m.record_failure("async fill", &job.digest, &e),
-                    }
-                }
-            }
-        });
+        let (tx, rx) = mpsc::channel::<FillJob>(queue);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let worker = tokio::spawn(Self::work(rx, stop.clone()));
         AsyncFiller {
             tx: std::sync::Mutex::new(Some(tx)),
             worker: tokio::sync::Mutex::new(Some(worker)),
+            stop,
         }
+    }
+
+    /// Runs the queued fills one by one until the queue is closed and
+    /// empty, or `stop` fires. Returns the number of fills (blob and
+    /// target) it abandoned: the one in progress, if any, and the queued
+    /// ones. A fill abandoned part-way publishes nothing: its writer is
+    /// dropped unclosed.
+    async fn work(
+        mut rx: mpsc::Receiver<FillJob>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> usize {
+        let mut abandoned = 0;
+        loop {
+            let job = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                job = rx.recv() => job,
+            };
+            let Some(job) = job else {
+                return 0;
+            };
+            for (i, m) in job.targets.iter().enumerate() {
+                let copied = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => None,
+                    copied = copy_into(&job.spool, m.svc.as_ref()) => Some(copied),
+                };
+                match copied {
+                    Some(Ok(put)) if put.digest == job.digest => {
+                        m.metrics.fills.inc();
+                    }
+                    Some(Ok(put)) => {
+                        warn!(tier = %m.name, expected = %job.digest, got = %put.digest,
+                        "async fill produced another digest")
+                    }
+                    Some(Err(e)) => m.record_failure("async fill", &job.digest, &e),
+                    None => {
+                        abandoned += Self::abandon(&job.targets[i..]);
+                        break;
+                    }
+                }
+            }
+        }
+        rx.close();
+        while let Ok(job) = rx.try_recv() {
+            abandoned += Self::abandon(&job.targets);
+        }
+        abandoned
+    }
+
+    /// Counts fills into `targets` as dropped.
+    fn abandon(targets: &[Member]) -> usize {
+        for m in targets {
+            m.metrics.fills_dropped.inc();
+        }
+        targets.len()
     }
 
     fn enqueue(&self, job: FillJob) {
@@ -900,19 +948,28 @@ impl AsyncFiller {
                     job
                 }
             };
-            for m in &job.targets {
-                m.metrics.fills_dropped.inc();
-            }
+            Self::abandon(&job.targets);
             warn!(digest = %job.digest, "async fill queue full; fill dropped");
         }
     }
 
-    /// Stops taking fills and waits for the queued ones.
-    async fn drain(&self) {
+    /// Stops taking fills and waits for the queued ones until `deadline`;
+    /// then abandons those left, saying how many.
+    async fn drain(&self, deadline: tokio::time::Instant) {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(worker) = self.worker.lock().await.take() {
-            let _ = worker.await;
+        let Some(mut worker) = self.worker.lock().await.take() else {
+            return;
+        };
+        if tokio::time::timeout_at(deadline, &mut worker).await.is_ok() {
+            return;
         }
+        self.stop.cancel();
+        let abandoned = worker.await.unwrap_or(0);
+        warn!(
+            abandoned,
+            "fill_drain is over: abandoned the async fills still queued (the blobs stay \
+             in the tiers they came from)"
+        );
     }
 }
 
