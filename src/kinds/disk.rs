@@ -130,6 +130,10 @@ pub const LIST_CACHE_BYTES: u64 = 16 << 20;
 /// The decoded index of a blob, without its outboard.
 struct CachedList {
     index: BlobIndex,
+    /// The file it was decoded from: a hit is used only while the file
+    /// there is still this one, so a file replaced or damaged behind the
+    /// store's back is read again.
+    file: FileId,
     /// The index file holds the outboard itself (written by an older
     /// version).
     inline_outboard: bool,
@@ -139,9 +143,10 @@ struct CachedList {
 }
 
 impl CachedList {
-    fn new(index: BlobIndex, inline_outboard: bool) -> Self {
+    fn new(index: BlobIndex, file: FileId, inline_outboard: bool) -> Self {
         CachedList {
             index,
+            file,
             inline_outboard,
             complete_as_of: AtomicU64::new(0),
         }
@@ -150,6 +155,26 @@ impl CachedList {
     fn weight(&self) -> u32 {
         let bytes = self.index.chunks.len() * size_of::<ChunkMeta>() + 64;
         u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+}
+
+/// Tells one version of a file from another without reading it: a rename
+/// over it changes the inode, a write its length or modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    inode: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl FileId {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            inode: meta.ino(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        }
     }
 }
 
@@ -388,17 +413,38 @@ impl DiskStore {
             return Ok(None);
         }
         let _ = self.index.get(&ObjectKey::Outboard(*digest));
-        if let Some(list) = self.lists.get(digest) {
-            return Ok(Some(list));
-        }
-        let Some(data) = self.read_file(key).await? else {
-            return Ok(None);
+        let path = self.path(&key);
+        let cached = self.lists.get(digest);
+        let found = tokio::task::spawn_blocking(move || -> std::io::Result<Found> {
+            // A cached list costs a stat(2) to confirm, not a read.
+            if let Some(list) = cached
+                && FileId::of(&std::fs::metadata(&path)?) == list.file
+            {
+                return Ok(Found::Cached(list));
+            }
+            let mut file = std::fs::File::open(&path)?;
+            let id = FileId::of(&file.metadata()?);
+            let mut data = Vec::with_capacity(usize::try_from(id.len).unwrap_or(0));
+            std::io::Read::read_to_end(&mut file, &mut data)?;
+            Ok(Found::Read(id, data.into()))
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        let (file, data) = match found {
+            Ok(Found::Cached(list)) => return Ok(Some(list)),
+            Ok(Found::Read(file, data)) => (file, data),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.index.invalidate(&key);
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
         };
         match BlobIndex::decode_shared(digest, data) {
             Ok(index) => {
                 let inline_outboard = index.bao.is_some();
                 let list = Arc::new(CachedList::new(
                     BlobIndex { bao: None, ..index },
+                    file,
                     inline_outboard,
                 ));
                 self.lists.insert(*digest, list.clone());
@@ -417,6 +463,14 @@ impl DiskStore {
     fn list_cached(&self, digest: &B3Digest) -> bool {
         self.lists.contains_key(digest)
     }
+}
+
+/// What [`DiskStore::chunk_list`] found on disk.
+enum Found {
+    /// The cached list, still that of the file there.
+    Cached(Arc<CachedList>),
+    /// The file there, read.
+    Read(FileId, Bytes),
 }
 
 /// Creates the directory layout, deletes files left half-written, and lists
@@ -586,11 +640,10 @@ impl ChunkStore for DiskStore {
             chunks,
             bao: None,
         };
+        // A cached list of the file this replaces is refused by its file
+        // id on its next use.
         self.write(ObjectKey::Index(digest), index.encode(), true)
-            .await?;
-        self.lists
-            .insert(digest, Arc::new(CachedList::new(index, false)));
-        Ok(())
+            .await
     }
 
     async fn discard_chunk(&self, digest: &B3Digest) -> Result<()> {
