@@ -21,7 +21,7 @@
 //!   file was evicted still serves its blob, just without an outboard;
 //! * `<kind>/<2 hex>/.tmp-<pid>-<n>`: a file being written, beside its final
 //!   name (leftovers are deleted at start-up). Writing beside the target
-//!   spreads new inodes over 512 directories: one shared temporary
+//!   spreads new inodes over 768 directories: one shared temporary
 //!   directory made ext4's inode allocator a hot spot.
 //!
 //! Every file is written to a temporary name and renamed into place, so a reader (or a
@@ -476,7 +476,7 @@ enum Found {
 /// Creates the directory layout, deletes files left half-written, and lists
 /// every stored file as (key, size, mtime), oldest first.
 fn prepare_and_scan(root: &Path) -> std::io::Result<Vec<(ObjectKey, u64, SystemTime)>> {
-    let mut dirs = Vec::with_capacity(512);
+    let mut dirs = Vec::with_capacity(KINDS.len() * 256);
     for (kind, make_key) in KINDS {
         for prefix in 0..=255u8 {
             let dir = root.join(kind).join(format!("{prefix:02x}"));
@@ -484,7 +484,7 @@ fn prepare_and_scan(root: &Path) -> std::io::Result<Vec<(ObjectKey, u64, SystemT
             dirs.push((dir, make_key));
         }
     }
-    // Scan the 512 directories on a few threads: start-up time matters for
+    // Scan the 768 directories on a few threads: start-up time matters for
     // caches of a million files.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
     let per_thread = dirs.len().div_ceil(threads);
