@@ -18,6 +18,7 @@ use strata::B3Digest;
 use strata::chunkstore::BlobIndex;
 use strata::kinds::disk::TMP_PREFIX;
 use strata::proto::snix::{BlobChunk, StatBlobRequest};
+use strata::verify::{OutboardHasher, STORED_SHIFT};
 
 use crate::harness::{Daemon, put_blob, read_blob, snix_client, start_daemon, test_data};
 
@@ -91,6 +92,11 @@ pub(crate) fn check_disk(dir: &Path, when: &str) -> DiskState {
         );
         state.chunks.insert(digest, data.len() as u64);
     }
+    for (_, name) in files_of(dir, "outboards") {
+        if name.starts_with(TMP_PREFIX) {
+            state.temporaries += 1;
+        }
+    }
     for (path, name) in files_of(dir, "blobs") {
         if name.starts_with(TMP_PREFIX) {
             state.temporaries += 1;
@@ -102,7 +108,18 @@ pub(crate) fn check_disk(dir: &Path, when: &str) -> DiskState {
         let stored = std::fs::read(&path).unwrap();
         let index = BlobIndex::decode(&blob, &stored)
             .unwrap_or_else(|e| panic!("{when}: a torn index is visible: {e}"));
-        let mut hasher = blake3::Hasher::new();
+        // Its outboard, if it has one apart: a format byte, the shift, the
+        // outboard of exactly these chunks.
+        let outboard = std::fs::read(dir.join("outboards").join(&name[..2]).join(&name)).ok();
+        let shift = match outboard.as_deref() {
+            Some([1, shift, ..]) => *shift,
+            Some(other) => panic!(
+                "{when}: outboard file of {blob} starts {:?}",
+                other.get(..2)
+            ),
+            None => STORED_SHIFT,
+        };
+        let mut hasher = OutboardHasher::new(shift);
         for c in &index.chunks {
             assert_eq!(
                 state.chunks.get(&c.digest),
@@ -114,11 +131,17 @@ pub(crate) fn check_disk(dir: &Path, when: &str) -> DiskState {
             let data = std::fs::read(dir.join("chunks").join(&hex[..2]).join(&hex)).unwrap();
             hasher.update(&data);
         }
+        let (made, computed) = hasher.finalize();
         assert_eq!(
-            B3Digest::from(hasher.finalize()),
-            blob,
+            made, blob,
             "{when}: the chunks of index {blob} make another blob"
         );
+        if let Some(outboard) = outboard {
+            assert!(
+                outboard[2..] == computed.data()[..],
+                "{when}: a torn or wrong outboard of {blob} is visible"
+            );
+        }
         state.indexes.push(blob);
     }
     state
@@ -172,6 +195,12 @@ impl Watcher {
                         match BlobIndex::decode(&blob, &stored) {
                             Err(e) => bad.push(format!("index {name}: {e}")),
                             Ok(index) => {
+                                // Every blob here is large enough to have
+                                // one, and nothing is evicted.
+                                let outboard = dir.join("outboards").join(&name[..2]).join(&name);
+                                if !outboard.exists() {
+                                    bad.push(format!("index {name} before its outboard"));
+                                }
                                 for c in index.chunks {
                                     let hex = c.digest.to_hex();
                                     let chunk = dir.join("chunks").join(&hex[..2]).join(&hex);

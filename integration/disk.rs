@@ -104,7 +104,9 @@ async fn index_is_rebuilt_on_open() {
     assert!(!torn.exists(), "leftover temporary file kept");
     assert_eq!(
         svc.store().used_bytes(),
-        du(&dir.path().join("chunks")) + du(&dir.path().join("blobs"))
+        du(&dir.path().join("chunks"))
+            + du(&dir.path().join("blobs"))
+            + du(&dir.path().join("outboards"))
     );
     for (d, b) in digests.iter().zip(&blobs) {
         assert!(read_all(&svc, d).await.unwrap() == *b);

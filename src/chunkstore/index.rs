@@ -74,39 +74,55 @@ impl BlobIndex {
 
     /// Parses the stored form. `blob` names the blob in errors.
     pub fn decode(blob: &B3Digest, data: &[u8]) -> Result<Self> {
-        let corrupt = |why: String| Error::Corrupt(format!("blob index of {blob}: {why}"));
-        let msg = StatBlobResponse::decode(data).map_err(|e| corrupt(e.to_string()))?;
-        if msg.chunks.is_empty() {
-            return Err(corrupt("lists no chunks".into()));
-        }
-        let chunks = msg
-            .chunks
-            .iter()
-            .map(|c| {
-                Ok(ChunkMeta {
-                    digest: B3Digest::try_from(&c.digest)
-                        .map_err(|e| corrupt(format!("chunk digest: {e}")))?,
-                    size: c.size,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut size = 0u64;
-        for c in &chunks {
-            size = size
-                .checked_add(c.size)
-                .ok_or_else(|| corrupt("chunk sizes overflow".into()))?;
-        }
-        if msg.size != 0 && msg.size != size {
-            return Err(corrupt(format!(
-                "says {} bytes, its chunks add up to {size}",
-                msg.size
-            )));
-        }
+        BlobIndex::decode_shared(blob, Bytes::copy_from_slice(data))
+    }
+
+    /// Like [`BlobIndex::decode`], without copying: the outboard is a view
+    /// of `data`, and the chunk digests are read in place.
+    pub fn decode_shared(blob: &B3Digest, data: Bytes) -> Result<Self> {
+        let msg = StatBlobResponse::decode(data).map_err(|e| corrupt(blob, e.to_string()))?;
+        let (size, chunks) = checked_chunks(blob, &msg.chunks, msg.size)?;
         let bao = match u8::try_from(msg.bao_shift) {
             _ if msg.bao.is_empty() => None,
             Ok(shift) => Some((shift, msg.bao)),
-            Err(_) => return Err(corrupt(format!("bao_shift {}", msg.bao_shift))),
+            Err(_) => return Err(corrupt(blob, format!("bao_shift {}", msg.bao_shift))),
         };
         Ok(BlobIndex { size, chunks, bao })
     }
+}
+
+fn corrupt(blob: &B3Digest, why: String) -> Error {
+    Error::Corrupt(format!("blob index of {blob}: {why}"))
+}
+
+/// The chunk list of a stored index, checked: at least one chunk, valid
+/// digests, sizes that add up (to `stated`, when that is set).
+fn checked_chunks(
+    blob: &B3Digest,
+    stored: &[stat_blob_response::ChunkMeta],
+    stated: u64,
+) -> Result<(u64, Vec<ChunkMeta>)> {
+    if stored.is_empty() {
+        return Err(corrupt(blob, "lists no chunks".into()));
+    }
+    let mut size = 0u64;
+    let mut chunks = Vec::with_capacity(stored.len());
+    for c in stored {
+        let digest = B3Digest::try_from(&c.digest)
+            .map_err(|e| corrupt(blob, format!("chunk digest: {e}")))?;
+        size = size
+            .checked_add(c.size)
+            .ok_or_else(|| corrupt(blob, "chunk sizes overflow".into()))?;
+        chunks.push(ChunkMeta {
+            digest,
+            size: c.size,
+        });
+    }
+    if stated != 0 && stated != size {
+        return Err(corrupt(
+            blob,
+            format!("says {stated} bytes, its chunks add up to {size}"),
+        ));
+    }
+    Ok((size, chunks))
 }

@@ -30,7 +30,9 @@ use futures::StreamExt;
 use tokio_util::io::ReaderStream;
 use tracing::instrument;
 
-use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader};
+use crate::blobservice::{
+    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta,
+};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 use crate::verify::{Outboard, spool_verified_shared, verify_chunk};
@@ -42,6 +44,9 @@ pub enum ObjectKey {
     Chunk(B3Digest),
     /// The index of the blob with this digest.
     Index(B3Digest),
+    /// The outboard of the blob with this digest, for stores that keep it
+    /// apart from the index.
+    Outboard(B3Digest),
 }
 
 /// A backend that stores chunks and blob indexes. Implementations only move
@@ -65,6 +70,30 @@ pub trait ChunkStore: Send + Sync + 'static {
 
     /// The index of a multi-chunk blob, or `None` if there is none.
     async fn get_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>>;
+
+    /// The index of a multi-chunk blob without its outboard (`bao` is
+    /// `None`): what Stat, and a read of an index this store vouches for,
+    /// need. Stores that keep the outboard apart override this so that it
+    /// is left unread.
+    async fn get_index_meta(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
+        Ok(self
+            .get_index(digest)
+            .await?
+            .map(|index| BlobIndex { bao: None, ..index }))
+    }
+
+    /// Whether every chunk of `chunks`, the chunk list of blob `digest`, is
+    /// present. Asked only of stores that evict. The default asks
+    /// [`ChunkStore::has_chunk`] chunk by chunk; a store may answer from a
+    /// cheaper lookup, or from an earlier answer it knows still holds.
+    async fn has_chunks(&self, _digest: &B3Digest, chunks: &[ChunkMeta]) -> Result<bool> {
+        for chunk in chunks {
+            if !self.has_chunk(&chunk.digest).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 
     /// Stores the index of a multi-chunk blob. Called only after all of its
     /// chunks are stored, so a visible index means a complete blob.
@@ -125,17 +154,23 @@ impl<S: ChunkStore> ChunkedBlobService<S> {
     }
 
     /// The index of `digest`, if it has one and (for evicting stores) all of
-    /// its chunks are still there.
-    async fn complete_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
-        let Some(index) = self.store.get_index(digest).await? else {
+    /// its chunks are still there; with its stored outboard only if
+    /// `with_outboard`.
+    async fn complete_index(
+        &self,
+        digest: &B3Digest,
+        with_outboard: bool,
+    ) -> Result<Option<BlobIndex>> {
+        let index = if with_outboard {
+            self.store.get_index(digest).await?
+        } else {
+            self.store.get_index_meta(digest).await?
+        };
+        let Some(index) = index else {
             return Ok(None);
         };
-        if self.store.evicts() {
-            for chunk in &index.chunks {
-                if !self.store.has_chunk(&chunk.digest).await? {
-                    return Ok(None);
-                }
-            }
+        if self.store.evicts() && !self.store.has_chunks(digest, &index.chunks).await? {
+            return Ok(None);
         }
         Ok(Some(index))
     }
@@ -148,7 +183,7 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
         if digest.is_empty_blob() {
             return Ok(Some(BlobStat::default()));
         }
-        if let Some(index) = self.complete_index(digest).await? {
+        if let Some(index) = self.complete_index(digest, false).await? {
             return Ok(Some(BlobStat {
                 size: index.size,
                 chunks: index.chunks,
@@ -168,7 +203,7 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
             return Ok(None);
         }
         Ok(self
-            .complete_index(digest)
+            .complete_index(digest, true)
             .await?
             .and_then(|index| index.outboard(digest, self.store.trusts_indexes())))
     }
@@ -178,7 +213,10 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
         if digest.is_empty_blob() {
             return Ok(Some(Box::new(BufferedReader::new(Bytes::new()))));
         }
-        if let Some(index) = self.complete_index(digest).await? {
+        // An index this store vouches for is read without its outboard;
+        // another one is checked against it.
+        let with_outboard = !self.store.trusts_indexes();
+        if let Some(index) = self.complete_index(digest, with_outboard).await? {
             return self.read_index(digest, index).await.map(Some);
         }
         let Some(data) = self.store.get_chunk(digest).await? else {

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::blobservice::BlobService;
+use crate::blobservice::{BlobService, ChunkMeta};
 use crate::chunkstore::{BlobIndex, ChunkStore, ChunkedBlobService, ObjectKey};
 use crate::composition::{BuildContext, ByteSize, TierConfig};
 use crate::digest::B3Digest;
@@ -87,7 +87,7 @@ impl Entry {
         let bytes = match self {
             Entry::Chunk(data) => data.len(),
             Entry::Index(index) => {
-                index.chunks.len() * size_of::<crate::blobservice::ChunkMeta>()
+                index.chunks.len() * size_of::<ChunkMeta>()
                     + index.bao.as_ref().map_or(0, |(_, outboard)| outboard.len())
             }
         };
@@ -172,6 +172,25 @@ impl ChunkStore for MemoryStore {
             Some(Entry::Index(index)) => Some((*index).clone()),
             _ => None,
         })
+    }
+
+    /// The chunk list alone: the outboard is not even reference-counted.
+    async fn get_index_meta(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
+        Ok(match self.cache.get(&ObjectKey::Index(*digest)) {
+            Some(Entry::Index(index)) => Some(BlobIndex {
+                size: index.size,
+                chunks: index.chunks.clone(),
+                bao: None,
+            }),
+            _ => None,
+        })
+    }
+
+    /// One lookup per chunk, without a future each.
+    async fn has_chunks(&self, _digest: &B3Digest, chunks: &[ChunkMeta]) -> Result<bool> {
+        Ok(chunks
+            .iter()
+            .all(|c| self.cache.contains_key(&ObjectKey::Chunk(c.digest))))
     }
 
     async fn put_index(&self, digest: B3Digest, index: BlobIndex) -> Result<()> {

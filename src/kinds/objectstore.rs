@@ -269,7 +269,7 @@ impl ChunkStore for ObjectStoreChunks {
     #[instrument(skip(self), fields(url = %self.url, %digest), err)]
     async fn get_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
         match self.get_object(&self.index_key(digest)).await? {
-            Some(data) => BlobIndex::decode(digest, &data).map(Some),
+            Some(data) => BlobIndex::decode_shared(digest, data).map(Some),
             None => Ok(None),
         }
     }
