@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::Peekable;
 use prometheus_client::metrics::counter::Counter;
@@ -64,7 +64,6 @@ use tracing::{debug, instrument, warn};
 use crate::addr::{AuthChannel, BearerToken, DEFAULT_MAX_MESSAGE_SIZE, PeerAddr};
 use crate::blobservice::{
     BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, PutResult,
-    read_to_bytes,
 };
 use crate::chunkstore::{ChunkedReader, ServiceChunks};
 use crate::composition::{BuildContext, TierConfig};
@@ -75,7 +74,7 @@ use crate::proto::snix::{
 };
 use crate::proto::{snix, tvix};
 use crate::verify::bao::MAX_VERIFY_SHIFT;
-use crate::verify::{Outboard, STORED_SHIFT, spool_verified};
+use crate::verify::{Outboard, STORED_SHIFT, spool_verified, verify_chunk_meta};
 
 /// Chunks read ahead of the read position on the chunked path.
 const READ_AHEAD: usize = 8;
@@ -690,15 +689,56 @@ impl BlobService for GrpcBlobService {
 
     /// Skips the Stat: the length is known, so the Read goes out at once.
     #[instrument(skip(self), fields(peer = %self.addr, digest = %chunk.digest), err)]
+    ///
+    /// A chunk is small and its length known, so it is gathered straight
+    /// from the response messages (one copy at most, none when it came in
+    /// one message) and hashed once, rather than spooled and read back.
     async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
         self.by_deadline(self.request_deadline(), async {
-            let Some(mut reader) = self
-                .fetch_verified(&chunk.digest, Some(chunk.size), None)
+            let digest = &chunk.digest;
+            let Some(mut stream) = self
+                .retrying("read", digest, || self.open_stream(digest))
                 .await?
             else {
                 return Ok(None);
             };
-            read_to_bytes(reader.as_mut(), chunk.size).await.map(Some)
+            let overrun = |got: u64| {
+                Error::from(VerifyError::LengthMismatch {
+                    what: "chunk",
+                    expected: *digest,
+                    expected_len: chunk.size,
+                    actual_len: got,
+                })
+            };
+            let idle = self.idle_timeout;
+            let mut pieces = Vec::new();
+            let mut got = 0u64;
+            loop {
+                let msg = match tokio::time::timeout(idle, stream.next()).await {
+                    Ok(Some(msg)) => msg.map_err(|s| self.peer_error(s))?.data,
+                    Ok(None) => break,
+                    Err(_) => return Err(self.timed_out(idle)),
+                };
+                got += msg.len() as u64;
+                if got > chunk.size {
+                    return Err(overrun(got));
+                }
+                pieces.push(msg);
+            }
+            let data = if pieces.len() == 1 {
+                pieces.swap_remove(0)
+            } else {
+                let mut whole = BytesMut::with_capacity(got as usize);
+                for piece in &pieces {
+                    whole.extend_from_slice(piece);
+                }
+                whole.freeze()
+            };
+            if let Err(e) = verify_chunk_meta(chunk, &data) {
+                warn!(peer = %self.addr, %digest, error = %e, "peer sent bad data");
+                return Err(e.into());
+            }
+            Ok(Some(data))
         })
         .await
     }
