@@ -496,6 +496,18 @@ impl Inner {
                 .buffered(self.read_ahead)
                 .boxed());
         }
+        if stat.size <= MAX_CHUNK_SIZE {
+            // One chunk's worth with its length known: a single verified
+            // read (for a peer, no Stat before it).
+            let this = self.clone();
+            let whole = ChunkMeta {
+                digest,
+                size: stat.size,
+            };
+            return Ok(
+                stream::once(async move { this.fetch_chunk(&digest, whole, k).await }).boxed(),
+            );
+        }
         let reader = self
             .read_direct(&digest, k)
             .await?
