@@ -390,6 +390,8 @@ async fn read_verified(
 
 /// Reads bytes `start..end` of a blob the way the protocol intends: Stat for
 /// the chunk list, then only the chunks covering the range, each verified.
+/// The covering chunks are fetched concurrently, as strata's own ranged
+/// reader fetches ahead.
 async fn read_range(
     client: &BlobServiceClient<Channel>,
     digest: &B3Digest,
@@ -405,30 +407,41 @@ async fn read_range(
         })
         .await?
         .into_inner();
-    let mut out = Vec::with_capacity((end - start) as usize);
+    let mut covering = Vec::new();
     let mut offset = 0u64;
     for chunk in &stat.chunks {
         let (c_start, c_end) = (offset, offset + chunk.size);
         offset = c_end;
-        if c_end <= start || c_start >= end {
-            continue;
+        if c_end > start && c_start < end {
+            covering.push((c_start, c_end, chunk.digest.clone()));
         }
-        let chunk_digest = B3Digest::try_from(&chunk.digest)?;
-        let mut stream = client
-            .clone()
-            .read(ReadBlobRequest {
-                digest: chunk.digest.clone(),
-            })
-            .await?
-            .into_inner();
-        let mut data = Vec::with_capacity(chunk.size as usize);
-        while let Some(msg) = stream.next().await {
-            data.extend_from_slice(&msg?.data);
-        }
-        anyhow::ensure!(
-            B3Digest::of(&data) == chunk_digest,
-            "chunk failed verification"
-        );
+    }
+    let fetched: Vec<(u64, u64, Vec<u8>)> = futures::stream::iter(covering)
+        .map(|(c_start, c_end, chunk_digest)| async move {
+            let mut stream = client
+                .clone()
+                .read(ReadBlobRequest {
+                    digest: chunk_digest.clone(),
+                })
+                .await?
+                .into_inner();
+            let mut data = Vec::with_capacity((c_end - c_start) as usize);
+            while let Some(msg) = stream.next().await {
+                data.extend_from_slice(&msg?.data);
+            }
+            anyhow::ensure!(
+                B3Digest::of(&data) == B3Digest::try_from(&chunk_digest)?,
+                "chunk failed verification"
+            );
+            Ok((c_start, c_end, data))
+        })
+        .buffered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    let mut out = Vec::with_capacity((end - start) as usize);
+    for (c_start, c_end, data) in fetched {
         let from = start.saturating_sub(c_start) as usize;
         let to = (end.min(c_end) - c_start) as usize;
         out.extend_from_slice(&data[from..to]);
