@@ -38,9 +38,10 @@ use crate::digest::B3Digest;
 use crate::error::Error;
 use crate::singleflight::Flight;
 
-/// Proven pieces queued for the client (a piece is at most a chunk, so a
-/// few MiB).
-pub(super) const TAP_QUEUE: usize = 16;
+/// Proven pieces queued for the client. A piece is at most a chunk (512
+/// KiB), so this bounds the queue at 4 MiB per cold read; it only needs to
+/// cover the gaps between the client's reads.
+pub(super) const TAP_QUEUE: usize = 8;
 /// How long the fill waits for a client that does not take what it is
 /// given before it stops feeding it.
 pub(super) const TAP_PATIENCE: Duration = Duration::from_millis(250);
