@@ -7,67 +7,25 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use strata::addr::PeerAddr;
-use strata::proto::snix::blob_service_client::BlobServiceClient;
-use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
-use strata::proto::snix::{
-    BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
-};
-use tonic::transport::Channel;
-use tonic::transport::server::TcpIncoming;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
+use crate::front::{FrontHooks, serve_front};
 use crate::harness::{Daemon, metric, put_blob, read_blob, test_data};
 
-/// Forwards to an upstream, or hangs every call while `hang` is set;
-/// counts the calls it receives.
-struct HangingProxy {
-    upstream: BlobServiceClient<Channel>,
+/// Hangs every call while `hang` is set; counts the calls it receives.
+struct Hanging {
     hang: Arc<AtomicBool>,
     calls: Arc<AtomicU64>,
 }
 
-impl HangingProxy {
-    async fn gate(&self) {
+#[tonic::async_trait]
+impl FrontHooks for Hanging {
+    async fn before(&self, _method: &'static str, _digest: &[u8]) -> Result<(), Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.hang.load(Ordering::SeqCst) {
             futures::future::pending::<()>().await;
         }
-    }
-}
-
-#[tonic::async_trait]
-impl BlobService for HangingProxy {
-    async fn stat(
-        &self,
-        request: Request<StatBlobRequest>,
-    ) -> Result<Response<StatBlobResponse>, Status> {
-        self.gate().await;
-        self.upstream.clone().stat(request.into_inner()).await
-    }
-
-    type ReadStream = futures::stream::BoxStream<'static, Result<BlobChunk, Status>>;
-
-    async fn read(
-        &self,
-        request: Request<ReadBlobRequest>,
-    ) -> Result<Response<Self::ReadStream>, Status> {
-        self.gate().await;
-        let stream = self
-            .upstream
-            .clone()
-            .read(request.into_inner())
-            .await?
-            .into_inner();
-        Ok(Response::new(stream.boxed()))
-    }
-
-    async fn put(
-        &self,
-        _request: Request<Streaming<BlobChunk>>,
-    ) -> Result<Response<PutBlobResponse>, Status> {
-        Err(Status::unimplemented("read-only proxy"))
+        Ok(())
     }
 }
 
@@ -88,31 +46,19 @@ async fn a_hung_peer_is_skipped_then_probed_back() {
 
     let hang = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicU64::new(0));
-    let upstream = BlobServiceClient::new(
-        origin
-            .tcp_addr()
-            .parse::<PeerAddr>()
-            .unwrap()
-            .channel(Duration::from_secs(5))
-            .unwrap(),
-    );
-    let proxy = HangingProxy {
-        upstream,
-        hang: hang.clone(),
-        calls: calls.clone(),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy_addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(BlobServiceServer::new(proxy))
-            .serve_with_incoming(TcpIncoming::from(listener)),
-    );
+    let proxy_addr = serve_front(
+        &origin.tcp_addr(),
+        Hanging {
+            hang: hang.clone(),
+            calls: calls.clone(),
+        },
+    )
+    .await;
 
     // No fill tier: every read goes to the flaky peer first.
     let config = format!(
         "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"flaky\", \"origin\"]\n\n\
-         [blobservices.flaky]\ntype = \"grpc\"\nurl = \"grpc+http://{proxy_addr}\"\n\
+         [blobservices.flaky]\ntype = \"grpc\"\nurl = \"{proxy_addr}\"\n\
          first_byte_timeout = \"300ms\"\nbreaker = {{ failures = 3, open_for = \"3s\" }}\n\n\
          [blobservices.origin]\ntype = \"grpc\"\nurl = \"{}\"\n",
         origin.tcp_addr()

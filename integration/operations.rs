@@ -4,46 +4,22 @@
 //! async fills at shutdown.
 
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use strata::B3Digest;
-use strata::addr::PeerAddr;
-use strata::proto::snix::blob_service_client::BlobServiceClient;
-use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
+use strata::proto::snix::blob_service_server::BlobService;
 use strata::proto::snix::{
     BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
 };
-use tonic::transport::Channel;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::front::{FrontHooks, ReadStream, serve, serve_front};
 use crate::harness::{Daemon, metric, put_blob, read_blob, start_daemon, test_data};
 
 const MEMORY: &str = "[blobservices.root]\ntype = \"memory\"\nmax_size = \"64MiB\"\n";
-
-fn client(addr: &str) -> BlobServiceClient<Channel> {
-    BlobServiceClient::new(
-        addr.parse::<PeerAddr>()
-            .unwrap()
-            .channel(Duration::from_secs(5))
-            .unwrap(),
-    )
-}
-
-/// Serves `service` on a fresh loopback port; returns the port's address.
-async fn serve<S: BlobService>(service: S) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(BlobServiceServer::new(service))
-            .serve_with_incoming(TcpIncoming::from(listener)),
-    );
-    addr
-}
 
 async fn start_sidecar(config: String) -> Daemon {
     tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
@@ -117,41 +93,27 @@ async fn reset_connections_to_a_peer_are_retried() {
     assert!(got == data, "wrong bytes");
 }
 
-/// Forwards Stat to an upstream and Reads too, except that a Read of any
-/// chunk but the blob's first trickles out 8 KiB every half second: slow
-/// enough to take minutes, steady enough that no idle timeout fires.
-struct TricklingProxy {
-    upstream: BlobServiceClient<Channel>,
+/// Lets Stats through and Reads too, except that a Read of any chunk but
+/// the blob's first trickles out 8 KiB every half second: slow enough to
+/// take minutes, steady enough that no idle timeout fires.
+#[derive(Default)]
+struct Trickle {
     /// The first chunk of the last blob Stat'ed with its chunks.
-    first_chunk: Arc<Mutex<Option<Vec<u8>>>>,
+    first_chunk: Mutex<Option<Vec<u8>>>,
 }
 
-#[tonic::async_trait]
-impl BlobService for TricklingProxy {
-    async fn stat(
-        &self,
-        request: Request<StatBlobRequest>,
-    ) -> Result<Response<StatBlobResponse>, Status> {
-        let resp = self.upstream.clone().stat(request.into_inner()).await?;
-        if let Some(first) = resp.get_ref().chunks.first() {
+impl FrontHooks for Trickle {
+    fn stat_answer(&self, answer: &StatBlobResponse) {
+        if let Some(first) = answer.chunks.first() {
             *self.first_chunk.lock().unwrap() = Some(first.digest.to_vec());
         }
-        Ok(resp)
     }
 
-    type ReadStream = futures::stream::BoxStream<'static, Result<BlobChunk, Status>>;
-
-    async fn read(
-        &self,
-        request: Request<ReadBlobRequest>,
-    ) -> Result<Response<Self::ReadStream>, Status> {
-        let req = request.into_inner();
-        let fast = self.first_chunk.lock().unwrap().as_deref() == Some(&req.digest[..]);
-        let stream = self.upstream.clone().read(req).await?.into_inner();
-        if fast {
-            return Ok(Response::new(stream.boxed()));
+    fn read_stream(&self, digest: &[u8], upstream: ReadStream) -> ReadStream {
+        if self.first_chunk.lock().unwrap().as_deref() == Some(digest) {
+            return upstream;
         }
-        let trickle = stream
+        upstream
             .flat_map(|msg| {
                 let pieces: Vec<Result<BlobChunk, Status>> = match msg {
                     Ok(m) => m
@@ -170,15 +132,8 @@ impl BlobService for TricklingProxy {
             .then(|piece| async move {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 piece
-            });
-        Ok(Response::new(trickle.boxed()))
-    }
-
-    async fn put(
-        &self,
-        _request: Request<Streaming<BlobChunk>>,
-    ) -> Result<Response<PutBlobResponse>, Status> {
-        Err(Status::unimplemented("read-only proxy"))
+            })
+            .boxed()
     }
 }
 
@@ -187,15 +142,11 @@ async fn request_timeout_moves_a_trickling_read_to_the_next_tier() {
     let origin = start_daemon(MEMORY.into()).await;
     let data = test_data(4 << 20, 62);
     let digest = put_blob(&origin.tcp_addr(), &data).await;
-    let slow = serve(TricklingProxy {
-        upstream: client(&origin.tcp_addr()),
-        first_chunk: Arc::default(),
-    })
-    .await;
+    let slow = serve_front(&origin.tcp_addr(), Trickle::default()).await;
 
     let config = format!(
         "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"slow\", \"origin\"]\n\n\
-         [blobservices.slow]\ntype = \"grpc\"\nurl = \"grpc+http://{slow}\"\n\
+         [blobservices.slow]\ntype = \"grpc\"\nurl = \"{slow}\"\n\
          request_timeout = \"2s\"\n\n\
          [blobservices.origin]\ntype = \"grpc\"\nurl = \"{}\"\n",
         origin.tcp_addr()

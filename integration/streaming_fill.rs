@@ -7,68 +7,30 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use strata::B3Digest;
-use strata::addr::PeerAddr;
-use strata::proto::snix::blob_service_client::BlobServiceClient;
-use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
-use strata::proto::snix::{
-    BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
-};
+use strata::proto::snix::{ReadBlobRequest, StatBlobRequest};
 use tokio::sync::watch;
-use tonic::transport::Channel;
-use tonic::transport::server::TcpIncoming;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
+use crate::front::{FrontHooks, serve_front};
 use crate::harness::{Daemon, metric, put_blob, snix_client, test_data};
 
-/// Forwards to an upstream, but holds back Reads of `gated` until the gate
-/// opens.
-struct GatedProxy {
-    upstream: BlobServiceClient<Channel>,
+/// Holds back Reads of `gated` until the gate opens.
+struct Gate {
     gated: Vec<u8>,
     open: watch::Receiver<bool>,
 }
 
 #[tonic::async_trait]
-impl BlobService for GatedProxy {
-    async fn stat(
-        &self,
-        request: Request<StatBlobRequest>,
-    ) -> Result<Response<StatBlobResponse>, Status> {
-        self.upstream.clone().stat(request.into_inner()).await
-    }
-
-    type ReadStream = futures::stream::BoxStream<'static, Result<BlobChunk, Status>>;
-
-    async fn read(
-        &self,
-        request: Request<ReadBlobRequest>,
-    ) -> Result<Response<Self::ReadStream>, Status> {
-        let request = request.into_inner();
-        if request.digest == self.gated {
+impl FrontHooks for Gate {
+    async fn before(&self, method: &'static str, digest: &[u8]) -> Result<(), Status> {
+        if method == "read" && digest == self.gated {
             let mut open = self.open.clone();
             open.wait_for(|open| *open)
                 .await
                 .map_err(|_| Status::unavailable("gate dropped"))?;
         }
-        let stream = self.upstream.clone().read(request).await?.into_inner();
-        Ok(Response::new(stream.boxed()))
+        Ok(())
     }
-
-    async fn put(
-        &self,
-        _request: Request<Streaming<BlobChunk>>,
-    ) -> Result<Response<PutBlobResponse>, Status> {
-        Err(Status::unimplemented("read-only proxy"))
-    }
-}
-
-fn client_of(addr: &str) -> BlobServiceClient<Channel> {
-    BlobServiceClient::new(
-        addr.parse::<PeerAddr>()
-            .unwrap()
-            .channel(Duration::from_secs(5))
-            .unwrap(),
-    )
 }
 
 /// A sidecar (disk, then `peer`) with metrics.
@@ -104,7 +66,7 @@ fn fills(sidecar: &Daemon) -> f64 {
 async fn a_cold_read_streams_before_its_fill_is_over() {
     let blob = test_data(8 << 20, 71);
     let (origin, digest) = origin_with(&blob).await;
-    let stat = client_of(&origin.tcp_addr())
+    let stat = snix_client(&origin.tcp_addr())
         .stat(StatBlobRequest {
             digest: digest.into(),
             send_chunks: true,
@@ -118,18 +80,14 @@ async fn a_cold_read_streams_before_its_fill_is_over() {
 
     // The peer holds back its last chunk until the gate opens.
     let (gate, open) = watch::channel(false);
-    let proxy = GatedProxy {
-        upstream: client_of(&origin.tcp_addr()),
-        gated: last.digest.to_vec(),
-        open,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy_addr = format!("grpc+http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(BlobServiceServer::new(proxy))
-            .serve_with_incoming(TcpIncoming::from(listener)),
-    );
+    let proxy_addr = serve_front(
+        &origin.tcp_addr(),
+        Gate {
+            gated: last.digest.to_vec(),
+            open,
+        },
+    )
+    .await;
     let near = tempfile::tempdir().unwrap();
     let sidecar = sidecar(near.path(), &proxy_addr).await;
 
