@@ -155,8 +155,27 @@ fn deserialize_peer_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PeerA
 
 #[async_trait]
 impl TierConfig for GrpcConfig {
+    /// The peer, then the bounds and retries in effect (defaults filled
+    /// in), so `strata check` shows how a hung or flaky peer is handled.
     fn describe(&self) -> String {
-        format!("grpc (url = {}, protocol = {})", self.url, self.protocol)
+        let d = PeerOptions::default();
+        let show = |set: Option<crate::composition::Duration>, default: Duration| {
+            humantime::format_duration(set.map_or(default, |d| d.0)).to_string()
+        };
+        format!(
+            "grpc (url = {}, protocol = {}, connect_timeout = {}, first_byte_timeout = {}, \
+             idle_timeout = {}, request_timeout = {}, retries = {}, retry_backoff = {})",
+            self.url,
+            self.protocol,
+            show(self.connect_timeout, d.connect_timeout),
+            show(self.first_byte_timeout, d.first_byte_timeout),
+            show(self.idle_timeout, d.idle_timeout),
+            self.request_timeout.map_or("none".into(), |t| {
+                humantime::format_duration(t.0).to_string()
+            }),
+            self.retries.unwrap_or(d.retries),
+            show(self.retry_backoff, d.retry_backoff),
+        )
     }
 
     fn remote(&self) -> bool {
@@ -905,6 +924,24 @@ mod tests {
     use crate::chunkstore::ChunkedBlobService;
     use crate::kinds::memory::MemoryStore;
     use crate::server::{BlobServer, ServeOptions};
+
+    #[test]
+    fn describe_shows_the_bounds_in_effect() {
+        let config: GrpcConfig = toml::from_str(
+            "url = \"grpc+http://127.0.0.1:9\"\nrequest_timeout = \"2m\"\nretries = 0\n",
+        )
+        .unwrap();
+        let shown = config.describe();
+        for part in [
+            "connect_timeout = 5s",
+            "first_byte_timeout = 30s",
+            "request_timeout = 2m",
+            "retries = 0",
+            "retry_backoff = 50ms",
+        ] {
+            assert!(shown.contains(part), "{part} missing from {shown}");
+        }
+    }
 
     /// A strata server over a memory store holding `data`, on loopback.
     async fn origin(data: &[u8]) -> (std::net::SocketAddr, B3Digest) {
