@@ -1,7 +1,6 @@
 //! [`PipelinedHasher`]: an [`OutboardHasher`] that runs beside its caller.
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::bao::{Outboard, OutboardHasher};
@@ -11,29 +10,28 @@ use crate::error::{Error, Result};
 /// Blobs up to this size are hashed on the caller's task: a thread hand-off
 /// costs more than hashing them.
 const INLINE_LIMIT: u64 = 1024 * 1024;
-/// Pieces queued for the hashing thread. The pieces are `Bytes` the caller
-/// holds anyway (they are also being chunked and stored), so this bounds how
-/// far the hash may lag, not a copy.
-const QUEUE: usize = 8;
 
 /// Computes a blob's digest and outboard, like [`OutboardHasher`], but once
-/// the blob outgrows [`INLINE_LIMIT`] on a blocking-pool thread of its own.
+/// the blob outgrows [`INLINE_LIMIT`] each piece is hashed on the blocking
+/// pool while the caller goes on with the next.
 ///
 /// A Put's writer chunks, hashes each chunk and stores it; hashing the whole
-/// blob as well on the same task made that task the bottleneck of a Put. On
-/// its own thread the blob hash overlaps with the rest.
+/// blob as well on the same task made that task the bottleneck of a Put.
+/// Each piece is a short blocking task of its own, waited for only when the
+/// next piece arrives: the hash runs one piece behind, and no pool thread
+/// is held while waiting for data (a thread per Put waiting on a channel
+/// could take the whole pool under many concurrent Puts and starve the
+/// disk writes those Puts wait for).
 pub struct PipelinedHasher {
     state: State,
 }
 
 enum State {
     Inline(Box<OutboardHasher>),
-    Offloaded {
-        tx: mpsc::Sender<Bytes>,
-        done: JoinHandle<OutboardHasher>,
-    },
-    /// Only while switching states.
-    Switching,
+    /// Hashing the latest piece.
+    Offloaded(JoinHandle<Box<OutboardHasher>>),
+    /// Only while switching states, or after a hashing task failed.
+    Gone,
 }
 
 impl PipelinedHasher {
@@ -44,54 +42,38 @@ impl PipelinedHasher {
         }
     }
 
-    /// Feeds the next bytes; waits only when the hashing thread is
-    /// [`QUEUE`] pieces behind.
+    /// Feeds the next bytes; waits only for the previous piece's hashing.
     pub async fn update(&mut self, data: Bytes) -> Result<()> {
-        self.state = match std::mem::replace(&mut self.state, State::Switching) {
+        let mut hasher = match std::mem::replace(&mut self.state, State::Gone) {
             State::Inline(mut hasher) if hasher.len() + data.len() as u64 <= INLINE_LIMIT => {
                 hasher.update(&data);
                 self.state = State::Inline(hasher);
                 return Ok(());
             }
-            State::Inline(hasher) => offload(*hasher),
-            other => other,
+            State::Inline(hasher) => hasher,
+            State::Offloaded(task) => task.await.map_err(|_| hasher_gone())?,
+            State::Gone => return Err(hasher_gone()),
         };
-        match &self.state {
-            State::Offloaded { tx, .. } => tx.send(data).await.map_err(|_| hasher_gone()),
-            _ => Err(hasher_gone()),
-        }
+        self.state = State::Offloaded(tokio::task::spawn_blocking(move || {
+            hasher.update(&data);
+            hasher
+        }));
+        Ok(())
     }
 
     /// The digest of everything fed, and its outboard.
     pub async fn finalize(self) -> Result<(B3Digest, Outboard)> {
-        match self.state {
-            State::Inline(hasher) => Ok(hasher.finalize()),
-            State::Offloaded { tx, done } => {
-                drop(tx);
-                let hasher = done.await.map_err(|_| hasher_gone())?;
-                Ok(hasher.finalize())
-            }
-            State::Switching => Err(hasher_gone()),
-        }
+        let hasher = match self.state {
+            State::Inline(hasher) => hasher,
+            State::Offloaded(task) => task.await.map_err(|_| hasher_gone())?,
+            State::Gone => return Err(hasher_gone()),
+        };
+        Ok(hasher.finalize())
     }
 }
 
-/// Moves `hasher` onto a blocking-pool thread fed by a bounded queue. The
-/// thread ends when the sender is dropped (the blob is finished, or the
-/// writer abandoned).
-fn offload(mut hasher: OutboardHasher) -> State {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
-    let done = tokio::task::spawn_blocking(move || {
-        while let Some(piece) = rx.blocking_recv() {
-            hasher.update(&piece);
-        }
-        hasher
-    });
-    State::Offloaded { tx, done }
-}
-
 fn hasher_gone() -> Error {
-    Error::Io(std::io::Error::other("the blob hashing thread stopped"))
+    Error::Io(std::io::Error::other("the blob hashing task failed"))
 }
 
 #[cfg(test)]
