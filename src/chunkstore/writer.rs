@@ -71,7 +71,8 @@ impl Chunking {
 /// straddles two pieces are gathered in a carry buffer.
 ///
 /// The work is spread so a Put is not bound by one task: the blob digest and
-/// outboard are computed on a thread of their own ([`PipelinedHasher`]), and
+/// outboard are computed on the blocking pool, one piece behind
+/// ([`PipelinedHasher`]), and
 /// each chunk is hashed and stored by an upload task
 /// ([`ChunkStore::write_concurrency`] at most in flight). Memory stays at
 /// about one maximum chunk, plus the queued pieces and uploads.
