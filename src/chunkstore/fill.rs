@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::task::JoinSet;
 
+use super::uploads::Uploads;
 use super::{BlobIndex, ChunkStore};
 use crate::blobservice::{BlobWriter, ChunkMeta, PutResult};
 use crate::digest::B3Digest;
@@ -28,28 +28,18 @@ pub struct ListedWriter<S> {
     chunks: Vec<ChunkMeta>,
     /// How many chunks have been written.
     written: usize,
-    uploads: JoinSet<Result<()>>,
+    uploads: Uploads<S>,
 }
 
 impl<S: ChunkStore> ListedWriter<S> {
     /// Starts filling blob `digest`, listed as `chunks`.
     pub fn new(store: Arc<S>, digest: B3Digest, chunks: Vec<ChunkMeta>) -> Self {
         ListedWriter {
+            uploads: Uploads::new(store.clone()),
             store,
             digest,
             chunks,
             written: 0,
-            uploads: JoinSet::new(),
-        }
-    }
-
-    async fn join_one(&mut self) -> Result<()> {
-        match self.uploads.join_next().await {
-            Some(Ok(result)) => result,
-            Some(Err(join)) => {
-                Err(std::io::Error::other(format!("chunk upload task: {join}")).into())
-            }
-            None => Ok(()),
         }
     }
 
@@ -76,18 +66,11 @@ impl<S: ChunkStore> BlobWriter for ListedWriter<S> {
                 meta.size
             )));
         }
+        let index = self.written;
         self.written += 1;
-        while self.uploads.len() >= self.store.write_concurrency().max(1) {
-            self.join_one().await?;
-        }
-        let store = self.store.clone();
-        self.uploads.spawn(async move {
-            if !store.has_chunk(&meta.digest).await? {
-                store.put_chunk(meta.digest, data).await?;
-            }
-            Ok(())
-        });
-        Ok(())
+        self.uploads
+            .start(index, data, Some(meta.digest), &mut |_, _| {})
+            .await
     }
 
     async fn close(self: Box<Self>) -> Result<PutResult> {
@@ -108,9 +91,7 @@ impl<S: ChunkStore> BlobWriter for ListedWriter<S> {
                 proof.size()
             )));
         }
-        while !self.uploads.is_empty() {
-            self.join_one().await?;
-        }
+        self.uploads.finish(&mut |_, _| {}).await?;
         let chunks = std::mem::take(&mut self.chunks);
         // Last: a visible index means every chunk is stored.
         let index = BlobIndex::new(chunks.clone(), Some(proof.outboard()));

@@ -15,6 +15,7 @@
 mod fill;
 mod index;
 mod reader;
+mod uploads;
 mod writer;
 
 pub use fill::ListedWriter;

@@ -6,11 +6,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
 use fastcdc::v2020::FastCDC;
-use tokio::task::JoinSet;
 
+use super::uploads::Uploads;
 use super::{BlobIndex, ChunkStore};
 use crate::blobservice::{BlobWriter, ChunkMeta, PutResult};
-use crate::digest::B3Digest;
 use crate::error::Result;
 use crate::verify::{PipelinedHasher, STORED_SHIFT};
 
@@ -88,10 +87,8 @@ pub struct ChunkingWriter<S> {
     /// hashed it.
     chunks: Vec<Option<ChunkMeta>>,
     size: u64,
-    /// Chunk uploads in flight, each yielding its index in `chunks` and its
-    /// chunk. Tasks, so they progress while the writer waits for more
-    /// input; aborted if the writer is dropped.
-    uploads: JoinSet<Result<(usize, ChunkMeta)>>,
+    /// Chunk uploads in flight; each reports its index in `chunks`.
+    uploads: Uploads<S>,
 }
 
 impl<S: ChunkStore> ChunkingWriter<S> {
@@ -99,13 +96,13 @@ impl<S: ChunkStore> ChunkingWriter<S> {
     pub fn new(store: Arc<S>) -> Self {
         let chunking = store.chunking();
         ChunkingWriter {
+            uploads: Uploads::new(store.clone()),
             store,
             chunking,
             carry: BytesMut::new(),
             blob_hasher: PipelinedHasher::new(STORED_SHIFT),
             chunks: Vec::new(),
             size: 0,
-            uploads: JoinSet::new(),
         }
     }
 
@@ -123,37 +120,10 @@ impl<S: ChunkStore> ChunkingWriter<S> {
     async fn store_chunk(&mut self, chunk: Bytes) -> Result<()> {
         let index = self.chunks.len();
         self.chunks.push(None);
-        while self.uploads.len() >= self.store.write_concurrency().max(1) {
-            self.join_one().await?;
-        }
-        let store = self.store.clone();
-        self.uploads.spawn(async move {
-            let meta = ChunkMeta {
-                digest: B3Digest::of(&chunk),
-                size: chunk.len() as u64,
-            };
-            if !store.has_chunk(&meta.digest).await? {
-                store.put_chunk(meta.digest, chunk).await?;
-            }
-            Ok((index, meta))
-        });
-        Ok(())
-    }
-
-    /// Waits for one upload to finish and records its digest, or returns
-    /// its error.
-    async fn join_one(&mut self) -> Result<()> {
-        match self.uploads.join_next().await {
-            Some(Ok(result)) => {
-                let (index, meta) = result?;
-                self.chunks[index] = Some(meta);
-                Ok(())
-            }
-            Some(Err(join)) => {
-                Err(std::io::Error::other(format!("chunk upload task: {join}")).into())
-            }
-            None => Ok(()),
-        }
+        let chunks = &mut self.chunks;
+        self.uploads
+            .start(index, chunk, None, &mut |i, meta| chunks[i] = Some(meta))
+            .await
     }
 }
 
@@ -202,9 +172,10 @@ impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
             let chunk = self.carry.split_to(end).freeze();
             self.store_chunk(chunk).await?;
         }
-        while !self.uploads.is_empty() {
-            self.join_one().await?;
-        }
+        let chunks = &mut self.chunks;
+        self.uploads
+            .finish(&mut |i, meta| chunks[i] = Some(meta))
+            .await?;
         let hasher = std::mem::replace(&mut self.blob_hasher, PipelinedHasher::new(STORED_SHIFT));
         let (digest, outboard) = hasher.finalize().await?;
         let chunks = std::mem::take(&mut self.chunks)
