@@ -387,7 +387,7 @@ async fn fill_from(
 ) -> crate::Result<crate::blobservice::PutResult> {
     let stat = source.stat(digest).await?.unwrap();
     let outboard = source.outboard(digest).await?;
-    let mut check = crate::verify::BlobCheck::new(*digest, stat.size, outboard);
+    let mut check = crate::verify::BlobCheck::new(*digest, Some(stat.size), outboard);
     let mut w = target.open_fill(digest, &stat).await?;
     for c in &stat.chunks {
         let chunk = source.read_chunk(c).await?.unwrap();
@@ -454,7 +454,7 @@ async fn a_fill_writer_publishes_nothing_without_a_matching_proof() {
     // A proof of another blob, or of a run cut short.
     let (other_digest, other_outboard) = crate::verify::bao::outboard_of(&other, 4);
     let mut check =
-        crate::verify::BlobCheck::new(other_digest, other.len() as u64, Some(other_outboard));
+        crate::verify::BlobCheck::new(other_digest, Some(other.len() as u64), Some(other_outboard));
     check.push(Bytes::from(other.clone())).unwrap();
     let proof = check.finish().unwrap();
     let mut w = target.open_fill(&put.digest, &stat).await.unwrap();
@@ -462,7 +462,7 @@ async fn a_fill_writer_publishes_nothing_without_a_matching_proof() {
         w.write(c.clone()).await.unwrap();
     }
     assert!(w.close_verified(&proof).await.is_err());
-    let mut check = crate::verify::BlobCheck::new(put.digest, blob.len() as u64, None);
+    let mut check = crate::verify::BlobCheck::new(put.digest, Some(blob.len() as u64), None);
     check.push(Bytes::from(blob.clone())).unwrap();
     let proof = check.finish().unwrap();
     let mut w = target.open_fill(&put.digest, &stat).await.unwrap();

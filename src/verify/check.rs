@@ -14,7 +14,6 @@ use crate::error::VerifyError;
 /// [`finish`](Self::finish)), which also computes its outboard.
 pub struct BlobCheck {
     digest: B3Digest,
-    size: u64,
     how: How,
 }
 
@@ -24,16 +23,17 @@ enum How {
 }
 
 impl BlobCheck {
-    /// Expects blob `digest` of `size` bytes, with its `outboard` if known
-    /// (already checked against `digest`, as [`Outboard::verify`] does).
-    pub fn new(digest: B3Digest, size: u64, outboard: Option<Outboard>) -> Self {
+    /// Expects blob `digest`, of `size` bytes if known, with its `outboard`
+    /// if known (already checked against `digest`, as [`Outboard::verify`]
+    /// does).
+    pub fn new(digest: B3Digest, size: Option<u64>, outboard: Option<Outboard>) -> Self {
         let how = match outboard {
-            Some(ob) if ob.blob() == &digest && ob.size() == size => {
+            Some(ob) if ob.blob() == &digest && size.is_none_or(|s| s == ob.size()) => {
                 How::Groups(GroupVerifier::new(ob.clone(), 0), ob)
             }
-            _ => How::Hash(Box::new(StreamVerifier::new(digest, Some(size)))),
+            _ => How::Hash(Box::new(StreamVerifier::new(digest, size))),
         };
-        BlobCheck { digest, size, how }
+        BlobCheck { digest, how }
     }
 
     /// Whether bytes are checked as they arrive (against an outboard), so
@@ -66,7 +66,7 @@ impl BlobCheck {
         };
         Ok(BlobProof {
             digest: self.digest,
-            size: self.size,
+            size: outboard.size(),
             outboard,
         })
     }
@@ -123,7 +123,7 @@ mod tests {
         let data = pseudo_random(1_000_000, 5);
         let (digest, outboard) = outboard_of(&data, 4);
         for known in [Some(outboard.clone()), None] {
-            let mut check = BlobCheck::new(digest, data.len() as u64, known.clone());
+            let mut check = BlobCheck::new(digest, Some(data.len() as u64), known.clone());
             assert_eq!(check.streams(), known.is_some());
             let released = feed(&mut check, &data).unwrap();
             assert_eq!(released, if known.is_some() { data.len() } else { 0 });
@@ -141,11 +141,11 @@ mod tests {
         let mut bad = data.clone();
         bad[200_000] ^= 1;
         for known in [Some(outboard.clone()), None] {
-            let mut check = BlobCheck::new(digest, data.len() as u64, known.clone());
+            let mut check = BlobCheck::new(digest, Some(data.len() as u64), known.clone());
             let fed = feed(&mut check, &bad);
             assert!(fed.is_err() || check.finish().is_err());
 
-            let mut check = BlobCheck::new(digest, data.len() as u64, known);
+            let mut check = BlobCheck::new(digest, Some(data.len() as u64), known);
             feed(&mut check, &data[..299_999]).unwrap();
             assert!(check.finish().is_err());
         }

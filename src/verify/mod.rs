@@ -139,8 +139,9 @@ impl StreamVerifier {
 ///
 /// This is how a blob whose chunk list or stream cannot be checked piece by
 /// piece is made safe to release. With the blob's `outboard` known, the
-/// pieces are also checked group by group as they arrive, so a lying source
-/// is dropped at its first bad group rather than at the end.
+/// pieces are checked group by group as they arrive instead ([`BlobCheck`]):
+/// one pass over the bytes, and a lying source is dropped at its first bad
+/// group rather than at the end.
 pub async fn spool_verified<S>(
     expected: B3Digest,
     expected_len: Option<u64>,
@@ -159,7 +160,8 @@ where
 }
 
 /// Like [`spool_verified`], but returns the spool itself, which several
-/// readers can open, and the blob's outboard.
+/// readers can open, and the blob's outboard (the one it was checked
+/// against, or the one computed on the way).
 pub async fn spool_verified_shared<S>(
     expected: B3Digest,
     expected_len: Option<u64>,
@@ -170,19 +172,15 @@ pub async fn spool_verified_shared<S>(
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
-    let mut verifier = StreamVerifier::new(expected, expected_len);
-    let mut groups = outboard.map(|ob| GroupVerifier::new(ob, 0));
+    let mut check = BlobCheck::new(expected, expected_len, outboard);
     let mut spool = Spool::new(spool_dir, expected_len);
     while let Some(piece) = pieces.next().await {
         let piece = piece?;
-        verifier.update(&piece)?;
-        if let Some(groups) = &mut groups {
-            groups.push(piece.clone())?;
-        }
+        check.push(piece.clone())?;
         spool.push(piece).await?;
     }
-    let outboard = verifier.finish()?;
-    Ok((spool.into_shared().await?, outboard))
+    let proof = check.finish()?;
+    Ok((spool.into_shared().await?, proof.outboard().clone()))
 }
 
 #[cfg(test)]

@@ -72,7 +72,7 @@ use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError, absent_unless_failed};
 use crate::metrics::{Metrics, TierMetrics};
 use crate::singleflight::SingleFlight;
-use crate::verify::{BlobCheck, GroupVerifier, Outboard, spool_verified_shared};
+use crate::verify::{BlobCheck, Outboard, spool_verified_shared};
 use tap::{Tap, TapReader};
 
 /// No chunk is larger than this (FastCDC v2020's maximum).
@@ -432,32 +432,23 @@ impl Inner {
         None
     }
 
-    /// The blob's bytes, verified piece by piece where they can be: chunk by
-    /// chunk (near fill tiers first, then `k` and later tiers) when the Stat
-    /// listed chunks, else as one stream from `k` or a later tier; and group
-    /// by group against tier `k`'s outboard, when it has one, so a chunk
-    /// list that does not make up the blob fails at its first bad group.
-    async fn pieces(
-        self: &Arc<Self>,
-        digest: B3Digest,
+    /// The outboard a fetch of the blob from tier `k` is checked against
+    /// ([`BlobCheck`]), so a chunk list that does not make up the blob fails
+    /// at its first bad group; without one the blob is hashed whole. A blob
+    /// of one chunk goes without: asking the source for its outboard would
+    /// cost a round trip more than the hashing saves, and no index keeps an
+    /// outboard for it.
+    async fn fetch_outboard(
+        &self,
+        digest: &B3Digest,
         k: usize,
         stat: &BlobStat,
-    ) -> Result<BoxStream<'static, Result<Bytes>>> {
-        let outboard = self.source_outboard(&digest, k).await?;
-        let pieces = self.unchecked_pieces(digest, k, stat).await?;
-        let Some(outboard) = outboard else {
-            return Ok(pieces);
-        };
-        Ok(async_stream::try_stream! {
-            let mut groups = GroupVerifier::new(outboard, 0);
-            for await piece in pieces {
-                for checked in groups.push(piece?)? {
-                    yield checked;
-                }
-            }
-            groups.finish()?;
+    ) -> Result<Option<Outboard>> {
+        if stat.chunks.len() >= 2 || stat.size > MAX_CHUNK_SIZE {
+            self.source_outboard(digest, k).await
+        } else {
+            Ok(None)
         }
-        .boxed())
     }
 
     /// Tier `k`'s outboard of the blob. A wrong one is tier `k` lying (an
@@ -600,15 +591,8 @@ impl Inner {
                 "no fill tier accepted a write".into(),
             ]));
         }
-        // A blob of one chunk is hashed whole: asking the source for its
-        // outboard would cost a round trip more than the hashing saves, and
-        // no index keeps an outboard for it.
-        let outboard = if stat.chunks.len() >= 2 || stat.size > MAX_CHUNK_SIZE {
-            self.source_outboard(&digest, k).await?
-        } else {
-            None
-        };
-        let mut check = BlobCheck::new(digest, stat.size, outboard);
+        let outboard = self.fetch_outboard(&digest, k, &stat).await?;
+        let mut check = BlobCheck::new(digest, Some(stat.size), outboard);
         // Without an outboard nothing is proven before the end. A small
         // blob is held until then and handed to the reader at once, before
         // the fill tiers finish storing it; the reader of a larger one
@@ -680,11 +664,11 @@ impl Inner {
         k: usize,
         stat: BlobStat,
     ) -> Result<SharedSpool> {
-        // The pieces come checked against the source's outboard, if it has
-        // one; the spool still hashes the whole blob, which a source without
-        // an outboard needs.
-        let pieces = self.pieces(digest, k, &stat).await?;
-        let spool = match spool_verified_shared(digest, Some(stat.size), None, None, pieces).await {
+        // Nothing in the spool is released before the whole run is proven.
+        let outboard = self.fetch_outboard(&digest, k, &stat).await?;
+        let pieces = self.unchecked_pieces(digest, k, &stat).await?;
+        let spooled = spool_verified_shared(digest, Some(stat.size), outboard, None, pieces).await;
+        let spool = match spooled {
             Ok((spool, _)) => spool,
             Err(e) => {
                 self.members[k].record_failure("fetch", &digest, &e);
