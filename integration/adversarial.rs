@@ -175,12 +175,22 @@ impl GrpcBlobService for Liar {
             .ok_or_else(|| Status::not_found("absent"))?;
         let mut data = Vec::new();
         reader.read_to_end(&mut data).await?;
-        let half = data.len() / 2;
-        let last_chunk = self.honest_stat(&self.digest).await?.chunks.pop();
-        let is_last_chunk = last_chunk.is_some_and(|c| c.digest == request.get_ref().digest);
+        let mut half = data.len() / 2;
+        let mut chunks = self.honest_stat(&self.digest).await?.chunks;
+        let last_chunk = chunks.pop();
+        let is_last_chunk = last_chunk
+            .as_ref()
+            .is_some_and(|c| c.digest == request.get_ref().digest);
+        if digest == self.digest
+            && let Some(last) = &last_chunk
+            && matches!(self.lie, Lie::FlipLast | Lie::DieLast)
+        {
+            // The whole blob in one Read: the lie is in its last chunk.
+            half = data.len() - (last.size / 2) as usize;
+        }
         let lie = match self.lie {
-            Lie::FlipLast if is_last_chunk => Lie::FlipByte,
-            Lie::DieLast if is_last_chunk => Lie::Die,
+            Lie::FlipLast if is_last_chunk || digest == self.digest => Lie::FlipByte,
+            Lie::DieLast if is_last_chunk || digest == self.digest => Lie::Die,
             Lie::FlipLast | Lie::DieLast => Lie::WrongChunks, // honest reads
             other => other,
         };

@@ -11,6 +11,7 @@ mod crash;
 mod disk;
 mod disk_full;
 mod examples;
+mod fetch;
 mod front;
 mod fuzz_config;
 mod fuzz_grpc;

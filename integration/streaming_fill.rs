@@ -7,29 +7,72 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use strata::B3Digest;
-use strata::proto::snix::{ReadBlobRequest, StatBlobRequest};
+use strata::proto::snix::{BlobChunk, ReadBlobRequest, StatBlobRequest};
 use tokio::sync::watch;
 use tonic::Status;
 
-use crate::front::{FrontHooks, serve_front};
+use crate::front::{FrontHooks, ReadStream, serve_front};
 use crate::harness::{Daemon, metric, put_blob, snix_client, test_data};
 
-/// Holds back Reads of `gated` until the gate opens.
+/// Holds back the peer's last chunk of a blob until the gate opens: a Read
+/// of that chunk, and in a Read of the whole blob every byte from
+/// `hold_from` on.
 struct Gate {
-    gated: Vec<u8>,
+    chunk: Vec<u8>,
+    blob: Vec<u8>,
+    hold_from: usize,
     open: watch::Receiver<bool>,
+}
+
+impl Gate {
+    async fn wait(mut open: watch::Receiver<bool>) -> Result<(), Status> {
+        open.wait_for(|open| *open)
+            .await
+            .map(|_| ())
+            .map_err(|_| Status::unavailable("gate dropped"))
+    }
 }
 
 #[tonic::async_trait]
 impl FrontHooks for Gate {
     async fn before(&self, method: &'static str, digest: &[u8]) -> Result<(), Status> {
-        if method == "read" && digest == self.gated {
-            let mut open = self.open.clone();
-            open.wait_for(|open| *open)
-                .await
-                .map_err(|_| Status::unavailable("gate dropped"))?;
+        if method == "read" && digest == self.chunk {
+            Gate::wait(self.open.clone()).await?;
         }
         Ok(())
+    }
+
+    fn read_stream(&self, digest: &[u8], mut upstream: ReadStream) -> ReadStream {
+        if digest != self.blob {
+            return upstream;
+        }
+        let open = self.open.clone();
+        let hold_from = self.hold_from;
+        Box::pin(async_stream::stream! {
+            let mut sent = 0;
+            while let Some(msg) = upstream.next().await {
+                let mut msg = match msg {
+                    Ok(msg) => msg,
+                    Err(status) => {
+                        yield Err(status);
+                        return;
+                    }
+                };
+                if sent < hold_from && sent + msg.data.len() > hold_from {
+                    let head = msg.data.split_to(hold_from - sent);
+                    sent += head.len();
+                    yield Ok(BlobChunk { data: head });
+                }
+                if sent >= hold_from
+                    && let Err(status) = Gate::wait(open.clone()).await
+                {
+                    yield Err(status);
+                    return;
+                }
+                sent += msg.data.len();
+                yield Ok(msg);
+            }
+        })
     }
 }
 
@@ -83,7 +126,9 @@ async fn a_cold_read_streams_before_its_fill_is_over() {
     let proxy_addr = serve_front(
         &origin.tcp_addr(),
         Gate {
-            gated: last.digest.to_vec(),
+            chunk: last.digest.to_vec(),
+            blob: digest.as_bytes().to_vec(),
+            hold_from: blob.len() - last.size as usize,
             open,
         },
     )

@@ -26,6 +26,7 @@ pub use spool::{SPOOL_IN_MEMORY, SharedSpool, Spool};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::BoxStream;
 
 use crate::digest::B3Digest;
 use crate::error::Result;
@@ -39,6 +40,9 @@ pub struct ChunkMeta {
     /// Length of the chunk in bytes.
     pub size: u64,
 }
+
+/// Verified chunks of a blob, in order: see [`BlobService::stream_chunks`].
+pub type ChunkStream = BoxStream<'static, Result<Bytes>>;
 
 /// What [`BlobService::stat`] knows about a blob.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -99,6 +103,33 @@ pub trait BlobService: Send + Sync + 'static {
         let data = read_to_bytes(reader.as_mut(), chunk.size).await?;
         crate::verify::verify_chunk_meta(chunk, &data)?;
         Ok(Some(data))
+    }
+
+    /// The listed `chunks` of blob `digest` (as this service's
+    /// [`stat`](Self::stat) listed them), in order, one item per chunk, each
+    /// verified against its digest and length.
+    ///
+    /// For a service that moves a whole blob more cheaply than its chunks
+    /// one by one: a gRPC peer answers with one Read of the blob, cut along
+    /// the list, instead of a Read per chunk. `None` means the service has
+    /// no such way (the default) or no such blob; the caller then goes
+    /// chunk by chunk with [`read_chunk`](Self::read_chunk). A stream that
+    /// fails part-way has delivered only verified chunks before the error.
+    async fn stream_chunks(
+        &self,
+        digest: &B3Digest,
+        chunks: &[ChunkMeta],
+    ) -> Result<Option<ChunkStream>> {
+        let _ = (digest, chunks);
+        Ok(None)
+    }
+
+    /// Which of `chunks` this service holds, as far as it can tell without
+    /// a round trip per chunk: cache tiers answer from their index. A
+    /// service that cannot tell cheaply answers `false` for each (the
+    /// default).
+    async fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Result<Vec<bool>> {
+        Ok(vec![false; chunks.len()])
     }
 
     /// Starts writing a new blob. Nothing is visible until
@@ -172,6 +203,16 @@ impl<T: BlobService + ?Sized> BlobService for std::sync::Arc<T> {
     }
     async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
         (**self).read_chunk(chunk).await
+    }
+    async fn stream_chunks(
+        &self,
+        digest: &B3Digest,
+        chunks: &[ChunkMeta],
+    ) -> Result<Option<ChunkStream>> {
+        (**self).stream_chunks(digest, chunks).await
+    }
+    async fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Result<Vec<bool>> {
+        (**self).holds_chunks(chunks).await
     }
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
         (**self).open_write().await

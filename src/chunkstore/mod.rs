@@ -66,6 +66,13 @@ pub trait ChunkStore: Send + Sync + 'static {
         Ok(self.chunk_size(digest).await?.is_some())
     }
 
+    /// Which of `chunks` the store holds, answered from an index kept in
+    /// memory; a store without one answers `false` for each (the default)
+    /// rather than asking its backend chunk by chunk.
+    fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Vec<bool> {
+        vec![false; chunks.len()]
+    }
+
     /// Stores a chunk whose digest the caller has computed.
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()>;
 
@@ -231,6 +238,10 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
             return Ok(None);
         }
         Ok(Some(Box::new(BufferedReader::new(data))))
+    }
+
+    async fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Result<Vec<bool>> {
+        Ok(self.store.holds_chunks(chunks))
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

@@ -29,7 +29,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta};
+use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta, ChunkStream};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 use crate::verify::Outboard;
@@ -249,6 +249,20 @@ impl BlobService for BreakerService {
 
     async fn open_fill(&self, digest: &B3Digest, stat: &BlobStat) -> Result<Box<dyn BlobWriter>> {
         self.guarded(self.inner.open_fill(digest, stat)).await
+    }
+
+    async fn stream_chunks(
+        &self,
+        digest: &B3Digest,
+        chunks: &[ChunkMeta],
+    ) -> Result<Option<ChunkStream>> {
+        self.guarded(self.inner.stream_chunks(digest, chunks)).await
+    }
+
+    /// Not guarded: it asks only what the tier knows without a round trip,
+    /// and its success says nothing of the tier's health.
+    async fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Result<Vec<bool>> {
+        self.inner.holds_chunks(chunks).await
     }
 
     async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {

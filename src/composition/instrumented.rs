@@ -17,11 +17,14 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 use tracing::{Instrument, info_span};
 
-use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta, PutResult};
+use crate::blobservice::{
+    BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta, ChunkStream, PutResult,
+};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 use crate::metrics::TierMetrics;
@@ -164,6 +167,44 @@ impl BlobService for InstrumentedService {
             m.read_bytes.inc_by(data.len() as u64);
         }
         found
+    }
+
+    /// Times opening the stream; its chunks count as bytes read, and a
+    /// failure part-way as an error.
+    async fn stream_chunks(
+        &self,
+        digest: &B3Digest,
+        chunks: &[ChunkMeta],
+    ) -> Result<Option<ChunkStream>> {
+        let m = &self.metrics;
+        let opened = self
+            .observe(
+                "stream_chunks",
+                digest,
+                &m.read_seconds,
+                self.inner.stream_chunks(digest, chunks),
+            )
+            .await?;
+        let metrics = self.metrics.clone();
+        Ok(opened.map(|stream| {
+            stream
+                .inspect(move |item| match item {
+                    Ok(chunk) => {
+                        metrics.read_bytes.inc_by(chunk.len() as u64);
+                    }
+                    Err(e) if !matches!(e.root(), Error::CircuitOpen { .. }) => {
+                        metrics.errors.inc();
+                    }
+                    Err(_) => {}
+                })
+                .boxed()
+        }))
+    }
+
+    async fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Result<Vec<bool>> {
+        let span =
+            info_span!("tier", tier = %self.tier, op = "holds_chunks", chunks = chunks.len());
+        self.inner.holds_chunks(chunks).instrument(span).await
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

@@ -13,10 +13,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta, PutResult};
+use crate::blobservice::{
+    BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta, ChunkStream, PutResult,
+};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 use crate::verify::{BlobProof, Outboard};
@@ -76,6 +79,38 @@ impl BlobService for TimeoutService {
 
     async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
         self.bounded(self.inner.read_chunk(chunk)).await
+    }
+
+    /// Each chunk must come within the timeout, like a reader's progress.
+    async fn stream_chunks(
+        &self,
+        digest: &B3Digest,
+        chunks: &[ChunkMeta],
+    ) -> Result<Option<ChunkStream>> {
+        let Some(mut inner) = self
+            .bounded(self.inner.stream_chunks(digest, chunks))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let after = self.after;
+        let error = self.error();
+        Ok(Some(Box::pin(async_stream::stream! {
+            loop {
+                match tokio::time::timeout(after, inner.next()).await {
+                    Ok(Some(item)) => yield item,
+                    Ok(None) => break,
+                    Err(_) => {
+                        yield Err(error);
+                        break;
+                    }
+                }
+            }
+        })))
+    }
+
+    async fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Result<Vec<bool>> {
+        self.bounded(self.inner.holds_chunks(chunks)).await
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

@@ -549,6 +549,13 @@ impl ChunkStore for DiskStore {
         Ok(self.index.contains_key(&ObjectKey::Chunk(*digest)))
     }
 
+    fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Vec<bool> {
+        chunks
+            .iter()
+            .map(|c| self.index.contains_key(&ObjectKey::Chunk(c.digest)))
+            .collect()
+    }
+
     #[instrument(skip(self, data), fields(%digest, len = data.len()), err)]
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
         self.write(ObjectKey::Chunk(digest), data, false).await

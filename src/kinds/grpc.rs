@@ -63,7 +63,8 @@ use tracing::{debug, instrument, warn};
 
 use crate::addr::{AuthChannel, BearerToken, DEFAULT_MAX_MESSAGE_SIZE, PeerAddr};
 use crate::blobservice::{
-    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, PutResult,
+    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, ChunkStream,
+    PutResult,
 };
 use crate::chunkstore::{ChunkedReader, ServiceChunks};
 use crate::composition::{BuildContext, TierConfig};
@@ -74,7 +75,7 @@ use crate::proto::snix::{
 };
 use crate::proto::{snix, tvix};
 use crate::verify::bao::MAX_VERIFY_SHIFT;
-use crate::verify::{Outboard, STORED_SHIFT, spool_verified, verify_chunk_meta};
+use crate::verify::{Outboard, STORED_SHIFT, cut_chunks, spool_verified, verify_chunk_meta};
 
 /// Chunks read ahead of the read position on the chunked path.
 const READ_AHEAD: usize = 8;
@@ -760,6 +761,49 @@ impl BlobService for GrpcBlobService {
             Ok(Some(data))
         })
         .await
+    }
+
+    /// One Read of the whole blob, cut along the list ([`cut_chunks`]): a
+    /// round trip for the blob instead of one per chunk, and one stream for
+    /// the peer to serve. Bounded like a Read: the first answer, each gap
+    /// between messages, and the request's deadline.
+    #[instrument(skip(self, chunks), fields(peer = %self.addr, %digest, chunks = chunks.len()), err)]
+    async fn stream_chunks(
+        &self,
+        digest: &B3Digest,
+        chunks: &[ChunkMeta],
+    ) -> Result<Option<ChunkStream>> {
+        let deadline = self.request_deadline();
+        let opened = self.by_deadline(
+            deadline,
+            self.retrying("read", digest, || self.open_stream(digest)),
+        );
+        let Some(mut stream) = opened.await? else {
+            return Ok(None);
+        };
+        let this = self.clone();
+        let pieces = async_stream::stream! {
+            loop {
+                let gap = Instant::now() + this.idle_timeout;
+                let (until, after) = match deadline {
+                    Some(d) if d < gap => (d, this.request_timeout.unwrap_or_default()),
+                    _ => (gap, this.idle_timeout),
+                };
+                match tokio::time::timeout_at(until, stream.next()).await {
+                    Ok(Some(Ok(msg))) => yield Ok(msg.data),
+                    Ok(Some(Err(status))) => {
+                        yield Err(this.peer_error(status));
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        yield Err(this.timed_out(after));
+                        break;
+                    }
+                }
+            }
+        };
+        Ok(Some(cut_chunks(*digest, chunks.to_vec(), pieces)))
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

@@ -159,6 +159,13 @@ impl ChunkStore for MemoryStore {
         Ok(self.cache.contains_key(&ObjectKey::Chunk(*digest)))
     }
 
+    fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Vec<bool> {
+        chunks
+            .iter()
+            .map(|c| self.cache.contains_key(&ObjectKey::Chunk(c.digest)))
+            .collect()
+    }
+
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
         // Copy into an allocation of its own: `data` may be a slice of a
         // larger buffer, which would otherwise stay pinned uncounted.

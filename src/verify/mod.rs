@@ -11,17 +11,21 @@
 //!   blob digest) — a lie is caught at the first bad group.
 //! * [`StreamVerifier`] / [`spool_verified`]: a whole blob whose pieces
 //!   cannot be checked on their own, held back until all of it hashed right.
+//! * [`cut_chunks`]: a blob streamed whole, cut back into its listed chunks,
+//!   each checked like [`verify_chunk_meta`].
 //! * [`BlobCheck`]: either of the last two, whichever the known outboard
 //!   allows; its [`BlobProof`] lets a fill publish verified chunks without
 //!   hashing them a second time.
 
 pub mod bao;
 mod check;
+mod cut;
 mod groups;
 mod pipelined;
 
 pub use bao::{Outboard, OutboardHasher, STORED_SHIFT};
 pub use check::{BlobCheck, BlobProof};
+pub use cut::cut_chunks;
 pub use groups::GroupVerifier;
 pub use pipelined::PipelinedHasher;
 

@@ -477,15 +477,18 @@ impl Inner {
         stat: &BlobStat,
     ) -> Result<BoxStream<'static, Result<Bytes>>> {
         if stat.chunks.len() >= 2 {
-            let this = self.clone();
-            let chunks = stat.chunks.clone();
-            return Ok(stream::iter(chunks)
-                .map(move |c| {
-                    let this = this.clone();
-                    async move { this.fetch_chunk(&digest, c, k).await }
-                })
-                .buffered(self.read_ahead)
-                .boxed());
+            if !self.near_holds_any(k, &stat.chunks).await {
+                match self.members[k]
+                    .svc
+                    .stream_chunks(&digest, &stat.chunks)
+                    .await
+                {
+                    Ok(Some(whole)) => return Ok(self.streamed_chunks(digest, k, stat, whole)),
+                    Ok(None) => {}
+                    Err(e) => self.members[k].record_failure("stream", &digest, &e),
+                }
+            }
+            return Ok(self.chunk_by_chunk(digest, k, stat.chunks.clone()));
         }
         if stat.size <= MAX_CHUNK_SIZE {
             // One chunk's worth with its length known: a single verified
@@ -508,6 +511,81 @@ impl Inner {
         Ok(ReaderStream::with_capacity(reader, PIECE)
             .map(|piece| piece.map_err(Error::from_io))
             .boxed())
+    }
+
+    /// Each chunk of `blob` fetched on its own ([`Inner::fetch_chunk`]), up
+    /// to `read_ahead` at a time.
+    fn chunk_by_chunk(
+        self: &Arc<Self>,
+        digest: B3Digest,
+        k: usize,
+        chunks: Vec<ChunkMeta>,
+    ) -> BoxStream<'static, Result<Bytes>> {
+        let this = self.clone();
+        stream::iter(chunks)
+            .map(move |c| {
+                let this = this.clone();
+                async move { this.fetch_chunk(&digest, c, k).await }
+            })
+            .buffered(self.read_ahead)
+            .boxed()
+    }
+
+    /// Whether a near cache before `k` holds any of `chunks` (another blob
+    /// brought them): then the blob is fetched chunk by chunk, so that only
+    /// the missing ones come from far. A cache that cannot say counts as
+    /// holding none.
+    async fn near_holds_any(&self, k: usize, chunks: &[ChunkMeta]) -> bool {
+        for m in self.near_caches(k) {
+            match m.svc.holds_chunks(chunks).await {
+                Ok(held) if held.contains(&true) => return true,
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(tier = %m.name, error = %e, "could not tell which chunks it holds")
+                }
+            }
+        }
+        false
+    }
+
+    /// `whole`, tier `k`'s stream of the blob's chunks, carried on chunk by
+    /// chunk from where it stopped if it fails for anything but a lie (a
+    /// connection lost part-way, a stall), so that what was fetched is not
+    /// fetched again. A lie ends the stream: the caller fails tier `k`.
+    fn streamed_chunks(
+        self: &Arc<Self>,
+        digest: B3Digest,
+        k: usize,
+        stat: &BlobStat,
+        mut whole: BoxStream<'static, Result<Bytes>>,
+    ) -> BoxStream<'static, Result<Bytes>> {
+        let this = self.clone();
+        let chunks = stat.chunks.clone();
+        Box::pin(async_stream::stream! {
+            let mut done = 0;
+            while let Some(item) = whole.next().await {
+                match item {
+                    Ok(chunk) => {
+                        done += 1;
+                        yield Ok(chunk);
+                    }
+                    Err(e) if matches!(e.root(), Error::Verification(_)) => {
+                        yield Err(e);
+                        return;
+                    }
+                    Err(e) => {
+                        this.members[k].record_failure("stream", &digest, &e);
+                        break;
+                    }
+                }
+            }
+            if done < chunks.len() {
+                let mut rest = this.chunk_by_chunk(digest, k, chunks[done..].to_vec());
+                while let Some(item) = rest.next().await {
+                    yield item;
+                }
+            }
+        })
     }
 
     /// One chunk of `blob`, verified: from the nearest fill tier before `k`

@@ -1,0 +1,255 @@
+//! How a fill fetches a blob from a strata peer: in one Read of the whole
+//! blob when the near tiers hold none of its chunks, carried on chunk by
+//! chunk if that Read breaks, and chunk by chunk — only the missing ones —
+//! when another blob already brought some of them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use strata::B3Digest;
+use strata::proto::snix::{BlobChunk, StatBlobRequest};
+use tonic::Status;
+
+use crate::front::{FrontHooks, ReadStream, serve_front};
+use crate::harness::{Daemon, metric, put_blob, read_blob, snix_client, test_data};
+
+/// Counts the Reads that go through, by digest; with `cut_after`, breaks
+/// the first Read of `blob` once that many bytes went out.
+#[derive(Clone, Default)]
+struct Counter {
+    reads: Arc<Mutex<HashMap<Vec<u8>, usize>>>,
+    blob: Vec<u8>,
+    cut_after: Option<usize>,
+    cut: Arc<AtomicBool>,
+}
+
+impl Counter {
+    fn reads_of(&self, digest: &B3Digest) -> usize {
+        let reads = self.reads.lock().unwrap();
+        reads.get(&digest.as_bytes().to_vec()).copied().unwrap_or(0)
+    }
+
+    fn all_reads(&self) -> usize {
+        self.reads.lock().unwrap().values().sum()
+    }
+}
+
+#[tonic::async_trait]
+impl FrontHooks for Counter {
+    async fn before(&self, method: &'static str, digest: &[u8]) -> Result<(), Status> {
+        if method == "read" {
+            *self
+                .reads
+                .lock()
+                .unwrap()
+                .entry(digest.to_vec())
+                .or_default() += 1;
+        }
+        Ok(())
+    }
+
+    fn read_stream(&self, digest: &[u8], mut upstream: ReadStream) -> ReadStream {
+        let Some(limit) = self.cut_after else {
+            return upstream;
+        };
+        if digest != self.blob || self.cut.swap(true, Ordering::SeqCst) {
+            return upstream;
+        }
+        Box::pin(async_stream::stream! {
+            let mut sent = 0;
+            while let Some(msg) = upstream.next().await {
+                let Ok(mut msg) = msg else {
+                    yield msg;
+                    return;
+                };
+                if sent + msg.data.len() >= limit {
+                    let head = msg.data.split_to(limit - sent);
+                    yield Ok(BlobChunk { data: head });
+                    yield Err(Status::unavailable("the front broke the stream"));
+                    return;
+                }
+                sent += msg.data.len();
+                yield Ok(msg);
+            }
+        })
+    }
+}
+
+async fn origin() -> Daemon {
+    tokio::task::spawn_blocking(|| {
+        Daemon::start(Some(
+            "[blobservices.root]\ntype = \"memory\"\nmax_size = \"256MiB\"\n",
+        ))
+    })
+    .await
+    .unwrap()
+}
+
+/// A sidecar: a disk tier, then the peer at `peer`.
+async fn sidecar(disk: &std::path::Path, peer: &str) -> Daemon {
+    let config = format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"near\", \"peer\"]\n\n\
+         [blobservices.near]\ntype = \"disk\"\npath = {}\n\n\
+         [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer}\"\n",
+        toml::Value::String(disk.display().to_string())
+    );
+    tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
+        .await
+        .unwrap()
+}
+
+/// Waits for the sidecar's sync fill to be published: a client gets its
+/// last bytes before the fill tier has stored them.
+async fn filled(sidecar: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&sidecar.metrics(), "strata_tier_fills_total{tier=\"near\"}") < 1.0 {
+        assert!(Instant::now() < deadline, "the fill never completed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The peer's chunk list of `digest`: digests and sizes.
+async fn listed(addr: &str, digest: &B3Digest) -> Vec<(B3Digest, u64)> {
+    let stat = snix_client(addr)
+        .stat(StatBlobRequest {
+            digest: (*digest).into(),
+            send_chunks: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stat.chunks
+        .iter()
+        .map(|c| (B3Digest::try_from(&c.digest).unwrap(), c.size))
+        .collect()
+}
+
+async fn chunks_of(addr: &str, digest: &B3Digest) -> Vec<B3Digest> {
+    let stat = snix_client(addr)
+        .stat(StatBlobRequest {
+            digest: (*digest).into(),
+            send_chunks: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stat.chunks
+        .iter()
+        .map(|c| B3Digest::try_from(&c.digest).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_blob_comes_in_one_read() {
+    let blob = test_data(6 << 20, 81);
+    let origin = origin().await;
+    let digest = put_blob(&origin.tcp_addr(), &blob).await;
+    let chunks = chunks_of(&origin.tcp_addr(), &digest).await;
+    assert!(chunks.len() >= 8, "{} chunks", chunks.len());
+
+    let counter = Counter::default();
+    let front = serve_front(&origin.tcp_addr(), counter.clone()).await;
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = sidecar(near.path(), &front).await;
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(got == blob, "wrong bytes");
+    assert_eq!(counter.reads_of(&digest), 1);
+    assert_eq!(
+        counter.all_reads(),
+        1,
+        "chunks were read one by one as well"
+    );
+    // The fill stored the chunks as listed: the next read is local.
+    filled(&sidecar).await;
+    drop(origin);
+    let again = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(again == blob);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_read_carries_on_chunk_by_chunk_from_where_it_stopped() {
+    let blob = test_data(6 << 20, 82);
+    let origin = origin().await;
+    let digest = put_blob(&origin.tcp_addr(), &blob).await;
+    let chunks = listed(&origin.tcp_addr(), &digest).await;
+    let cut = blob.len() / 2;
+
+    let counter = Counter {
+        blob: digest.as_bytes().to_vec(),
+        cut_after: Some(cut),
+        ..Default::default()
+    };
+    let front = serve_front(&origin.tcp_addr(), counter.clone()).await;
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = sidecar(near.path(), &front).await;
+    let got = read_blob(&sidecar.tcp_addr(), &digest)
+        .await
+        .unwrap_or_else(|f| panic!("{f:?}\n{}", sidecar.log_text()));
+    assert!(got == blob, "wrong bytes");
+    assert_eq!(counter.reads_of(&digest), 1, "the blob was read again");
+    // Every chunk that had come whole before the break was kept; each
+    // later one was read once.
+    let mut end = 0;
+    for (chunk, size) in &chunks {
+        end += *size as usize;
+        let expected = usize::from(end > cut);
+        assert_eq!(
+            counter.reads_of(chunk),
+            expected,
+            "chunk ending at {end}, the break at {cut}"
+        );
+    }
+    filled(&sidecar).await;
+    drop(origin);
+    let again = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(again == blob, "the fill is not whole");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunks_the_near_tier_holds_are_not_fetched_again() {
+    let first = test_data(6 << 20, 83);
+    // A second blob with most of the first one in it: content-defined
+    // chunking finds the same chunks after the new head.
+    let mut second = test_data(300 << 10, 84);
+    second.extend_from_slice(&first[1 << 20..]);
+    let origin = origin().await;
+    let first_digest = put_blob(&origin.tcp_addr(), &first).await;
+    let second_digest = put_blob(&origin.tcp_addr(), &second).await;
+    let first_chunks = chunks_of(&origin.tcp_addr(), &first_digest).await;
+    let second_chunks = chunks_of(&origin.tcp_addr(), &second_digest).await;
+    let shared = second_chunks
+        .iter()
+        .filter(|c| first_chunks.contains(c))
+        .count();
+    assert!(shared >= 4, "only {shared} shared chunks");
+
+    let counter = Counter::default();
+    let front = serve_front(&origin.tcp_addr(), counter.clone()).await;
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = sidecar(near.path(), &front).await;
+    assert!(read_blob(&sidecar.tcp_addr(), &first_digest).await.unwrap() == first);
+    filled(&sidecar).await;
+    let before = counter.all_reads();
+    assert!(
+        read_blob(&sidecar.tcp_addr(), &second_digest)
+            .await
+            .unwrap()
+            == second
+    );
+    assert_eq!(
+        counter.reads_of(&second_digest),
+        0,
+        "the second blob was read whole"
+    );
+    let fetched = counter.all_reads() - before;
+    assert_eq!(
+        fetched,
+        second_chunks.len() - shared,
+        "only the chunks the near tier lacks come from the peer"
+    );
+}

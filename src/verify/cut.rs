@@ -1,0 +1,174 @@
+//! [`cut_chunks`]: a blob that arrives as one stream of arbitrary pieces,
+//! cut back into its listed chunks and each chunk checked on its own.
+//!
+//! A peer answers a Read of a whole blob in messages of its own size, which
+//! need not line up with the chunk list its Stat gave. Cutting them along the
+//! list lets a fill fetch a blob in one round trip and still store chunks
+//! that are each proven against their digest.
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+
+use crate::blobservice::{ChunkMeta, ChunkStream};
+use crate::digest::B3Digest;
+use crate::error::{Error, Result, VerifyError};
+use crate::verify::verify_chunk_meta;
+
+/// The chunks `chunks` of blob `blob`, cut from `pieces` (the blob's bytes
+/// in order) and each verified against its digest and length before it is
+/// yielded.
+///
+/// A chunk that lies within one piece is a slice of it, not a copy. Bytes
+/// beyond the last chunk, or a stream that ends before it, are a length
+/// mismatch; an error from `pieces` ends the stream with that error.
+pub fn cut_chunks<S>(blob: B3Digest, chunks: Vec<ChunkMeta>, pieces: S) -> ChunkStream
+where
+    S: Stream<Item = Result<Bytes>> + Send + 'static,
+{
+    let listed: u64 = chunks.iter().map(|c| c.size).sum();
+    let mismatch = move |actual_len: u64| -> Error {
+        VerifyError::LengthMismatch {
+            what: "blob",
+            expected: blob,
+            expected_len: listed,
+            actual_len,
+        }
+        .into()
+    };
+    Box::pin(async_stream::try_stream! {
+        let mut pieces = std::pin::pin!(pieces);
+        // What is left of the last piece taken, and all bytes received.
+        let mut rest = Bytes::new();
+        let mut received = 0u64;
+        for chunk in chunks {
+            let want = usize::try_from(chunk.size).map_err(|_| mismatch(received))?;
+            let data = if rest.len() >= want {
+                rest.split_to(want)
+            } else {
+                // The chunk spans pieces: gather it.
+                let mut whole = BytesMut::with_capacity(want);
+                whole.extend_from_slice(&std::mem::take(&mut rest));
+                while whole.len() < want {
+                    let Some(piece) = pieces.next().await else {
+                        Err(mismatch(received))?;
+                        break;
+                    };
+                    let mut piece = piece?;
+                    received += piece.len() as u64;
+                    let take = (want - whole.len()).min(piece.len());
+                    whole.extend_from_slice(&piece.split_to(take));
+                    rest = piece;
+                }
+                whole.freeze()
+            };
+            verify_chunk_meta(&chunk, &data)?;
+            yield data;
+        }
+        // Nothing may follow the last chunk.
+        let mut extra = rest.len() as u64;
+        while let Some(piece) = pieces.next().await {
+            extra += piece?.len() as u64;
+        }
+        if extra > 0 {
+            Err(mismatch(listed + extra))?;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt;
+
+    fn listed(data: &[u8], sizes: &[usize]) -> Vec<ChunkMeta> {
+        let mut at = 0;
+        sizes
+            .iter()
+            .map(|&n| {
+                let chunk = &data[at..at + n];
+                at += n;
+                ChunkMeta {
+                    digest: B3Digest::of(chunk),
+                    size: n as u64,
+                }
+            })
+            .collect()
+    }
+
+    fn pieces(data: &[u8], piece: usize) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
+        let pieces: Vec<Result<Bytes>> = data
+            .chunks(piece)
+            .map(|p| Ok(Bytes::copy_from_slice(p)))
+            .collect();
+        futures::stream::iter(pieces)
+    }
+
+    fn blob(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn cuts_any_piece_size_back_into_the_listed_chunks() {
+        let data = blob(10_000);
+        let sizes = [3000, 1, 4999, 2000];
+        let chunks = listed(&data, &sizes);
+        for piece in [1, 7, 1000, 3000, 3001, 10_000] {
+            let got: Vec<Bytes> =
+                cut_chunks(B3Digest::of(&data), chunks.clone(), pieces(&data, piece))
+                    .try_collect()
+                    .await
+                    .unwrap();
+            let lens: Vec<usize> = got.iter().map(Bytes::len).collect();
+            assert_eq!(lens, sizes, "piece size {piece}");
+            assert_eq!(got.concat(), data, "piece size {piece}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_short_a_long_or_a_wrong_stream_fails() {
+        let data = blob(10_000);
+        let chunks = listed(&data, &[4000, 6000]);
+        let digest = B3Digest::of(&data);
+        let run = |bytes: Vec<u8>| {
+            let chunks = chunks.clone();
+            async move {
+                let mut stream = cut_chunks(digest, chunks, pieces(&bytes, 999));
+                let mut good = 0;
+                loop {
+                    match stream.next().await {
+                        Some(Ok(_)) => good += 1,
+                        Some(Err(e)) => return (good, e.to_string()),
+                        None => panic!("a bad stream ended without an error"),
+                    }
+                }
+            }
+        };
+        let (good, err) = run(data[..9_999].to_vec()).await;
+        assert_eq!(good, 1, "{err}");
+        assert!(err.contains("9999"), "{err}");
+        let mut long = data.clone();
+        long.push(0);
+        let (good, err) = run(long).await;
+        assert_eq!(good, 2, "{err}");
+        assert!(err.contains("10001"), "{err}");
+        let mut flipped = data.clone();
+        flipped[5000] ^= 1;
+        let (good, err) = run(flipped).await;
+        assert_eq!(good, 1, "only the first chunk is sound: {err}");
+        assert!(err.contains(&chunks[1].digest.to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_error_from_the_source_ends_the_stream_with_it() {
+        let data = blob(8_000);
+        let chunks = listed(&data, &[4000, 4000]);
+        let source = pieces(&data[..5000], 5000).chain(futures::stream::once(async {
+            Err(Error::AllTiersFailed(vec!["peer went away".into()]))
+        }));
+        let mut stream = cut_chunks(B3Digest::of(&data), chunks, source);
+        assert_eq!(stream.next().await.unwrap().unwrap().len(), 4000);
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("peer went away"), "{err}");
+        assert!(stream.next().await.is_none());
+    }
+}
