@@ -21,7 +21,9 @@
 mod reader;
 mod spool;
 
-pub use reader::{BlobReader, BufferedReader, SpooledReader};
+pub use reader::{
+    BlobReader, BufferedReader, Pieces, SpooledReader, poll_read_by_piece, poll_read_piece,
+};
 pub use spool::{SPOOL_IN_MEMORY, SharedSpool, Spool};
 
 use async_trait::async_trait;

@@ -2,9 +2,10 @@
 
 use std::io::{self, Cursor, SeekFrom};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::Stream;
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 
 /// A seekable stream over a blob's contents.
@@ -18,6 +19,96 @@ pub trait BlobReader: AsyncRead + AsyncSeek + Send + Unpin {
     /// Whether the blob is empty.
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The next bytes from the current position, at most `max` (at least
+    /// 1), as [`Bytes`]; empty at the end. Moves the position on like a
+    /// read.
+    ///
+    /// This is how the server streams a blob. Readers that already hold
+    /// the verified bytes in memory (a chunk, a fill's proven pieces) hand
+    /// out slices of them, so a Read goes out without each byte being
+    /// copied into a buffer first, in chunk-sized messages. The default
+    /// reads into `scratch`, a buffer the caller keeps between calls.
+    fn poll_piece(
+        &mut self,
+        cx: &mut Context<'_>,
+        scratch: &mut BytesMut,
+        max: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        poll_read_piece(self, cx, scratch, max)
+    }
+}
+
+/// [`BlobReader::poll_piece`] by an ordinary read into `scratch`.
+pub fn poll_read_piece<R: AsyncRead + Unpin + ?Sized>(
+    reader: &mut R,
+    cx: &mut Context<'_>,
+    scratch: &mut BytesMut,
+    max: usize,
+) -> Poll<io::Result<Bytes>> {
+    scratch.clear();
+    scratch.reserve(max);
+    ready!(tokio_util::io::poll_read_buf(
+        Pin::new(reader),
+        cx,
+        &mut (&mut *scratch).limit(max)
+    ))?;
+    Poll::Ready(Ok(scratch.split().freeze()))
+}
+
+/// [`AsyncRead::poll_read`] for a reader whose natural unit is a piece:
+/// copies the next piece (at most what `buf` has room for) into `buf`.
+pub fn poll_read_by_piece(
+    reader: &mut dyn BlobReader,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    if buf.remaining() == 0 {
+        return Poll::Ready(Ok(()));
+    }
+    // Never used: a piece reader does not read into the scratch buffer.
+    let mut unused = BytesMut::new();
+    let piece = ready!(reader.poll_piece(cx, &mut unused, buf.remaining()))?;
+    buf.put_slice(&piece);
+    Poll::Ready(Ok(()))
+}
+
+/// A blob reader as a stream of its pieces ([`BlobReader::poll_piece`]),
+/// each at most `max` bytes; an error ends it.
+pub struct Pieces {
+    reader: Option<Box<dyn BlobReader>>,
+    scratch: BytesMut,
+    max: usize,
+}
+
+impl Pieces {
+    /// The pieces of `reader` from its current position.
+    pub fn new(reader: Box<dyn BlobReader>, max: usize) -> Self {
+        Pieces {
+            reader: Some(reader),
+            scratch: BytesMut::new(),
+            max: max.max(1),
+        }
+    }
+}
+
+impl Stream for Pieces {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let Some(reader) = &mut this.reader else {
+            return Poll::Ready(None);
+        };
+        let piece = ready!(reader.poll_piece(cx, &mut this.scratch, this.max));
+        match piece {
+            Ok(piece) if !piece.is_empty() => Poll::Ready(Some(Ok(piece))),
+            other => {
+                this.reader = None;
+                Poll::Ready(other.err().map(Err))
+            }
+        }
     }
 }
 
@@ -34,6 +125,23 @@ impl BufferedReader {
 impl BlobReader for BufferedReader {
     fn len(&self) -> u64 {
         self.0.get_ref().len() as u64
+    }
+
+    /// A slice of the buffer, not a copy.
+    fn poll_piece(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _scratch: &mut BytesMut,
+        max: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        let data = self.0.get_ref();
+        let at = usize::try_from(self.0.position())
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        let end = at + max.min(data.len() - at);
+        let piece = data.slice(at..end);
+        self.0.set_position(end as u64);
+        Poll::Ready(Ok(piece))
     }
 }
 

@@ -28,11 +28,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio_util::io::ReaderStream;
 use tracing::instrument;
 
 use crate::blobservice::{
-    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta,
+    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, Pieces,
 };
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
@@ -285,8 +284,8 @@ impl<S: ChunkStore> ChunkedBlobService<S> {
         if trusted || outboard.is_some() {
             return Ok(Box::new(reader));
         }
-        let pieces =
-            ReaderStream::with_capacity(reader, 256 * 1024).map(|r| r.map_err(Error::from_io));
+        let pieces = Pieces::new(Box::new(reader), MAX_CHUNK_SIZE as usize)
+            .map(|r| r.map_err(Error::from_io));
         let (spool, outboard) =
             spool_verified_shared(*digest, Some(index.size), None, None, pieces).await?;
         let index = BlobIndex::new(index.chunks, Some(&outboard));

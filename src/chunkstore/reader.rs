@@ -7,13 +7,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 
 use super::ChunkStore;
-use crate::blobservice::{BlobReader, BlobService, ChunkMeta};
+use crate::blobservice::{BlobReader, BlobService, ChunkMeta, poll_read_by_piece};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 use crate::verify::{GroupVerifier, Outboard, verify_chunk_meta};
@@ -230,6 +230,46 @@ impl<C: ChunkSource> BlobReader for ChunkedReader<C> {
     fn len(&self) -> u64 {
         self.size()
     }
+
+    /// A slice of the released chunk bytes at the position.
+    fn poll_piece(
+        &mut self,
+        cx: &mut Context<'_>,
+        _scratch: &mut BytesMut,
+        max: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        if self.pos >= self.size() || max == 0 {
+            return Poll::Ready(Ok(Bytes::new()));
+        }
+        loop {
+            // Forget released bytes before the read position.
+            while let Some(front) = self.ready.front() {
+                let end = self.ready_start + front.len() as u64;
+                if end > self.pos {
+                    break;
+                }
+                self.ready_start = end;
+                self.ready.pop_front();
+            }
+            if let Some(front) = self.ready.front()
+                && self.ready_start <= self.pos
+            {
+                let within = (self.pos - self.ready_start) as usize;
+                let n = max.min(front.len() - within);
+                let piece = front.slice(within..within + n);
+                self.pos += n as u64;
+                return Poll::Ready(Ok(piece));
+            }
+            if !self.pipeline_reaches(self.pos) {
+                self.restart(self.pos);
+            }
+            if let Err(e) = ready!(self.poll_more(cx)) {
+                // A retry starts afresh.
+                self.active = false;
+                return Poll::Ready(Err(e.into_io()));
+            }
+        }
+    }
 }
 
 impl<C: ChunkSource> AsyncRead for ChunkedReader<C> {
@@ -238,38 +278,7 @@ impl<C: ChunkSource> AsyncRead for ChunkedReader<C> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.pos >= this.size() || buf.remaining() == 0 {
-            return Poll::Ready(Ok(()));
-        }
-        loop {
-            // Forget released bytes before the read position.
-            while let Some(front) = this.ready.front() {
-                let end = this.ready_start + front.len() as u64;
-                if end > this.pos {
-                    break;
-                }
-                this.ready_start = end;
-                this.ready.pop_front();
-            }
-            if let Some(front) = this.ready.front()
-                && this.ready_start <= this.pos
-            {
-                let within = (this.pos - this.ready_start) as usize;
-                let n = buf.remaining().min(front.len() - within);
-                buf.put_slice(&front[within..within + n]);
-                this.pos += n as u64;
-                return Poll::Ready(Ok(()));
-            }
-            if !this.pipeline_reaches(this.pos) {
-                this.restart(this.pos);
-            }
-            if let Err(e) = ready!(this.poll_more(cx)) {
-                // A retry starts afresh.
-                this.active = false;
-                return Poll::Ready(Err(e.into_io()));
-            }
-        }
+        poll_read_by_piece(self.get_mut(), cx, buf)
     }
 }
 

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
@@ -233,6 +233,25 @@ struct CountingReader {
 impl BlobReader for CountingReader {
     fn len(&self) -> u64 {
         self.inner.len()
+    }
+
+    fn poll_piece(
+        &mut self,
+        cx: &mut Context<'_>,
+        scratch: &mut BytesMut,
+        max: usize,
+    ) -> Poll<std::io::Result<Bytes>> {
+        let polled = self.inner.poll_piece(cx, scratch, max);
+        match &polled {
+            Poll::Ready(Ok(piece)) => {
+                self.metrics.read_bytes.inc_by(piece.len() as u64);
+            }
+            Poll::Ready(Err(_)) => {
+                self.metrics.errors.inc();
+            }
+            Poll::Pending => {}
+        }
+        polled
     }
 }
 

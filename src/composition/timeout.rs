@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -161,15 +161,27 @@ impl BlobReader for TimeoutReader {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+
+    fn poll_piece(
+        &mut self,
+        cx: &mut Context<'_>,
+        scratch: &mut BytesMut,
+        max: usize,
+    ) -> Poll<std::io::Result<Bytes>> {
+        let polled = self.inner.poll_piece(cx, scratch, max);
+        self.on_poll(cx, polled)
+    }
 }
 
-impl AsyncRead for TimeoutReader {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
+impl TimeoutReader {
+    /// Moves the deadline on when `polled` is an answer; fails once the
+    /// deadline passed without one.
+    fn on_poll<T>(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match polled {
             Poll::Ready(r) => {
                 let next = Instant::now() + self.idle;
                 self.deadline.as_mut().reset(next);
@@ -180,6 +192,17 @@ impl AsyncRead for TimeoutReader {
                 Poll::Pending => Poll::Pending,
             },
         }
+    }
+}
+
+impl AsyncRead for TimeoutReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.on_poll(cx, polled)
     }
 }
 

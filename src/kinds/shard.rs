@@ -26,10 +26,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
-use tokio_util::io::ReaderStream;
 use tracing::warn;
 
-use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, PutResult, Spool};
+use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, Pieces, PutResult, Spool};
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
@@ -217,7 +216,7 @@ impl BlobWriter for ShardWriter {
             let m = &self.members[i];
             let attempt = async {
                 let mut writer = m.svc.open_write().await?;
-                let mut pieces = ReaderStream::with_capacity(spool.open().await?, 256 * 1024);
+                let mut pieces = Pieces::new(spool.open().await?, 256 * 1024);
                 while let Some(piece) = pieces.next().await {
                     writer.write(piece?).await?;
                 }

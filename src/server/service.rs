@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
-use tokio_util::io::ReaderStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::field::Empty;
 use tracing::{Instrument, Span, debug, info_span, warn};
@@ -15,7 +14,8 @@ use prost::Message;
 
 use super::ServeOptions;
 use super::limits::{Client, Limits, Slot};
-use crate::blobservice::{BlobReader, BlobService, BlobStat, read_to_bytes};
+use crate::blobservice::{BlobReader, BlobService, BlobStat, Pieces, read_to_bytes};
+use crate::chunkstore::MAX_CHUNK_SIZE;
 use crate::digest::B3Digest;
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -26,8 +26,10 @@ use crate::proto::snix::{
 use crate::proto::{snix, tvix};
 use crate::verify::{Outboard, OutboardHasher, bao};
 
-/// Size of the pieces a Read response is cut into.
-const READ_PIECE: usize = 256 * 1024;
+/// Largest message of a Read response: a whole chunk, so a blob read
+/// from a chunk store goes out one chunk per message, each a slice of the
+/// verified chunk rather than a copy ([`BlobReader::poll_piece`]).
+const READ_PIECE: usize = MAX_CHUNK_SIZE as usize;
 
 /// Largest blob whose outboard Stat computes from the data when none is
 /// stored.
@@ -185,7 +187,7 @@ impl BlobServer {
         }
         let reader = self.open(digest).await?;
         let mut hasher = OutboardHasher::new(shift);
-        let mut pieces = ReaderStream::with_capacity(reader, READ_PIECE);
+        let mut pieces = Pieces::new(reader, READ_PIECE);
         while let Some(piece) = pieces.next().await {
             hasher.update(&piece.map_err(|e| to_status(Error::from_io(e)))?);
         }
@@ -202,7 +204,7 @@ impl BlobServer {
     async fn do_read(&self, req: ReadBlobRequest) -> Result<ReadStream, Status> {
         let digest = parse_digest(&req.digest)?;
         let reader = self.open(&digest).await?;
-        let stream = ReaderStream::with_capacity(reader, READ_PIECE).map(move |piece| {
+        let stream = Pieces::new(reader, READ_PIECE).map(move |piece| {
             piece.map(|data| BlobChunk { data }).map_err(|e| {
                 warn!(%digest, error = %e, "read failed mid-stream");
                 to_status(Error::from_io(e))

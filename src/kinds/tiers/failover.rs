@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncSeek, AsyncSeekExt, ReadBuf};
@@ -126,9 +127,67 @@ async fn reopen(
     None
 }
 
+impl FailoverReader {
+    /// Runs `op` (a read of some kind that answers with what it delivered
+    /// and how many bytes that is) on the current tier's reader, switching
+    /// tiers and running it again when it fails.
+    fn poll_op<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut op: impl FnMut(&mut dyn BlobReader, &mut Context<'_>) -> Poll<io::Result<(T, u64)>>,
+    ) -> Poll<io::Result<T>> {
+        loop {
+            match &mut self.state {
+                State::Reading(reader) => match ready!(op(reader.as_mut(), cx)) {
+                    Ok((out, n)) => {
+                        self.pos += n;
+                        return Poll::Ready(Ok(out));
+                    }
+                    Err(e) => self.switch(Error::from_io(e)),
+                },
+                State::Switching { next, .. } => {
+                    let found = ready!(next.as_mut().poll(cx));
+                    let State::Switching { cause, .. } =
+                        std::mem::replace(&mut self.state, State::Failed)
+                    else {
+                        unreachable!("matched Switching above");
+                    };
+                    match found {
+                        Some((tier, reader)) => {
+                            self.tier = tier;
+                            self.state = State::Reading(reader);
+                        }
+                        // No tier took over: the client sees the cause.
+                        None => return Poll::Ready(Err(cause.into_io())),
+                    }
+                }
+                State::Failed => {
+                    return Poll::Ready(Err(io::Error::other(format!(
+                        "blob {}: no tier could continue the read",
+                        self.digest
+                    ))));
+                }
+            }
+        }
+    }
+}
+
 impl BlobReader for FailoverReader {
     fn len(&self) -> u64 {
         self.len
+    }
+
+    fn poll_piece(
+        &mut self,
+        cx: &mut Context<'_>,
+        scratch: &mut BytesMut,
+        max: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        self.poll_op(cx, |reader, cx| {
+            let piece = ready!(reader.poll_piece(cx, scratch, max))?;
+            let n = piece.len() as u64;
+            Poll::Ready(Ok((piece, n)))
+        })
     }
 }
 
@@ -138,48 +197,18 @@ impl AsyncRead for FailoverReader {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            match &mut this.state {
-                State::Reading(reader) => {
-                    let before = buf.filled().len();
-                    match ready!(Pin::new(reader).poll_read(cx, buf)) {
-                        Ok(()) => {
-                            this.pos += (buf.filled().len() - before) as u64;
-                            return Poll::Ready(Ok(()));
-                        }
-                        Err(e) => {
-                            // Whatever a failed read left in `buf` is not
-                            // part of the stream.
-                            buf.set_filled(before);
-                            this.switch(Error::from_io(e));
-                        }
-                    }
-                }
-                State::Switching { next, .. } => {
-                    let found = ready!(next.as_mut().poll(cx));
-                    let State::Switching { cause, .. } =
-                        std::mem::replace(&mut this.state, State::Failed)
-                    else {
-                        unreachable!("matched Switching above");
-                    };
-                    match found {
-                        Some((tier, reader)) => {
-                            this.tier = tier;
-                            this.state = State::Reading(reader);
-                        }
-                        // No tier took over: the client sees the cause.
-                        None => return Poll::Ready(Err(cause.into_io())),
-                    }
-                }
-                State::Failed => {
-                    return Poll::Ready(Err(io::Error::other(format!(
-                        "blob {}: no tier could continue the read",
-                        this.digest
-                    ))));
+        self.get_mut().poll_op(cx, |reader, cx| {
+            let before = buf.filled().len();
+            match ready!(Pin::new(reader).poll_read(cx, buf)) {
+                Ok(()) => Poll::Ready(Ok(((), (buf.filled().len() - before) as u64))),
+                Err(e) => {
+                    // Whatever a failed read left in `buf` is not part of
+                    // the stream.
+                    buf.set_filled(before);
+                    Poll::Ready(Err(e))
                 }
             }
-        }
+        })
     }
 }
 

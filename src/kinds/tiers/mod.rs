@@ -60,11 +60,10 @@ use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
 use serde::Deserialize;
 use tokio::sync::mpsc;
-use tokio_util::io::ReaderStream;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::blobservice::{
-    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, PutResult,
+    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, Pieces, PutResult,
     SharedSpool,
 };
 use crate::composition::{BuildContext, TierConfig};
@@ -508,7 +507,7 @@ impl Inner {
             .ok_or(Error::AllTiersFailed(vec![format!(
                 "blob {digest} vanished from every tier"
             )]))?;
-        Ok(ReaderStream::with_capacity(reader, PIECE)
+        Ok(Pieces::new(reader, PIECE)
             .map(|piece| piece.map_err(Error::from_io))
             .boxed())
     }
@@ -1051,7 +1050,7 @@ impl AsyncFiller {
 async fn copy_into(spool: &SharedSpool, target: &dyn BlobService) -> Result<PutResult> {
     let reader = spool.open().await?;
     let mut writer = target.open_write().await?;
-    let mut pieces = ReaderStream::with_capacity(reader, PIECE);
+    let mut pieces = Pieces::new(reader, PIECE);
     while let Some(piece) = pieces.next().await {
         writer.write(piece?).await?;
     }

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncSeek, AsyncSeekExt, ReadBuf};
@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::Inner;
-use crate::blobservice::{BlobReader, SharedSpool};
+use crate::blobservice::{BlobReader, SharedSpool, poll_read_by_piece};
 use crate::digest::B3Digest;
 use crate::error::Error;
 use crate::singleflight::Flight;
@@ -198,6 +198,48 @@ impl BlobReader for TapReader {
     fn len(&self) -> u64 {
         self.len
     }
+
+    /// Slices of the fill's proven pieces while tapped; the filled tier's
+    /// pieces after.
+    fn poll_piece(
+        &mut self,
+        cx: &mut Context<'_>,
+        scratch: &mut BytesMut,
+        max: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        loop {
+            match &mut self.state {
+                State::Tap { rx, piece, .. } => {
+                    if self.pos == self.len || max == 0 {
+                        return Poll::Ready(Ok(Bytes::new()));
+                    }
+                    if piece.is_empty() {
+                        match ready!(rx.poll_recv(cx)) {
+                            Some(next) => *piece = next,
+                            None => {
+                                // Cut off before the end: read on after the fill.
+                                let at = self.pos;
+                                self.reopen(at);
+                            }
+                        }
+                        continue;
+                    }
+                    let out = piece.split_to(piece.len().min(max));
+                    self.pos += out.len() as u64;
+                    return Poll::Ready(Ok(out));
+                }
+                State::Opening(opening) => {
+                    let reader = ready!(opening.as_mut().poll(cx))?;
+                    self.state = State::Reading(reader);
+                }
+                State::Reading(reader) => {
+                    let out = ready!(reader.poll_piece(cx, scratch, max))?;
+                    self.pos += out.len() as u64;
+                    return Poll::Ready(Ok(out));
+                }
+            }
+        }
+    }
 }
 
 impl AsyncRead for TapReader {
@@ -206,42 +248,7 @@ impl AsyncRead for TapReader {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            match &mut this.state {
-                State::Tap { rx, piece, .. } => {
-                    if this.pos == this.len || buf.remaining() == 0 {
-                        return Poll::Ready(Ok(()));
-                    }
-                    if piece.is_empty() {
-                        match ready!(rx.poll_recv(cx)) {
-                            Some(next) => *piece = next,
-                            None => {
-                                // Cut off before the end: read on after the fill.
-                                let at = this.pos;
-                                this.reopen(at);
-                            }
-                        }
-                        continue;
-                    }
-                    let n = piece.len().min(buf.remaining());
-                    buf.put_slice(&piece[..n]);
-                    piece.advance(n);
-                    this.pos += n as u64;
-                    return Poll::Ready(Ok(()));
-                }
-                State::Opening(opening) => {
-                    let reader = ready!(opening.as_mut().poll(cx))?;
-                    this.state = State::Reading(reader);
-                }
-                State::Reading(reader) => {
-                    let before = buf.filled().len();
-                    ready!(Pin::new(reader).poll_read(cx, buf))?;
-                    this.pos += (buf.filled().len() - before) as u64;
-                    return Poll::Ready(Ok(()));
-                }
-            }
-        }
+        poll_read_by_piece(self.get_mut(), cx, buf)
     }
 }
 
