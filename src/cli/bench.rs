@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
@@ -35,15 +36,23 @@ pub struct Args {
     /// minutes, for smoke tests.
     #[arg(long)]
     quick: bool,
+
+    /// Where the servers' disk tiers, configs and logs go (a fresh
+    /// directory is made inside it and removed afterwards). Defaults to the
+    /// system's temporary directory. Fill and Put figures include creating
+    /// a file per chunk, so they depend on the file system under it.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
 }
 
 pub async fn run_cli(args: Args) -> anyhow::Result<()> {
     let strata = std::env::current_exe()?;
-    let opts = if args.quick {
+    let mut opts = if args.quick {
         BenchOptions::quick(strata)
     } else {
         BenchOptions::full(strata)
     };
+    opts.dir = args.dir;
     println!(
         "strata bench: {} MiB blobs, {} readers of {} MiB, {} CPUs",
         opts.size >> 20,
@@ -67,6 +76,9 @@ pub struct BenchOptions {
     pub readers: usize,
     /// The `strata` binary that runs the servers.
     pub strata: PathBuf,
+    /// Where the work directory is made; the system's temporary directory
+    /// if `None`.
+    pub dir: Option<PathBuf>,
 }
 
 impl BenchOptions {
@@ -77,6 +89,7 @@ impl BenchOptions {
             coalesce_size: 100 << 20,
             readers: 100,
             strata,
+            dir: None,
         }
     }
 
@@ -87,6 +100,7 @@ impl BenchOptions {
             coalesce_size: 16 << 20,
             readers: 100,
             strata,
+            dir: None,
         }
     }
 }
@@ -128,7 +142,13 @@ pub struct BenchReport {
 /// Runs every scenario and returns the figures. `progress` receives one
 /// line per finished scenario.
 pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result<BenchReport> {
-    let work = tempfile::tempdir()?;
+    let work = match &opts.dir {
+        Some(dir) => tempfile::Builder::new()
+            .prefix("strata-bench-")
+            .tempdir_in(dir)
+            .with_context(|| format!("making a work directory in {}", dir.display()))?,
+        None => tempfile::tempdir()?,
+    };
     let main = Bytes::from(pseudo_random(opts.size, 1));
 
     let blake3_mbps = mbps(
