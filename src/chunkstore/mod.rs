@@ -35,7 +35,7 @@ use crate::blobservice::{
 };
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
-use crate::verify::{Outboard, spool_verified_shared, verify_chunk};
+use crate::verify::{Outboard, spool_verified_shared, verify_chunk, verify_chunk_meta};
 
 /// Names an object in a chunk store: a chunk or a blob index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,6 +56,21 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// The chunk's bytes, or `None` if absent. The bytes are not trusted:
     /// callers verify them against `digest`.
     async fn get_chunk(&self, digest: &B3Digest) -> Result<Option<Bytes>>;
+
+    /// The chunk `meta`, checked against its digest and length, or `None`
+    /// if absent; a chunk that fails the check is a verification error.
+    ///
+    /// The default fetches with [`ChunkStore::get_chunk`] and checks on the
+    /// caller's task. A store whose reads block anyway checks on the same
+    /// blocking thread, so that hashing runs beside the task streaming the
+    /// chunks out rather than on it.
+    async fn get_chunk_verified(&self, meta: &ChunkMeta) -> Result<Option<Bytes>> {
+        let Some(data) = self.get_chunk(&meta.digest).await? else {
+            return Ok(None);
+        };
+        verify_chunk_meta(meta, &data)?;
+        Ok(Some(data))
+    }
 
     /// The chunk's length, or `None` if absent.
     async fn chunk_size(&self, digest: &B3Digest) -> Result<Option<u64>>;

@@ -16,7 +16,7 @@ use super::ChunkStore;
 use crate::blobservice::{BlobReader, BlobService, ChunkMeta, poll_read_by_piece};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
-use crate::verify::{GroupVerifier, Outboard, verify_chunk_meta};
+use crate::verify::{GroupVerifier, Outboard};
 
 /// Where a [`ChunkedReader`] gets chunks from. A source returns a chunk only
 /// after checking it against the chunk's digest and length.
@@ -33,19 +33,19 @@ impl<S: ChunkStore> ChunkSource for StoreChunks<S> {
     fn fetch(&self, blob: B3Digest, meta: ChunkMeta) -> BoxFuture<'static, Result<Bytes>> {
         let store = self.0.clone();
         Box::pin(async move {
-            let data = store
-                .get_chunk(&meta.digest)
-                .await?
-                .ok_or(Error::MissingChunk {
+            match store.get_chunk_verified(&meta).await {
+                Ok(Some(data)) => Ok(data),
+                Ok(None) => Err(Error::MissingChunk {
                     blob,
                     chunk: meta.digest,
-                })?;
-            if let Err(e) = verify_chunk_meta(&meta, &data) {
-                tracing::warn!(%blob, chunk = %meta.digest, error = %e, "stored chunk failed verification");
-                store.discard_chunk(&meta.digest).await?;
-                return Err(e.into());
+                }),
+                Err(e) if matches!(e.root(), Error::Verification(_)) => {
+                    tracing::warn!(%blob, chunk = %meta.digest, error = %e, "stored chunk failed verification");
+                    store.discard_chunk(&meta.digest).await?;
+                    Err(e)
+                }
+                Err(e) => Err(e),
             }
-            Ok(data)
         })
     }
 }

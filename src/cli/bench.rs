@@ -21,7 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use strata::B3Digest;
-use strata::addr::{CONNECTION_WINDOW, PeerAddr, STREAM_WINDOW};
+use strata::addr::{CONNECTION_WINDOW, MAX_FRAME_SIZE, PeerAddr, STREAM_WINDOW};
 use strata::proto::snix::blob_service_client::BlobServiceClient;
 use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
 use strata::proto::snix::{
@@ -301,6 +301,7 @@ impl ProxiedSidecar {
             tonic::transport::Server::builder()
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME_SIZE)
                 .add_service(BlobServiceServer::new(proxy))
                 .serve_with_incoming(TcpIncoming::from(listener)),
         );
@@ -518,6 +519,7 @@ async fn grpc_limit(data: Bytes) -> anyhow::Result<f64> {
         tonic::transport::Server::builder()
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
             .tcp_nodelay(true)
             .add_service(BlobServiceServer::new(RawStream(data)))
             .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),

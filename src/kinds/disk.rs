@@ -58,6 +58,7 @@ use crate::composition::{BuildContext, ByteSize, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 use crate::metrics::TierMetrics;
+use crate::verify::verify_chunk_meta;
 
 /// Default `max_size` of a disk tier.
 pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
@@ -539,6 +540,34 @@ impl ChunkStore for DiskStore {
     #[instrument(skip(self), fields(%digest), err)]
     async fn get_chunk(&self, digest: &B3Digest) -> Result<Option<Bytes>> {
         self.read(ObjectKey::Chunk(*digest)).await
+    }
+
+    /// Reads and checks the chunk in one blocking task.
+    async fn get_chunk_verified(&self, meta: &ChunkMeta) -> Result<Option<Bytes>> {
+        let key = ObjectKey::Chunk(meta.digest);
+        if self.index.get(&key).is_none() {
+            return Ok(None);
+        }
+        let path = self.path(&key);
+        let meta = *meta;
+        let read = tokio::task::spawn_blocking(move || match std::fs::read(&path) {
+            Ok(data) => {
+                let data = Bytes::from(data);
+                Ok(Some(verify_chunk_meta(&meta, &data).map(|()| data)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        match read {
+            Some(checked) => Ok(Some(checked?)),
+            None => {
+                // The file vanished: forget it.
+                self.index.invalidate(&key);
+                Ok(None)
+            }
+        }
     }
 
     async fn chunk_size(&self, digest: &B3Digest) -> Result<Option<u64>> {

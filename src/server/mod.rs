@@ -21,7 +21,8 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::addr::{
-    CONNECTION_WINDOW, DEFAULT_MAX_MESSAGE_SIZE, ListenAddr, PeerAddr, STREAM_WINDOW,
+    CONNECTION_WINDOW, DEFAULT_MAX_MESSAGE_SIZE, ListenAddr, MAX_FRAME_SIZE, PeerAddr,
+    STREAM_WINDOW,
 };
 use crate::blobservice::BlobService;
 use crate::metrics::{Metrics, serve_metrics};
@@ -195,6 +196,7 @@ pub async fn serve(
         Server::builder()
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
             .tcp_nodelay(true)
     };
     if opts.tls.is_some() {
