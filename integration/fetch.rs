@@ -1,7 +1,8 @@
-//! How a fill fetches a blob from a strata peer: in one Read of the whole
-//! blob when the near tiers hold none of its chunks, carried on chunk by
-//! chunk if that Read breaks, and chunk by chunk — only the missing ones —
-//! when another blob already brought some of them.
+//! How a sidecar fetches a blob from a strata peer: a fill in one Read of
+//! the whole blob when the near tiers hold none of its chunks, carried on
+//! chunk by chunk if that Read breaks, and chunk by chunk — only the
+//! missing ones — when another blob already brought some of them; a direct
+//! read (no fill) from the start in one Read as well.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,8 +91,13 @@ async fn origin() -> Daemon {
 
 /// A sidecar: a disk tier, then the peer at `peer`.
 async fn sidecar(disk: &std::path::Path, peer: &str) -> Daemon {
+    sidecar_filling(disk, peer, "sync").await
+}
+
+/// A sidecar with `fill` as its fill mode.
+async fn sidecar_filling(disk: &std::path::Path, peer: &str, fill: &str) -> Daemon {
     let config = format!(
-        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"near\", \"peer\"]\n\n\
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"near\", \"peer\"]\nfill = \"{fill}\"\n\n\
          [blobservices.near]\ntype = \"disk\"\npath = {}\n\n\
          [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer}\"\n",
         toml::Value::String(disk.display().to_string())
@@ -252,4 +258,21 @@ async fn chunks_the_near_tier_holds_are_not_fetched_again() {
         second_chunks.len() - shared,
         "only the chunks the near tier lacks come from the peer"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_direct_read_from_the_start_is_one_read() {
+    let blob = test_data(6 << 20, 85);
+    let origin = origin().await;
+    let digest = put_blob(&origin.tcp_addr(), &blob).await;
+    let counter = Counter::default();
+    let front = serve_front(&origin.tcp_addr(), counter.clone()).await;
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_filling(near.path(), &front, "off").await;
+    for round in 1..=2 {
+        let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+        assert!(got == blob, "wrong bytes");
+        assert_eq!(counter.reads_of(&digest), round);
+        assert_eq!(counter.all_reads(), round, "chunks were read one by one");
+    }
 }

@@ -15,12 +15,14 @@
 mod fill;
 mod index;
 mod reader;
+mod streamed;
 mod uploads;
 mod writer;
 
 pub use fill::ListedWriter;
 pub use index::BlobIndex;
 pub use reader::{ChunkSource, ChunkedReader, ServiceChunks, StoreChunks};
+pub use streamed::{OpenStream, StreamedReader};
 pub use writer::{AVG_CHUNK_SIZE, Chunking, ChunkingWriter, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
 use std::sync::Arc;

@@ -50,7 +50,7 @@ use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use futures::stream::Peekable;
+use futures::stream::{BoxStream, Peekable};
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -66,7 +66,7 @@ use crate::blobservice::{
     BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, ChunkStream,
     PutResult,
 };
-use crate::chunkstore::{ChunkedReader, ServiceChunks};
+use crate::chunkstore::{ChunkedReader, OpenStream, ServiceChunks, StreamedReader};
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError};
@@ -412,6 +412,36 @@ impl GrpcBlobService {
             .unwrap_or_else(|_| Err(self.timed_out(after)))
     }
 
+    /// The payload of a Read answer, each gap between messages bounded by
+    /// `idle_timeout` and the whole by `deadline`; an error ends it.
+    fn payload(
+        self,
+        mut stream: Peekable<Streaming<BlobChunk>>,
+        deadline: Option<Instant>,
+    ) -> BoxStream<'static, Result<Bytes>> {
+        Box::pin(async_stream::stream! {
+            loop {
+                let gap = Instant::now() + self.idle_timeout;
+                let (until, after) = match deadline {
+                    Some(d) if d < gap => (d, self.request_timeout.unwrap_or_default()),
+                    _ => (gap, self.idle_timeout),
+                };
+                match tokio::time::timeout_at(until, stream.next()).await {
+                    Ok(Some(Ok(msg))) => yield Ok(msg.data),
+                    Ok(Some(Err(status))) => {
+                        yield Err(self.peer_error(status));
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        yield Err(self.timed_out(after));
+                        break;
+                    }
+                }
+            }
+        })
+    }
+
     /// Runs `call` and repeats it, after a backoff, while it fails for a
     /// connection failure and retries are left. Only for calls that are
     /// safe to repeat: nothing of their answer has been used yet.
@@ -687,20 +717,35 @@ impl BlobService for GrpcBlobService {
             if stat.chunks.len() >= 2
                 && let Some(outboard) = stat.outboard
             {
-                // The chunks are fetched as the reader goes, each within
+                // Read from the start, the blob comes in one Read, checked
+                // group by group; after a seek, the chunks the position
+                // needs are fetched as the reader goes. Either way within
                 // what is left of this Read's time.
                 let fetcher = GrpcBlobService {
                     deadline,
                     ..self.clone()
                 };
-                let source = Arc::new(ServiceChunks(Arc::new(fetcher)));
-                return Ok(Some(Box::new(ChunkedReader::new(
+                let chunked = ChunkedReader::new(
                     *digest,
                     stat.chunks,
-                    source,
+                    Arc::new(ServiceChunks(Arc::new(fetcher.clone()))),
                     READ_AHEAD,
-                    Some(outboard),
-                )) as _));
+                    Some(outboard.clone()),
+                );
+                let blob = *digest;
+                let open: OpenStream = Box::new(move || {
+                    Box::pin(async move {
+                        let opened = fetcher.retrying("read", &blob, || fetcher.open_stream(&blob));
+                        let Some(stream) = opened.await? else {
+                            let gone = format!("blob {blob} is gone since its Stat");
+                            return Err(fetcher.peer_error(tonic::Status::not_found(gone)));
+                        };
+                        Ok(fetcher.clone().payload(stream, deadline))
+                    })
+                });
+                return Ok(Some(
+                    Box::new(StreamedReader::new(outboard, open, chunked)) as _
+                ));
             }
             self.fetch_verified(digest, stat.size, stat.outboard).await
         })
@@ -778,31 +823,10 @@ impl BlobService for GrpcBlobService {
             deadline,
             self.retrying("read", digest, || self.open_stream(digest)),
         );
-        let Some(mut stream) = opened.await? else {
+        let Some(stream) = opened.await? else {
             return Ok(None);
         };
-        let this = self.clone();
-        let pieces = async_stream::stream! {
-            loop {
-                let gap = Instant::now() + this.idle_timeout;
-                let (until, after) = match deadline {
-                    Some(d) if d < gap => (d, this.request_timeout.unwrap_or_default()),
-                    _ => (gap, this.idle_timeout),
-                };
-                match tokio::time::timeout_at(until, stream.next()).await {
-                    Ok(Some(Ok(msg))) => yield Ok(msg.data),
-                    Ok(Some(Err(status))) => {
-                        yield Err(this.peer_error(status));
-                        break;
-                    }
-                    Ok(None) => break,
-                    Err(_) => {
-                        yield Err(this.timed_out(after));
-                        break;
-                    }
-                }
-            }
-        };
+        let pieces = self.clone().payload(stream, deadline);
         Ok(Some(cut_chunks(*digest, chunks.to_vec(), pieces)))
     }
 
