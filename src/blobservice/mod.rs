@@ -23,6 +23,7 @@ mod spool;
 
 pub use reader::{
     BlobReader, BufferedReader, Pieces, SpooledReader, poll_read_by_piece, poll_read_piece,
+    seek_target,
 };
 pub use spool::{SPOOL_IN_MEMORY, SharedSpool, Spool};
 

@@ -74,6 +74,23 @@ pub fn poll_read_by_piece(
     Poll::Ready(Ok(()))
 }
 
+/// Where `position` points in a blob of `len` bytes read up to `pos`: the
+/// target of a reader's `start_seek`. A target before the start is an
+/// error; one past the end reads as the end.
+pub fn seek_target(position: SeekFrom, pos: u64, len: u64) -> io::Result<u64> {
+    match position {
+        SeekFrom::Start(p) => Some(p),
+        SeekFrom::End(d) => len.checked_add_signed(d),
+        SeekFrom::Current(d) => pos.checked_add_signed(d),
+    }
+    .ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "seek to a negative or overflowing position",
+        )
+    })
+}
+
 /// A blob reader as a stream of its pieces ([`BlobReader::poll_piece`]),
 /// each at most `max` bytes; an error ends it.
 pub struct Pieces {

@@ -13,7 +13,7 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 
 use super::ChunkStore;
-use crate::blobservice::{BlobReader, BlobService, ChunkMeta, poll_read_by_piece};
+use crate::blobservice::{BlobReader, BlobService, ChunkMeta, poll_read_by_piece, seek_target};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 use crate::verify::{GroupVerifier, Outboard};
@@ -285,17 +285,7 @@ impl<C: ChunkSource> AsyncRead for ChunkedReader<C> {
 impl<C: ChunkSource> AsyncSeek for ChunkedReader<C> {
     fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
         let this = self.get_mut();
-        let target = match position {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => this.size().checked_add_signed(d),
-            SeekFrom::Current(d) => this.pos.checked_add_signed(d),
-        };
-        this.pos = target.ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "seek to a negative or overflowing position",
-            )
-        })?;
+        this.pos = seek_target(position, this.pos, this.size())?;
         Ok(())
     }
 

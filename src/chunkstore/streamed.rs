@@ -20,7 +20,7 @@ use futures::stream::BoxStream;
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 
 use super::{ChunkSource, ChunkedReader};
-use crate::blobservice::{BlobReader, poll_read_by_piece};
+use crate::blobservice::{BlobReader, poll_read_by_piece, seek_target};
 use crate::error::{Error, Result, VerifyError};
 use crate::verify::{GroupVerifier, Outboard};
 
@@ -161,17 +161,7 @@ impl<C: ChunkSource> AsyncRead for StreamedReader<C> {
 impl<C: ChunkSource> AsyncSeek for StreamedReader<C> {
     fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
         let this = self.get_mut();
-        let target = match position {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => this.len().checked_add_signed(d),
-            SeekFrom::Current(d) => this.pos.checked_add_signed(d),
-        }
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "seek to a negative or overflowing position",
-            )
-        })?;
+        let target = seek_target(position, this.pos, this.len())?;
         if target == this.pos {
             return Ok(());
         }

@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::Inner;
-use crate::blobservice::{BlobReader, SharedSpool, poll_read_by_piece};
+use crate::blobservice::{BlobReader, SharedSpool, poll_read_by_piece, seek_target};
 use crate::digest::B3Digest;
 use crate::error::Error;
 use crate::singleflight::Flight;
@@ -255,12 +255,7 @@ impl AsyncRead for TapReader {
 impl AsyncSeek for TapReader {
     fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
         let this = self.get_mut();
-        let target = match position {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::Current(d) => this.pos.checked_add_signed(d),
-            SeekFrom::End(d) => this.len.checked_add_signed(d),
-        }
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        let target = seek_target(position, this.pos, this.len)?;
         match &mut this.state {
             State::Tap { .. } if target == this.pos => Ok(()),
             State::Tap { .. } => {
