@@ -121,6 +121,9 @@ pub struct BenchReport {
     /// Read through the sidecar of a blob only its peer has (fills on the
     /// way), verified by the client.
     pub cold_read_mbps: f64,
+    /// Read of that blob through a second sidecar with `fill = "off"`:
+    /// verified on the way, stored nowhere.
+    pub direct_read_mbps: f64,
     /// A 1 MiB range of a cold blob: Stat with chunks, then the covering
     /// chunks, each verified.
     pub range_read_ms: f64,
@@ -197,6 +200,27 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     let cold_read_mbps = mbps(opts.size, started.elapsed());
     progress(&format!("cold read: {cold_read_mbps:.0} MB/s"));
 
+    // The same blob through a sidecar that does not fill: a verified read
+    // passed through from the peer.
+    let direct = Server::start(
+        &opts.strata,
+        work.path(),
+        "direct",
+        &sidecar_config_filling(
+            &work.path().join("direct-disk"),
+            &peer.addr,
+            opts.size,
+            "off",
+        ),
+    )?;
+    let started = Instant::now();
+    read_verified(&client(&direct.addr)?, &cold_digest).await?;
+    let direct_read_mbps = mbps(opts.size, started.elapsed());
+    drop(direct);
+    progress(&format!(
+        "direct read (fill = off): {direct_read_mbps:.0} MB/s"
+    ));
+
     let ranged = Bytes::from(pseudo_random(opts.size, 3));
     let ranged_digest = put(&peer_client, &ranged).await?;
     let start = (opts.size / 2) as u64;
@@ -260,6 +284,7 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         put_mbps,
         warm_read_mbps,
         cold_read_mbps,
+        direct_read_mbps,
         range_read_ms,
         range_upstream_bytes,
         range_stat_bytes,
@@ -271,8 +296,13 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
 }
 
 fn sidecar_config(disk: &Path, peer: &str, size: usize) -> String {
+    sidecar_config_filling(disk, peer, size, "sync")
+}
+
+/// The sidecar's tiers with `fill` as the fill mode.
+fn sidecar_config_filling(disk: &Path, peer: &str, size: usize, fill: &str) -> String {
     format!(
-        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"mem\", \"disk\", \"peer\"]\n\n\
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"mem\", \"disk\", \"peer\"]\nfill = \"{fill}\"\n\n\
          [blobservices.mem]\ntype = \"memory\"\nmax_size = \"256MiB\"\n\n\
          [blobservices.disk]\ntype = \"disk\"\npath = {}\nmax_size = {}\n\n\
          [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer}\"\n",
