@@ -112,3 +112,32 @@ async fn puts_over_the_cap_are_refused_and_leave_nothing() {
         Code::NotFound
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_fit_a_small_message_cap() {
+    // Chunks run up to 512 KiB; with the cap at 512 KiB, a whole chunk and
+    // its framing would not fit one message.
+    let daemon = start_daemon(
+        "[server]\nmax_message_size = \"512KiB\"\n\n\
+         [blobservices.root]\ntype = \"memory\"\nmax_size = \"64MiB\"\n"
+            .to_string(),
+    )
+    .await;
+    let blob = test_data(6 << 20, 91);
+    let pieces: Vec<BlobChunk> = blob
+        .chunks(100 << 10)
+        .map(|c| BlobChunk {
+            data: bytes::Bytes::copy_from_slice(c),
+        })
+        .collect();
+    let put = snix_client(&daemon.tcp_addr())
+        .put(futures::stream::iter(pieces))
+        .await
+        .expect("put")
+        .into_inner();
+    let digest = strata::B3Digest::try_from(&put.digest).unwrap();
+    let got = crate::harness::read_blob(&daemon.tcp_addr(), &digest)
+        .await
+        .unwrap_or_else(|f| panic!("{f:?}"));
+    assert!(got == blob);
+}

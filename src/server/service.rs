@@ -31,6 +31,9 @@ use crate::verify::{Outboard, OutboardHasher, bao};
 /// verified chunk rather than a copy ([`BlobReader::poll_piece`]).
 const READ_PIECE: usize = MAX_CHUNK_SIZE as usize;
 
+/// Room for a `BlobChunk`'s field tag and length prefix in a message.
+const MESSAGE_OVERHEAD: usize = 16;
+
 /// Largest blob whose outboard Stat computes from the data when none is
 /// stored.
 pub const COMPUTE_LIMIT: u64 = 16 * 1024 * 1024;
@@ -204,7 +207,10 @@ impl BlobServer {
     async fn do_read(&self, req: ReadBlobRequest) -> Result<ReadStream, Status> {
         let digest = parse_digest(&req.digest)?;
         let reader = self.open(&digest).await?;
-        let stream = Pieces::new(reader, READ_PIECE).map(move |piece| {
+        // A message carries its payload plus a few bytes of framing, and
+        // must fit the configured cap.
+        let piece = READ_PIECE.min(self.max_message_size.saturating_sub(MESSAGE_OVERHEAD));
+        let stream = Pieces::new(reader, piece).map(move |piece| {
             piece.map(|data| BlobChunk { data }).map_err(|e| {
                 warn!(%digest, error = %e, "read failed mid-stream");
                 to_status(Error::from_io(e))
