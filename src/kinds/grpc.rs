@@ -735,7 +735,10 @@ impl BlobService for GrpcBlobService {
                 let blob = *digest;
                 let open: OpenStream = Box::new(move || {
                     Box::pin(async move {
-                        let opened = fetcher.retrying("read", &blob, || fetcher.open_stream(&blob));
+                        let opened = fetcher.by_deadline(
+                            deadline,
+                            fetcher.retrying("read", &blob, || fetcher.open_stream(&blob)),
+                        );
                         let Some(stream) = opened.await? else {
                             let gone = format!("blob {blob} is gone since its Stat");
                             return Err(fetcher.peer_error(tonic::Status::not_found(gone)));
