@@ -134,19 +134,12 @@ async fn listed(addr: &str, digest: &B3Digest) -> Vec<(B3Digest, u64)> {
         .collect()
 }
 
+/// The digests of the peer's chunk list of `digest`.
 async fn chunks_of(addr: &str, digest: &B3Digest) -> Vec<B3Digest> {
-    let stat = snix_client(addr)
-        .stat(StatBlobRequest {
-            digest: (*digest).into(),
-            send_chunks: true,
-            ..Default::default()
-        })
+    listed(addr, digest)
         .await
-        .unwrap()
-        .into_inner();
-    stat.chunks
-        .iter()
-        .map(|c| B3Digest::try_from(&c.digest).unwrap())
+        .into_iter()
+        .map(|(c, _)| c)
         .collect()
 }
 
