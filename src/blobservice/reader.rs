@@ -67,9 +67,10 @@ pub fn poll_read_by_piece(
     if buf.remaining() == 0 {
         return Poll::Ready(Ok(()));
     }
-    // Never used: a piece reader does not read into the scratch buffer.
-    let mut unused = BytesMut::new();
-    let piece = ready!(reader.poll_piece(cx, &mut unused, buf.remaining()))?;
+    // A piece reader hands out its own bytes; only one that wraps a plain
+    // reader (a tap or failover reader over a spool) reads into this.
+    let mut scratch = BytesMut::new();
+    let piece = ready!(reader.poll_piece(cx, &mut scratch, buf.remaining()))?;
     buf.put_slice(&piece);
     Poll::Ready(Ok(()))
 }
