@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use strata::B3Digest;
@@ -15,7 +14,9 @@ use strata::proto::snix::{BlobChunk, StatBlobRequest};
 use tonic::Status;
 
 use crate::front::{FrontHooks, ReadStream, serve_front};
-use crate::harness::{Daemon, metric, put_blob, read_blob, snix_client, test_data};
+use crate::harness::{
+    disk_sidecar, memory_origin, put_blob, read_blob, snix_client, test_data, wait_for_fill,
+};
 
 /// Counts the Reads that go through, by digest; with `cut_after`, breaks
 /// the first Read of `blob` once that many bytes went out.
@@ -79,44 +80,6 @@ impl FrontHooks for Counter {
     }
 }
 
-async fn origin() -> Daemon {
-    tokio::task::spawn_blocking(|| {
-        Daemon::start(Some(
-            "[blobservices.root]\ntype = \"memory\"\nmax_size = \"256MiB\"\n",
-        ))
-    })
-    .await
-    .unwrap()
-}
-
-/// A sidecar: a disk tier, then the peer at `peer`.
-async fn sidecar(disk: &std::path::Path, peer: &str) -> Daemon {
-    sidecar_filling(disk, peer, "sync").await
-}
-
-/// A sidecar with `fill` as its fill mode.
-async fn sidecar_filling(disk: &std::path::Path, peer: &str, fill: &str) -> Daemon {
-    let config = format!(
-        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"near\", \"peer\"]\nfill = \"{fill}\"\n\n\
-         [blobservices.near]\ntype = \"disk\"\npath = {}\n\n\
-         [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer}\"\n",
-        toml::Value::String(disk.display().to_string())
-    );
-    tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
-        .await
-        .unwrap()
-}
-
-/// Waits for the sidecar's sync fill to be published: a client gets its
-/// last bytes before the fill tier has stored them.
-async fn filled(sidecar: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&sidecar.metrics(), "strata_tier_fills_total{tier=\"near\"}") < 1.0 {
-        assert!(Instant::now() < deadline, "the fill never completed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The peer's chunk list of `digest`: digests and sizes.
 async fn listed(addr: &str, digest: &B3Digest) -> Vec<(B3Digest, u64)> {
     let stat = snix_client(addr)
@@ -146,7 +109,7 @@ async fn chunks_of(addr: &str, digest: &B3Digest) -> Vec<B3Digest> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cold_blob_comes_in_one_read() {
     let blob = test_data(6 << 20, 81);
-    let origin = origin().await;
+    let origin = memory_origin().await;
     let digest = put_blob(&origin.tcp_addr(), &blob).await;
     let chunks = chunks_of(&origin.tcp_addr(), &digest).await;
     assert!(chunks.len() >= 8, "{} chunks", chunks.len());
@@ -154,7 +117,7 @@ async fn a_cold_blob_comes_in_one_read() {
     let counter = Counter::default();
     let front = serve_front(&origin.tcp_addr(), counter.clone()).await;
     let near = tempfile::tempdir().unwrap();
-    let sidecar = sidecar(near.path(), &front).await;
+    let sidecar = disk_sidecar(near.path(), &front, "sync").await;
     let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
     assert!(got == blob, "wrong bytes");
     assert_eq!(counter.reads_of(&digest), 1);
@@ -164,7 +127,7 @@ async fn a_cold_blob_comes_in_one_read() {
         "chunks were read one by one as well"
     );
     // The fill stored the chunks as listed: the next read is local.
-    filled(&sidecar).await;
+    wait_for_fill(&sidecar).await;
     drop(origin);
     let again = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
     assert!(again == blob);
@@ -173,7 +136,7 @@ async fn a_cold_blob_comes_in_one_read() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broken_read_carries_on_chunk_by_chunk_from_where_it_stopped() {
     let blob = test_data(6 << 20, 82);
-    let origin = origin().await;
+    let origin = memory_origin().await;
     let digest = put_blob(&origin.tcp_addr(), &blob).await;
     let chunks = listed(&origin.tcp_addr(), &digest).await;
     let cut = blob.len() / 2;
@@ -185,7 +148,7 @@ async fn a_broken_read_carries_on_chunk_by_chunk_from_where_it_stopped() {
     };
     let front = serve_front(&origin.tcp_addr(), counter.clone()).await;
     let near = tempfile::tempdir().unwrap();
-    let sidecar = sidecar(near.path(), &front).await;
+    let sidecar = disk_sidecar(near.path(), &front, "sync").await;
     let got = read_blob(&sidecar.tcp_addr(), &digest)
         .await
         .unwrap_or_else(|f| panic!("{f:?}\n{}", sidecar.log_text()));
@@ -203,7 +166,7 @@ async fn a_broken_read_carries_on_chunk_by_chunk_from_where_it_stopped() {
             "chunk ending at {end}, the break at {cut}"
         );
     }
-    filled(&sidecar).await;
+    wait_for_fill(&sidecar).await;
     drop(origin);
     let again = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
     assert!(again == blob, "the fill is not whole");
@@ -216,7 +179,7 @@ async fn chunks_the_near_tier_holds_are_not_fetched_again() {
     // chunking finds the same chunks after the new head.
     let mut second = test_data(300 << 10, 84);
     second.extend_from_slice(&first[1 << 20..]);
-    let origin = origin().await;
+    let origin = memory_origin().await;
     let first_digest = put_blob(&origin.tcp_addr(), &first).await;
     let second_digest = put_blob(&origin.tcp_addr(), &second).await;
     let first_chunks = chunks_of(&origin.tcp_addr(), &first_digest).await;
@@ -230,9 +193,9 @@ async fn chunks_the_near_tier_holds_are_not_fetched_again() {
     let counter = Counter::default();
     let front = serve_front(&origin.tcp_addr(), counter.clone()).await;
     let near = tempfile::tempdir().unwrap();
-    let sidecar = sidecar(near.path(), &front).await;
+    let sidecar = disk_sidecar(near.path(), &front, "sync").await;
     assert!(read_blob(&sidecar.tcp_addr(), &first_digest).await.unwrap() == first);
-    filled(&sidecar).await;
+    wait_for_fill(&sidecar).await;
     let before = counter.all_reads();
     assert!(
         read_blob(&sidecar.tcp_addr(), &second_digest)
@@ -256,12 +219,12 @@ async fn chunks_the_near_tier_holds_are_not_fetched_again() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_direct_read_from_the_start_is_one_read() {
     let blob = test_data(6 << 20, 85);
-    let origin = origin().await;
+    let origin = memory_origin().await;
     let digest = put_blob(&origin.tcp_addr(), &blob).await;
     let counter = Counter::default();
     let front = serve_front(&origin.tcp_addr(), counter.clone()).await;
     let near = tempfile::tempdir().unwrap();
-    let sidecar = sidecar_filling(near.path(), &front, "off").await;
+    let sidecar = disk_sidecar(near.path(), &front, "off").await;
     for round in 1..=2 {
         let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
         assert!(got == blob, "wrong bytes");

@@ -414,6 +414,36 @@ pub async fn start_daemon(config: String) -> Daemon {
         .expect("daemon start task")
 }
 
+/// A daemon serving a 256 MiB `memory` tier: an origin for a sidecar.
+pub async fn memory_origin() -> Daemon {
+    start_daemon("[blobservices.root]\ntype = \"memory\"\nmax_size = \"256MiB\"\n".into()).await
+}
+
+/// A sidecar with metrics: a `disk` tier at `disk` (named `near`), then the
+/// `grpc` peer at `peer`, with `fill` as the fill mode.
+pub async fn disk_sidecar(disk: &Path, peer: &str, fill: &str) -> Daemon {
+    let config = format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"near\", \"peer\"]\nfill = \"{fill}\"\n\n\
+         [blobservices.near]\ntype = \"disk\"\npath = {}\n\n\
+         [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer}\"\n",
+        toml::Value::String(disk.display().to_string())
+    );
+    tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
+        .await
+        .expect("daemon start task")
+}
+
+/// Waits (up to 30 s) until a [`disk_sidecar`]'s fill is published: a
+/// client of a sync fill gets its last bytes before the near tier has
+/// stored them.
+pub async fn wait_for_fill(sidecar: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&sidecar.metrics(), "strata_tier_fills_total{tier=\"near\"}") < 1.0 {
+        assert!(Instant::now() < deadline, "the fill never completed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Puts `data` through the snix package in 1 MiB messages; returns the
 /// digest the server reported.
 pub async fn put_blob(addr: &str, data: &[u8]) -> strata::B3Digest {

@@ -12,7 +12,9 @@ use tokio::sync::watch;
 use tonic::Status;
 
 use crate::front::{FrontHooks, ReadStream, serve_front};
-use crate::harness::{Daemon, metric, put_blob, snix_client, test_data};
+use crate::harness::{
+    Daemon, disk_sidecar, memory_origin, metric, put_blob, snix_client, test_data, wait_for_fill,
+};
 
 /// Holds back the peer's last chunk of a blob until the gate opens: a Read
 /// of that chunk, and in a Read of the whole blob every byte from
@@ -76,27 +78,8 @@ impl FrontHooks for Gate {
     }
 }
 
-/// A sidecar (disk, then `peer`) with metrics.
-async fn sidecar(disk: &std::path::Path, peer: &str) -> Daemon {
-    let config = format!(
-        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"near\", \"peer\"]\n\n\
-         [blobservices.near]\ntype = \"disk\"\npath = {}\n\n\
-         [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer}\"\n",
-        toml::Value::String(disk.display().to_string())
-    );
-    tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
-        .await
-        .unwrap()
-}
-
 async fn origin_with(blob: &[u8]) -> (Daemon, B3Digest) {
-    let origin = tokio::task::spawn_blocking(|| {
-        Daemon::start(Some(
-            "[blobservices.root]\ntype = \"memory\"\nmax_size = \"256MiB\"\n",
-        ))
-    })
-    .await
-    .unwrap();
+    let origin = memory_origin().await;
     let digest = put_blob(&origin.tcp_addr(), blob).await;
     (origin, digest)
 }
@@ -134,7 +117,7 @@ async fn a_cold_read_streams_before_its_fill_is_over() {
     )
     .await;
     let near = tempfile::tempdir().unwrap();
-    let sidecar = sidecar(near.path(), &proxy_addr).await;
+    let sidecar = disk_sidecar(near.path(), &proxy_addr, "sync").await;
 
     let mut stream = snix_client(&sidecar.tcp_addr())
         .read(ReadBlobRequest {
@@ -170,11 +153,7 @@ async fn a_cold_read_streams_before_its_fill_is_over() {
     }
     assert!(got == blob, "the streamed blob differs");
     // The fill completes, and the next read is local.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while fills(&sidecar) < 1.0 {
-        assert!(Instant::now() < deadline, "the fill never completed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_fill(&sidecar).await;
     drop(origin);
     let again = crate::harness::read_blob(&sidecar.tcp_addr(), &digest)
         .await
@@ -187,7 +166,7 @@ async fn a_client_that_stops_reading_does_not_hold_the_fill_back() {
     let blob = Arc::new(test_data(48 << 20, 72));
     let (origin, digest) = origin_with(&blob).await;
     let near = tempfile::tempdir().unwrap();
-    let sidecar = sidecar(near.path(), &origin.tcp_addr()).await;
+    let sidecar = disk_sidecar(near.path(), &origin.tcp_addr(), "sync").await;
 
     let mut stream = snix_client(&sidecar.tcp_addr())
         .read(ReadBlobRequest {
