@@ -412,6 +412,24 @@ impl GrpcBlobService {
             .unwrap_or_else(|_| Err(self.timed_out(after)))
     }
 
+    /// The payload of a Read of the whole blob `digest`, `None` if the peer
+    /// does not have it. Opening is retried after connection failures; the
+    /// Read, from its opening to its last message, is bounded by `deadline`
+    /// and each gap between messages by `idle_timeout`.
+    async fn read_payload(
+        &self,
+        digest: &B3Digest,
+        deadline: Option<Instant>,
+    ) -> Result<Option<BoxStream<'static, Result<Bytes>>>> {
+        let opened = self.by_deadline(
+            deadline,
+            self.retrying("read", digest, || self.open_stream(digest)),
+        );
+        Ok(opened
+            .await?
+            .map(|stream| self.clone().payload(stream, deadline)))
+    }
+
     /// The payload of a Read answer, each gap between messages bounded by
     /// `idle_timeout` and the whole by `deadline`; an error ends it.
     fn payload(
@@ -735,15 +753,13 @@ impl BlobService for GrpcBlobService {
                 let blob = *digest;
                 let open: OpenStream = Box::new(move || {
                     Box::pin(async move {
-                        let opened = fetcher.by_deadline(
-                            deadline,
-                            fetcher.retrying("read", &blob, || fetcher.open_stream(&blob)),
-                        );
-                        let Some(stream) = opened.await? else {
-                            let gone = format!("blob {blob} is gone since its Stat");
-                            return Err(fetcher.peer_error(tonic::Status::not_found(gone)));
-                        };
-                        Ok(fetcher.clone().payload(stream, deadline))
+                        match fetcher.read_payload(&blob, deadline).await? {
+                            Some(pieces) => Ok(pieces),
+                            None => {
+                                let gone = format!("blob {blob} is gone since its Stat");
+                                Err(fetcher.peer_error(tonic::Status::not_found(gone)))
+                            }
+                        }
                     })
                 });
                 return Ok(Some(
@@ -822,15 +838,8 @@ impl BlobService for GrpcBlobService {
         chunks: &[ChunkMeta],
     ) -> Result<Option<ChunkStream>> {
         let deadline = self.request_deadline();
-        let opened = self.by_deadline(
-            deadline,
-            self.retrying("read", digest, || self.open_stream(digest)),
-        );
-        let Some(stream) = opened.await? else {
-            return Ok(None);
-        };
-        let pieces = self.clone().payload(stream, deadline);
-        Ok(Some(cut_chunks(*digest, chunks.to_vec(), pieces)))
+        let pieces = self.read_payload(digest, deadline).await?;
+        Ok(pieces.map(|pieces| cut_chunks(*digest, chunks.to_vec(), pieces)))
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
