@@ -42,6 +42,17 @@ where
         let mut received = 0u64;
         for chunk in chunks {
             let want = usize::try_from(chunk.size).map_err(|_| mismatch(received))?;
+            // Look at the next piece before deciding to gather: a peer that
+            // sends one chunk per message hands each chunk over whole.
+            if rest.is_empty() && want > 0 {
+                match pieces.next().await {
+                    Some(piece) => {
+                        rest = piece?;
+                        received += rest.len() as u64;
+                    }
+                    None => Err(mismatch(received))?,
+                }
+            }
             let data = if rest.len() >= want {
                 rest.split_to(want)
             } else {
@@ -121,6 +132,32 @@ mod tests {
             let lens: Vec<usize> = got.iter().map(Bytes::len).collect();
             assert_eq!(lens, sizes, "piece size {piece}");
             assert_eq!(got.concat(), data, "piece size {piece}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunk_that_arrives_in_one_piece_is_not_copied() {
+        let data = Bytes::from(blob(10_000));
+        let sizes = [3000, 4000, 3000];
+        let chunks = listed(&data, &sizes);
+        // One piece per chunk, then one piece holding two chunks.
+        for cuts in [&[0, 3000, 7000, 10_000][..], &[0, 3000, 10_000][..]] {
+            let sent: Vec<Bytes> = cuts.windows(2).map(|w| data.slice(w[0]..w[1])).collect();
+            let source = futures::stream::iter(sent.clone().into_iter().map(Ok));
+            let got: Vec<Bytes> = cut_chunks(B3Digest::of(&data), chunks.clone(), source)
+                .try_collect()
+                .await
+                .unwrap();
+            let mut at = 0;
+            for chunk in &got {
+                assert_eq!(
+                    chunk.as_ptr(),
+                    data[at..].as_ptr(),
+                    "the chunk at {at} is a copy (pieces cut at {cuts:?})"
+                );
+                at += chunk.len();
+            }
+            assert_eq!(at, data.len());
         }
     }
 
