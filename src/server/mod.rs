@@ -2,6 +2,7 @@
 //! health service, and the TCP and unix-socket listeners.
 
 mod limits;
+mod read_path;
 mod service;
 
 pub use limits::{DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_CONCURRENT_PER_CLIENT};
@@ -27,6 +28,7 @@ use crate::addr::{
 use crate::blobservice::BlobService;
 use crate::metrics::{Metrics, serve_metrics};
 use crate::proto::{snix, tvix};
+use read_path::ZeroCopyRead;
 
 /// Default cap on blobs returned inline by Stat.
 pub const DEFAULT_MAX_INLINE_SIZE: u64 = 1024 * 1024;
@@ -175,12 +177,22 @@ pub async fn serve(
     }
 
     let server = BlobServer::new(service, &opts);
-    let snix_svc = snix::blob_service_server::BlobServiceServer::new(server.clone())
-        .max_decoding_message_size(opts.max_message_size)
-        .max_encoding_message_size(opts.max_message_size);
-    let tvix_svc = tvix::blob_service_server::BlobServiceServer::new(server)
-        .max_decoding_message_size(opts.max_message_size)
-        .max_encoding_message_size(opts.max_message_size);
+    // Read is answered without tonic's per-message copy; the rest by the
+    // generated servers.
+    let snix_svc = ZeroCopyRead::new(
+        snix::blob_service_server::BlobServiceServer::new(server.clone())
+            .max_decoding_message_size(opts.max_message_size)
+            .max_encoding_message_size(opts.max_message_size),
+        server.clone(),
+        "snix",
+    );
+    let tvix_svc = ZeroCopyRead::new(
+        tvix::blob_service_server::BlobServiceServer::new(server.clone())
+            .max_decoding_message_size(opts.max_message_size)
+            .max_encoding_message_size(opts.max_message_size),
+        server,
+        "tvix",
+    );
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<snix::blob_service_server::BlobServiceServer<BlobServer>>()

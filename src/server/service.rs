@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::field::Empty;
@@ -204,19 +205,49 @@ impl BlobServer {
         Ok(Some(outboard))
     }
 
-    async fn do_read(&self, req: ReadBlobRequest) -> Result<ReadStream, Status> {
+    async fn do_read(&self, req: ReadBlobRequest) -> Result<PieceStream, Status> {
         let digest = parse_digest(&req.digest)?;
         let reader = self.open(&digest).await?;
         // A message carries its payload plus a few bytes of framing, and
         // must fit the configured cap.
         let piece = READ_PIECE.min(self.max_message_size.saturating_sub(MESSAGE_OVERHEAD));
         let stream = Pieces::new(reader, piece).map(move |piece| {
-            piece.map(|data| BlobChunk { data }).map_err(|e| {
+            piece.map_err(|e| {
                 warn!(%digest, error = %e, "read failed mid-stream");
                 to_status(Error::from_io(e))
             })
         });
         Ok(Box::pin(stream))
+    }
+
+    /// A Read of `package`'s BlobService, from admission to the end of its
+    /// answer: the payload of each message, in order. It is counted, traced
+    /// and holds its slot within the limits until its last piece is taken
+    /// or it is dropped. Both the generated server and the zero-copy Read
+    /// path ([`super::read_path`]) answer through this.
+    pub(super) async fn read_pieces(
+        &self,
+        request: Request<ReadBlobRequest>,
+        package: &'static str,
+    ) -> Result<PieceStream, Status> {
+        let mut rpc = RpcGuard::start(&self.metrics, "Read");
+        let slot = self.admit(&request, &mut rpc)?;
+        let req = request.into_inner();
+        let span = info_span!("rpc", package, method = "Read",
+            digest = %hex_or_raw(&req.digest), bytes = Empty, outcome = Empty);
+        rpc.trace(&span);
+        match self.do_read(req).instrument(span).await {
+            Ok(stream) => Ok(rpc.until_end_of(stream, slot)),
+            Err(status) => {
+                rpc.finish::<()>(&Err(status.clone()));
+                Err(status)
+            }
+        }
+    }
+
+    /// Largest message a Read request may be.
+    pub(super) fn max_message_size(&self) -> usize {
+        self.max_message_size
     }
 
     /// Stores the blob the stream carries; `received` counts its bytes.
@@ -253,6 +284,9 @@ impl BlobServer {
 
 /// The stream type of Read responses.
 pub type ReadStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send + 'static>>;
+
+/// The payloads of a Read response's messages; an error ends it.
+pub(super) type PieceStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
 
 fn parse_digest(raw: &[u8]) -> Result<B3Digest, Status> {
     B3Digest::try_from(raw).map_err(|e| Status::invalid_argument(e.to_string()))
@@ -319,23 +353,16 @@ macro_rules! impl_package {
 
             type ReadStream = ReadStream;
 
+            /// Reached only where the server is built without
+            /// [`super::read_path::ZeroCopyRead`]; tonic copies each
+            /// payload into its message here.
             async fn read(
                 &self,
                 request: Request<ReadBlobRequest>,
             ) -> Result<Response<Self::ReadStream>, Status> {
-                let mut rpc = RpcGuard::start(&self.metrics, "Read");
-                let slot = self.admit(&request, &mut rpc)?;
-                let req = request.into_inner();
-                let span = info_span!("rpc", package = stringify!($pkg), method = "Read",
-                    digest = %hex_or_raw(&req.digest), bytes = Empty, outcome = Empty);
-                rpc.trace(&span);
-                match self.do_read(req).instrument(span).await {
-                    Ok(stream) => Ok(Response::new(rpc.until_end_of(stream, slot))),
-                    Err(status) => {
-                        rpc.finish::<()>(&Err(status.clone()));
-                        Err(status)
-                    }
-                }
+                let pieces = self.read_pieces(request, stringify!($pkg)).await?;
+                let messages = pieces.map(|piece| piece.map(|data| BlobChunk { data }));
+                Ok(Response::new(Box::pin(messages)))
             }
 
             async fn put(
@@ -426,13 +453,13 @@ impl RpcGuard {
 
     /// The Read stream, counted as done when its last message (or its
     /// error) has been taken; it holds `slot` until then.
-    fn until_end_of(mut self, mut stream: ReadStream, slot: Slot) -> ReadStream {
+    fn until_end_of(mut self, mut stream: PieceStream, slot: Slot) -> PieceStream {
         Box::pin(async_stream::stream! {
             let _slot = slot;
             while let Some(item) = stream.next().await {
                 match &item {
-                    Ok(chunk) => {
-                        self.bytes.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                    Ok(piece) => {
+                        self.bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
                     }
                     Err(status) => self.record(status.code()),
                 }
