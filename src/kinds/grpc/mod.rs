@@ -42,6 +42,8 @@
 //! Read from the moment it is opened to the last byte fetched from the
 //! peer, however steadily the bytes trickle in.
 
+mod read_answer;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,7 +59,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
 use tonic::service::interceptor::InterceptedService;
 use tracing::{debug, instrument, warn};
 
@@ -76,6 +77,7 @@ use crate::proto::snix::{
 use crate::proto::{snix, tvix};
 use crate::verify::bao::MAX_VERIFY_SHIFT;
 use crate::verify::{Outboard, STORED_SHIFT, cut_chunks, spool_verified, verify_chunk_meta};
+use read_answer::{Payload, ReadClient};
 
 /// Chunks read ahead of the read position on the chunked path.
 const READ_AHEAD: usize = 8;
@@ -328,6 +330,8 @@ macro_rules! call {
 pub struct GrpcBlobService {
     addr: PeerAddr,
     client: PeerClient,
+    /// Reads, answered without tonic's copy of each message.
+    reads: ReadClient,
     spool_dir: Option<PathBuf>,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
@@ -363,6 +367,11 @@ impl GrpcBlobService {
         let auth =
             BearerToken::new(options.token.as_deref()).map_err(|e| connect_error(e.to_string()))?;
         let channel = InterceptedService::new(channel, auth);
+        let service_name = match protocol {
+            Protocol::Snix => snix::blob_service_server::SERVICE_NAME,
+            Protocol::Tvix => tvix::blob_service_server::SERVICE_NAME,
+        };
+        let reads = ReadClient::new(channel.clone(), service_name, DEFAULT_MAX_MESSAGE_SIZE * 2);
         let spool_dir = options.spool_dir;
         let client = match protocol {
             Protocol::Snix => PeerClient::Snix(
@@ -379,6 +388,7 @@ impl GrpcBlobService {
         Ok(GrpcBlobService {
             addr,
             client,
+            reads,
             spool_dir,
             first_byte_timeout: options.first_byte_timeout,
             idle_timeout: options.idle_timeout,
@@ -434,7 +444,7 @@ impl GrpcBlobService {
     /// `idle_timeout` and the whole by `deadline`; an error ends it.
     fn payload(
         self,
-        mut stream: Peekable<Streaming<BlobChunk>>,
+        mut stream: Peekable<Payload>,
         deadline: Option<Instant>,
     ) -> BoxStream<'static, Result<Bytes>> {
         Box::pin(async_stream::stream! {
@@ -445,7 +455,7 @@ impl GrpcBlobService {
                     _ => (gap, self.idle_timeout),
                 };
                 match tokio::time::timeout_at(until, stream.next()).await {
-                    Ok(Some(Ok(msg))) => yield Ok(msg.data),
+                    Ok(Some(Ok(data))) => yield Ok(data),
                     Ok(Some(Err(status))) => {
                         yield Err(self.peer_error(status));
                         break;
@@ -607,18 +617,12 @@ impl GrpcBlobService {
     /// stays in the stream; `None` if the peer does not have the blob. A
     /// connection failure up to here is an error (and nothing was consumed,
     /// so the caller may try again).
-    async fn open_stream(
-        &self,
-        digest: &B3Digest,
-    ) -> Result<Option<Peekable<Streaming<BlobChunk>>>> {
+    async fn open_stream(&self, digest: &B3Digest) -> Result<Option<Peekable<Payload>>> {
         let req = ReadBlobRequest {
             digest: (*digest).into(),
         };
-        let stream = match self
-            .first_answer(async { call!(self.client, read(req)) })
-            .await?
-        {
-            Ok(resp) => resp.into_inner(),
+        let stream = match self.first_answer(self.reads.read(req)).await? {
+            Ok(payload) => payload,
             Err(status) if status.code() == tonic::Code::NotFound => return Ok(None),
             Err(status) => return Err(self.peer_error(status)),
         };
@@ -665,7 +669,7 @@ impl GrpcBlobService {
         let pieces = Box::pin(async_stream::stream! {
             loop {
                 match tokio::time::timeout(idle, stream.next()).await {
-                    Ok(Some(msg)) => yield msg.map(|m| m.data).map_err(|s| self.peer_error(s)),
+                    Ok(Some(piece)) => yield piece.map_err(|s| self.peer_error(s)),
                     Ok(None) => break,
                     Err(_) => {
                         yield Err(self.timed_out(idle));
@@ -775,8 +779,9 @@ impl BlobService for GrpcBlobService {
     #[instrument(skip(self), fields(peer = %self.addr, digest = %chunk.digest), err)]
     ///
     /// A chunk is small and its length known, so it is gathered straight
-    /// from the response messages (one copy at most, none when it came in
-    /// one message) and hashed once, rather than spooled and read back.
+    /// from the answer's payload pieces (one copy at most, none when it
+    /// came in one piece) and hashed once, rather than spooled and read
+    /// back.
     async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
         self.by_deadline(self.request_deadline(), async {
             let digest = &chunk.digest;
@@ -799,7 +804,7 @@ impl BlobService for GrpcBlobService {
             let mut got = 0u64;
             loop {
                 let msg = match tokio::time::timeout(idle, stream.next()).await {
-                    Ok(Some(msg)) => msg.map_err(|s| self.peer_error(s))?.data,
+                    Ok(Some(piece)) => piece.map_err(|s| self.peer_error(s))?,
                     Ok(None) => break,
                     Err(_) => return Err(self.timed_out(idle)),
                 };
