@@ -287,6 +287,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_generated_server_answers_a_read_with_the_same_payload() {
+        let blob = crate::testkit::pseudo_random(1 << 20, 4);
+        let svc = service(&blob, 4 << 20).await;
+        let (ours, status) = answer(
+            svc.clone()
+                .oneshot(request("Read", &read_of(&blob)))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status.code(), tonic::Code::Ok, "{status:?}");
+        let (theirs, status) = answer(
+            svc.inner
+                .oneshot(request("Read", &read_of(&blob)))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status.code(), tonic::Code::Ok, "{status:?}");
+        assert_eq!(payloads(ours), payloads(theirs));
+    }
+
+    #[tokio::test]
     async fn an_absent_blob_is_a_trailers_only_not_found() {
         let svc = service(b"held", 4 << 20).await;
         let response = svc
