@@ -47,9 +47,9 @@ pub(super) struct ReadClient {
 }
 
 impl ReadClient {
-    /// Reads of `package`'s BlobService (`snix.castore.v1.BlobService` or
-    /// `tvix.castore.v1.BlobService`), refusing messages larger than
-    /// `max_message_size`.
+    /// Reads of the BlobService named `service`
+    /// (`snix.castore.v1.BlobService` or `tvix.castore.v1.BlobService`),
+    /// refusing messages larger than `max_message_size`.
     pub(super) fn new(channel: AuthChannel, service: &str, max_message_size: usize) -> Self {
         // Service names are the generated constants: always a valid path.
         let path = format!("/{service}/Read")
@@ -394,7 +394,7 @@ mod tests {
         out
     }
 
-    /// Feeds `wire` cut at `cuts` and collects the pieces.
+    /// Feeds `wire` in frames of `frame` bytes and collects the pieces.
     fn parse(wire: &[u8], frame: usize) -> (Vec<Bytes>, Parser) {
         let mut parser = Parser::new(1 << 20);
         let mut pieces = Vec::new();
