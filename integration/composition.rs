@@ -360,3 +360,79 @@ timeout = "2s"
         );
     }
 }
+
+/// The members of a shard of `peers`, as composition entries `p0`, `p1`, …
+fn shard_members(peers: &[Daemon]) -> String {
+    let names: Vec<String> = (0..peers.len()).map(|i| format!("\"p{i}\"")).collect();
+    let mut config = format!(
+        "[blobservices.pool]\ntype = \"shard\"\nmembers = [{}]\n",
+        names.join(", ")
+    );
+    for (i, p) in peers.iter().enumerate() {
+        config.push_str(&format!(
+            "\n[blobservices.p{i}]\ntype = \"grpc\"\nurl = \"{}\"\ntimeout = \"5s\"\n",
+            p.unix_addr()
+        ));
+    }
+    config
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_fills_its_disk_from_a_shard() {
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        peers.push(start("[blobservices.root]\ntype = \"memory\"\n".into()).await);
+    }
+    let pool = shard_members(&peers);
+    // A front that writes into the pool: each blob lands on its owner.
+    let front = start(format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"pool\"]\nwrite_to = [\"pool\"]\n\n{pool}"
+    ))
+    .await;
+    let disk = tempfile::tempdir().unwrap();
+    let sidecar_config = format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"near\", \"pool\"]\n\n\
+         [blobservices.near]\ntype = \"disk\"\npath = {}\n\n{pool}",
+        toml::Value::String(disk.path().display().to_string())
+    );
+    let sidecar =
+        tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&sidecar_config)))
+            .await
+            .unwrap();
+
+    // Several chunks, so the fill goes by the chunk list; the second blob
+    // starts with the first's bytes, so it shares its first chunks and its
+    // fill fetches only the others, chunk by chunk.
+    let first = test_data(3 << 20, 77);
+    let mut second = first[..2 << 20].to_vec();
+    second.extend_from_slice(&test_data(2 << 20, 78));
+    let mut digests = Vec::new();
+    for (n, blob) in [&first, &second].into_iter().enumerate() {
+        let digest = put(&front.tcp_addr(), blob).await;
+        assert_eq!(
+            read_blob(&sidecar.tcp_addr(), &digest).await.unwrap(),
+            *blob
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while crate::harness::metric(&sidecar.metrics(), "strata_tier_fills_total{tier=\"near\"}")
+            < (n + 1) as f64
+        {
+            assert!(Instant::now() < deadline, "blob {n} was never filled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        digests.push(digest);
+    }
+
+    // The pool is gone; the sidecar still has both blobs.
+    for p in &mut peers {
+        p.kill();
+    }
+    assert_eq!(
+        read_blob(&sidecar.tcp_addr(), &digests[0]).await.unwrap(),
+        first
+    );
+    assert_eq!(
+        read_blob(&sidecar.tcp_addr(), &digests[1]).await.unwrap(),
+        second
+    );
+}

@@ -19,6 +19,11 @@
 //! Puts are spooled (memory, or a temporary file for large blobs) until the
 //! digest is known, then written to its owner (or the next-ranked member if
 //! the owner fails).
+//!
+//! A blob's chunks live with the blob, on its owner. A fill in front of the
+//! shard asks the owner for all of a blob's chunks at once
+//! (`stream_chunks`); a single chunk, whose blob is not named, is asked of
+//! the members in turn until one has it.
 
 use std::sync::Arc;
 
@@ -28,7 +33,9 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tracing::warn;
 
-use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, Pieces, PutResult, Spool};
+use crate::blobservice::{
+    BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta, ChunkStream, Pieces, PutResult, Spool,
+};
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
@@ -176,6 +183,43 @@ impl BlobService for ShardService {
 
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
         first_healthy!(self, digest, |svc| svc.open_read(digest))
+    }
+
+    /// A chunk is stored with its blob, on the blob's owner, which the
+    /// chunk's digest does not name: the members are asked in the chunk's
+    /// rank order until one has it, and "absent" from one is not the last
+    /// word. A fill asks for a blob's chunks through
+    /// [`stream_chunks`](Self::stream_chunks) first, which knows the owner;
+    /// this serves the chunks it still lacks after that.
+    async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+        let mut failures = Vec::new();
+        for i in ranking(&self.members, &chunk.digest) {
+            let m = &self.members[i];
+            match m.svc.read_chunk(chunk).await {
+                Ok(Some(data)) => return Ok(Some(data)),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(tier = %m.name, digest = %chunk.digest, error = %e,
+                        "shard member failed to read a chunk; asking the next one");
+                    failures.push(format!("{}: {e}", m.name));
+                }
+            }
+        }
+        if failures.len() == self.members.len() {
+            Err(Error::AllTiersFailed(failures))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The blob's chunks from its owner (or the next-ranked member if the
+    /// owner fails), in one transfer where the member can.
+    async fn stream_chunks(
+        &self,
+        digest: &B3Digest,
+        chunks: &[ChunkMeta],
+    ) -> Result<Option<ChunkStream>> {
+        first_healthy!(self, digest, |svc| svc.stream_chunks(digest, chunks))
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
