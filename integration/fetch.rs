@@ -2,7 +2,8 @@
 //! the whole blob when the near tiers hold none of its chunks, carried on
 //! chunk by chunk if that Read breaks, and chunk by chunk — only the
 //! missing ones — when another blob already brought some of them; a direct
-//! read (no fill) from the start in one Read as well.
+//! read (no fill) from the start in one Read as well; a fill through a
+//! `race` of mirrors in one Read too.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +16,7 @@ use tonic::Status;
 
 use crate::front::{FrontHooks, ReadStream, serve_front};
 use crate::harness::{
-    disk_sidecar, memory_origin, put_blob, read_blob, snix_client, test_data, wait_for_fill,
+    Daemon, disk_sidecar, memory_origin, put_blob, read_blob, snix_client, test_data, wait_for_fill,
 };
 
 /// Counts the Reads that go through, by digest; with `cut_after`, breaks
@@ -231,4 +232,41 @@ async fn a_direct_read_from_the_start_is_one_read() {
         assert_eq!(counter.reads_of(&digest), round);
         assert_eq!(counter.all_reads(), round, "chunks were read one by one");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_blob_comes_in_one_read_through_a_race() {
+    let blob = test_data(6 << 20, 85);
+    let origin = memory_origin().await;
+    let digest = put_blob(&origin.tcp_addr(), &blob).await;
+    // The other mirror does not have the blob: the race is won by the one
+    // that does.
+    let empty = memory_origin().await;
+
+    let counter = Counter::default();
+    let front = serve_front(&origin.tcp_addr(), counter.clone()).await;
+    let near = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"near\", \"mirrors\"]\n\n\
+         [blobservices.near]\ntype = \"disk\"\npath = {}\n\n\
+         [blobservices.mirrors]\ntype = \"race\"\nmembers = [\"empty\", \"front\"]\n\n\
+         [blobservices.empty]\ntype = \"grpc\"\nurl = \"{}\"\n\n\
+         [blobservices.front]\ntype = \"grpc\"\nurl = \"{front}\"\n",
+        toml::Value::String(near.path().display().to_string()),
+        empty.tcp_addr(),
+    );
+    let sidecar = tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
+        .await
+        .unwrap();
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(got == blob, "wrong bytes");
+    wait_for_fill(&sidecar).await;
+    assert_eq!(
+        counter.all_reads(),
+        1,
+        "the fill read the blob's chunks one by one"
+    );
+    drop(origin);
+    let again = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(again == blob);
 }

@@ -13,17 +13,22 @@
 //! is asked at once instead of after the hedge delay. Readers are verified
 //! by every member (the [`BlobService`] contract), so the winner's bytes are
 //! what was asked for. A race is a read source: it takes no Puts.
+//!
+//! Chunks race too: a fill in front of the race takes a blob's chunks from
+//! the first member to open a stream of them (`stream_chunks`), and a
+//! single chunk from the first member to answer with it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Deserialize;
 use tracing::{debug, warn};
 
-use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter};
+use crate::blobservice::{BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta, ChunkStream};
 use crate::composition::{BuildContext, Duration as ConfigDuration, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, absent_unless_failed};
@@ -159,6 +164,30 @@ impl BlobService for RaceService {
         let d = *digest;
         self.race(digest, move |svc| {
             Box::pin(async move { svc.open_read(&d).await })
+        })
+        .await
+    }
+
+    async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+        let c = *chunk;
+        self.race(&chunk.digest, move |svc| {
+            Box::pin(async move { svc.read_chunk(&c).await })
+        })
+        .await
+    }
+
+    /// The first member to open a stream of the blob's chunks wins; a fill
+    /// in front of the race then moves the blob in one transfer.
+    async fn stream_chunks(
+        &self,
+        digest: &B3Digest,
+        chunks: &[ChunkMeta],
+    ) -> Result<Option<ChunkStream>> {
+        let d = *digest;
+        let list: Arc<[ChunkMeta]> = chunks.into();
+        self.race(digest, move |svc| {
+            let list = list.clone();
+            Box::pin(async move { svc.stream_chunks(&d, &list).await })
         })
         .await
     }
