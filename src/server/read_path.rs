@@ -89,8 +89,9 @@ where
 }
 
 /// A whole Read: the request decoded, the blob opened, the response's
-/// body streaming its pieces. An error before the first piece is a
-/// trailers-only response, as tonic sends one.
+/// body streaming its pieces. An error before the blob is open (a bad
+/// request, an absent blob, a refusal) is a trailers-only response, as
+/// tonic sends one; a later one travels in the body's trailers.
 async fn read(
     server: BlobServer,
     package: &'static str,
