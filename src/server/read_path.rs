@@ -31,10 +31,7 @@ use tower::Service;
 
 use super::service::{BlobServer, PieceStream};
 use crate::proto::snix::ReadBlobRequest;
-
-/// Field 1 (`data`), wire type 2 (length-delimited): `BlobChunk`'s only
-/// field.
-const DATA_KEY: u8 = (1 << 3) | 2;
+use crate::proto::wire::{DATA_KEY, MESSAGE_HEADER};
 
 /// Wraps a generated BlobService server `S`: its Read is answered here,
 /// everything else by `S`.
@@ -175,7 +172,7 @@ fn framing(len: usize) -> Bytes {
     } else {
         1 + prost::encoding::encoded_len_varint(len as u64) + len
     };
-    let mut head = BytesMut::with_capacity(16);
+    let mut head = BytesMut::with_capacity(MESSAGE_HEADER + 11);
     head.put_u8(0);
     // A piece is at most the server's message cap, far below 4 GiB.
     head.put_u32(u32::try_from(field).unwrap_or(u32::MAX));

@@ -28,15 +28,10 @@ use tower::{Service, ServiceExt};
 
 use crate::addr::AuthChannel;
 use crate::proto::snix::{BlobChunk, ReadBlobRequest};
+use crate::proto::wire::{DATA_KEY, MESSAGE_HEADER};
 
 /// The payload of a Read answer, in pieces; an error ends it.
 pub(super) type Payload = BoxStream<'static, Result<Bytes, Status>>;
-
-/// Size of a gRPC message header: compression flag and length.
-const HEADER: usize = 5;
-
-/// `BlobChunk.data`'s key: field 1, wire type 2 (length-delimited).
-const DATA_KEY: u8 = (1 << 3) | 2;
 
 /// Sends Reads to one peer over its channel.
 #[derive(Clone)]
@@ -94,7 +89,7 @@ impl ReadClient {
 
     fn http_request(&self, request: &ReadBlobRequest) -> http::Request<Body> {
         let message = request.encode_to_vec();
-        let mut framed = BytesMut::with_capacity(HEADER + message.len());
+        let mut framed = BytesMut::with_capacity(MESSAGE_HEADER + message.len());
         framed.put_u8(0);
         // A Read request is a digest: far below 4 GiB.
         framed.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
@@ -263,8 +258,8 @@ impl Parser {
                 State::Header => {
                     // The header, and the field's key and length if they
                     // are there: at most 5 + 1 + 10 bytes.
-                    let head = self.peek(HEADER + 11);
-                    if head.len() < HEADER {
+                    let head = self.peek(MESSAGE_HEADER + 11);
+                    if head.len() < MESSAGE_HEADER {
                         return Ok(None);
                     }
                     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
@@ -287,19 +282,21 @@ impl Parser {
                             self.max_message_size
                         )));
                     }
-                    match data_field(&head[HEADER..], len) {
+                    match data_field(&head[MESSAGE_HEADER..], len) {
                         Some((prefix, payload)) => {
-                            self.take(HEADER + prefix);
+                            self.take(MESSAGE_HEADER + prefix);
                             self.state = State::Payload(payload);
                         }
                         // Not known yet to be the one-field layout: wait for
                         // more bytes while the prefix may still be cut off,
                         // then take the message whole.
-                        None if head.len() < HEADER + 11 && self.buffered < HEADER + len => {
+                        None if head.len() < MESSAGE_HEADER + 11
+                            && self.buffered < MESSAGE_HEADER + len =>
+                        {
                             return Ok(None);
                         }
                         None => {
-                            self.take(HEADER);
+                            self.take(MESSAGE_HEADER);
                             self.state = State::Whole(len);
                         }
                     }
