@@ -38,7 +38,7 @@ use crate::blobservice::{
 };
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, absent_unless_failed};
 use crate::verify::Outboard;
 
 /// Configuration of a `shard`.
@@ -205,11 +205,7 @@ impl BlobService for ShardService {
                 }
             }
         }
-        if failures.len() == self.members.len() {
-            Err(Error::AllTiersFailed(failures))
-        } else {
-            Ok(None)
-        }
+        absent_unless_failed(failures)
     }
 
     /// The blob's chunks from its owner (or the next-ranked member if the
