@@ -327,35 +327,15 @@ fn sidecar_config(near: &Path, liar: &str, honest: Option<&str>, fill: &str) -> 
     config
 }
 
-/// Every chunk file in a disk tier hashes to its name, and the blob, if
+/// Every chunk in a disk tier hashes to its digest, and the blob, if
 /// present, reads back right from the disk tier alone.
 async fn assert_near_tier_clean(near: &Path, digest: &B3Digest, lie: Lie) {
-    let mut stack = vec![near.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path
-                .parent()
-                .and_then(Path::parent)
-                .map(|p| p.ends_with("chunks"))
-                == Some(true)
-            {
-                let name = path.file_name().unwrap().to_str().unwrap();
-                if name.starts_with(strata::kinds::disk::TMP_PREFIX) {
-                    // A write the kill interrupted: never read as a chunk,
-                    // and removed when the tier opens.
-                    continue;
-                }
-                let data = std::fs::read(&path).unwrap();
-                assert_eq!(
-                    B3Digest::of(&data).to_hex(),
-                    name,
-                    "{lie:?}: a chunk file does not hash to its name"
-                );
-            }
-        }
+    for chunk in strata::kinds::disk::stored_chunks(near).unwrap() {
+        assert_eq!(
+            B3Digest::of(&chunk.data),
+            chunk.digest,
+            "{lie:?}: a stored chunk does not hash to its digest"
+        );
     }
     let config = format!(
         "[blobservices.root]\ntype = \"disk\"\npath = \"{}\"\n",

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use strata::B3Digest;
 use strata::chunkstore::BlobIndex;
-use strata::kinds::disk::TMP_PREFIX;
+use strata::kinds::disk::{TMP_PREFIX, pack, stored_chunks};
 use strata::proto::snix::{BlobChunk, StatBlobRequest};
 use strata::verify::{OutboardHasher, STORED_SHIFT};
 
@@ -51,6 +51,38 @@ pub(crate) fn files_of(dir: &Path, kind: &str) -> Vec<(PathBuf, String)> {
     out
 }
 
+/// The whole records of every pack under `dir`, read from their headers.
+fn pack_records(dir: &Path) -> Vec<(PathBuf, pack::Record)> {
+    let mut out = Vec::new();
+    for (path, name) in files_in(&dir.join("packs")) {
+        if pack::parse_name(&name).is_none() {
+            continue;
+        }
+        // Gone again (an evicted pack): not a reader's view.
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        for record in pack::scan(&file).unwrap().records {
+            out.push((path.clone(), record));
+        }
+    }
+    out
+}
+
+/// Every regular file directly in `dir`, as (path, name).
+fn files_in(dir: &Path) -> Vec<(PathBuf, String)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            (path, name)
+        })
+        .collect()
+}
+
 /// What a disk tier's directory holds, checked.
 pub(crate) struct DiskState {
     /// Chunk files by digest, with their sizes.
@@ -72,25 +104,17 @@ pub(crate) fn check_disk(dir: &Path, when: &str) -> DiskState {
         indexes: Vec::new(),
         temporaries: 0,
     };
-    for (path, name) in files_of(dir, "chunks") {
-        if name.starts_with(TMP_PREFIX) {
-            state.temporaries += 1;
-            continue;
-        }
-        let data = std::fs::read(&path).unwrap();
-        let digest = B3Digest::of(&data);
+    let mut chunk_data = HashMap::new();
+    for chunk in stored_chunks(dir).unwrap() {
         assert_eq!(
-            digest.to_hex(),
-            name,
-            "{when}: chunk file {} does not hash to its name",
-            path.display()
+            B3Digest::of(&chunk.data),
+            chunk.digest,
+            "{when}: a chunk in {} at {} does not hash to its digest",
+            chunk.file.display(),
+            chunk.offset
         );
-        assert!(
-            path.parent().unwrap().ends_with(&name[..2]),
-            "{when}: chunk file {} is filed under the wrong prefix",
-            path.display()
-        );
-        state.chunks.insert(digest, data.len() as u64);
+        state.chunks.insert(chunk.digest, chunk.data.len() as u64);
+        chunk_data.insert(chunk.digest, chunk.data);
     }
     for (_, name) in files_of(dir, "outboards") {
         if name.starts_with(TMP_PREFIX) {
@@ -127,9 +151,7 @@ pub(crate) fn check_disk(dir: &Path, when: &str) -> DiskState {
                 "{when}: index of {blob} lists chunk {} which is missing or of another size",
                 c.digest
             );
-            let hex = c.digest.to_hex();
-            let data = std::fs::read(dir.join("chunks").join(&hex[..2]).join(&hex)).unwrap();
-            hasher.update(&data);
+            hasher.update(&chunk_data[&c.digest]);
         }
         let (made, computed) = hasher.finalize();
         assert_eq!(
@@ -167,18 +189,19 @@ impl Watcher {
                 let mut seen = HashSet::new();
                 let mut bad = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
-                    for (path, name) in files_of(&dir, "chunks") {
-                        if name.starts_with(TMP_PREFIX) || seen.contains(&name) {
+                    // Each whole record once, by where it lies.
+                    for chunk in pack_records(&dir) {
+                        let (path, record) = chunk;
+                        if !seen.insert(format!("{}@{}", path.display(), record.offset)) {
                             continue;
                         }
-                        // Gone again (a damaged file removed): not a reader's view.
-                        let Ok(data) = std::fs::read(&path) else {
+                        // Gone again (an evicted pack): not a reader's view.
+                        let Ok(data) = pack::read_at(&path, record.offset, record.len) else {
                             continue;
                         };
-                        if B3Digest::of(&data).to_hex() != name {
-                            bad.push(format!("{name} ({} bytes)", data.len()));
+                        if B3Digest::of(&data) != record.digest {
+                            bad.push(format!("{} ({} bytes)", record.digest, data.len()));
                         }
-                        seen.insert(name);
                     }
                     for (path, name) in files_of(&dir, "blobs") {
                         if name.starts_with(TMP_PREFIX) || seen.contains(&name) {
@@ -201,13 +224,16 @@ impl Watcher {
                                 if !outboard.exists() {
                                     bad.push(format!("index {name} before its outboard"));
                                 }
+                                let stored: HashMap<_, _> = pack_records(&dir)
+                                    .into_iter()
+                                    .map(|(_, r)| (r.digest, u64::from(r.len)))
+                                    .collect();
                                 for c in index.chunks {
-                                    let hex = c.digest.to_hex();
-                                    let chunk = dir.join("chunks").join(&hex[..2]).join(&hex);
-                                    if std::fs::metadata(&chunk).ok().map(|m| m.len())
-                                        != Some(c.size)
-                                    {
-                                        bad.push(format!("index {name} before its chunk {hex}"));
+                                    if stored.get(&c.digest) != Some(&c.size) {
+                                        bad.push(format!(
+                                            "index {name} before its chunk {}",
+                                            c.digest
+                                        ));
                                     }
                                 }
                             }
@@ -435,7 +461,7 @@ async fn kill_9_during_a_fill_keeps_the_near_tier_consistent() {
         assert_eq!(digest, B3Digest::of(&data));
         complete.push((digest, data));
 
-        let before = files_of(near.path(), "chunks").len();
+        let before = pack_records(near.path()).len();
         let reading = {
             let addr = addr.clone();
             tokio::spawn(async move { read_blob(&addr, &large_digest).await })
@@ -445,7 +471,7 @@ async fn kill_9_during_a_fill_keeps_the_near_tier_consistent() {
         // A fill that finishes before the mark was reached is killed right
         // after; the checks below hold either way.
         kill_when(&mut sidecar, || {
-            files_of(&near_dir, "chunks").len() >= before + kill_at || reading.is_finished()
+            pack_records(&near_dir).len() >= before + kill_at || reading.is_finished()
         })
         .await;
         let _ = reading.await;

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use strata::B3Digest;
 use strata::blobservice::BlobService;
 use strata::chunkstore::{ChunkStore, ChunkedBlobService};
-use strata::kinds::disk::DiskStore;
+use strata::kinds::disk::{DiskStore, StoredChunk, stored_chunks};
 use strata::proto::snix::{BlobChunk, StatBlobRequest};
 use tokio::io::AsyncReadExt;
 
@@ -97,16 +97,38 @@ async fn index_is_rebuilt_on_open() {
             digests.push(put(&svc, b).await);
         }
     }
-    // A file half-written when the process died.
-    let torn = dir.path().join("chunks/ab/.tmp-4242-7");
-    std::fs::write(&torn, b"half a chunk").unwrap();
+    // A file half-written when the process died, and a chunk cut short
+    // at the end of a pack.
+    let torn = dir.path().join("blobs/ab/.tmp-4242-7");
+    std::fs::write(&torn, b"half an index").unwrap();
+    let last = stored_chunks(dir.path()).unwrap().pop().unwrap();
+    let pack_len = std::fs::metadata(&last.file).unwrap().len();
+    {
+        use std::io::Write;
+        let mut pack = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&last.file)
+            .unwrap();
+        let cut_short = strata::kinds::disk::pack::record_header(&B3Digest::of(b"x"), 1 << 17);
+        pack.write_all(&cut_short).unwrap();
+        pack.write_all(&[7; 1000]).unwrap();
+    }
     let svc = ChunkedBlobService::new(DiskStore::open(dir.path().into(), 1 << 30).await.unwrap());
     assert!(!torn.exists(), "leftover temporary file kept");
     assert_eq!(
+        std::fs::metadata(&last.file).unwrap().len(),
+        pack_len,
+        "a record cut short was kept"
+    );
+    assert_eq!(
         svc.store().used_bytes(),
-        du(&dir.path().join("chunks"))
+        du(&dir.path().join("packs"))
             + du(&dir.path().join("blobs"))
             + du(&dir.path().join("outboards"))
+    );
+    assert!(
+        !dir.path().join("chunks").exists(),
+        "a directory of chunk files was made"
     );
     for (d, b) in digests.iter().zip(&blobs) {
         assert!(read_all(&svc, d).await.unwrap() == *b);
@@ -119,7 +141,7 @@ async fn index_is_rebuilt_on_open() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn corrupt_files_are_misses_and_are_removed() {
+async fn corrupt_chunks_and_indexes_are_misses_and_are_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let svc = ChunkedBlobService::new(DiskStore::open(dir.path().into(), 1 << 30).await.unwrap());
     let single = test_data(50_000, 1);
@@ -129,37 +151,60 @@ async fn corrupt_files_are_misses_and_are_removed() {
     let chunks = svc.stat(&multi_digest).await.unwrap().unwrap().chunks;
     assert!(chunks.len() > 2);
 
-    let chunk_file = |d: &B3Digest| {
-        let hex = d.to_hex();
-        dir.path().join("chunks").join(&hex[..2]).join(hex)
+    let stored = |d: &B3Digest| -> StoredChunk {
+        stored_chunks(dir.path())
+            .unwrap()
+            .into_iter()
+            .find(|c| c.digest == *d)
+            .unwrap()
+    };
+    let damage = |c: &StoredChunk, at: u64| {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&c.file)
+            .unwrap();
+        let mut byte = [0];
+        file.read_exact_at(&mut byte, c.offset + at).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x40], c.offset + at).unwrap();
     };
 
-    // Bit rot in a single-chunk blob: a miss, and the file is gone.
-    let path = chunk_file(&single_digest);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[100] ^= 0x40;
-    std::fs::write(&path, bytes).unwrap();
+    // Bit rot in a single-chunk blob: a miss, and the chunk is forgotten.
+    damage(&stored(&single_digest), 100);
     assert!(svc.open_read(&single_digest).await.unwrap().is_none());
-    assert!(!path.exists(), "corrupt file kept");
+    assert!(!svc.store().has_chunk(&single_digest).await.unwrap());
     assert!(svc.stat(&single_digest).await.unwrap().is_none());
 
-    // A truncated chunk of a larger blob: the read fails, the chunk is
-    // removed, and the blob is a miss from then on.
+    // Bit rot in a chunk of a larger blob: the read fails, the chunk is
+    // forgotten, and the blob is a miss from then on.
     let victim = chunks[1].digest;
-    let path = chunk_file(&victim);
-    let len = std::fs::metadata(&path).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    damage(&stored(&victim), chunks[1].size / 2);
     let mut r = svc.open_read(&multi_digest).await.unwrap().unwrap();
     let mut out = Vec::new();
     assert!(r.read_to_end(&mut out).await.is_err());
-    assert!(!path.exists());
     assert!(svc.stat(&multi_digest).await.unwrap().is_none());
     assert!(!svc.store().has_chunk(&victim).await.unwrap());
+
+    // A pack cut short behind the store's back: the chunk past the cut is
+    // a miss, the ones before it still read.
+    let in_pack_order: Vec<StoredChunk> = stored_chunks(dir.path())
+        .unwrap()
+        .into_iter()
+        .filter(|s| chunks.iter().any(|c| c.digest == s.digest))
+        .collect();
+    let cut = in_pack_order.last().unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cut.file)
+        .unwrap()
+        .set_len(cut.offset + 10)
+        .unwrap();
+    assert!(svc.store().get_chunk(&cut.digest).await.unwrap().is_none());
+    assert!(!svc.store().has_chunk(&cut.digest).await.unwrap());
+    let first = chunks.iter().find(|c| c.digest == in_pack_order[0].digest).unwrap();
+    let data = svc.store().get_chunk_verified(first).await.unwrap();
+    assert_eq!(data.map(|d| d.len() as u64), Some(first.size));
 
     // A garbage index file: a miss, removed.
     let other = test_data(2 << 20, 3);

@@ -10,8 +10,11 @@
 //!
 //! Layout under `path` (see `docs/storage-layout.md`):
 //!
-//! * `chunks/<2 hex>/<64 hex>`: a chunk, uncompressed (local reads should
-//!   cost a `read`, not a decompression);
+//! * `packs/<16 hex>`: chunks, uncompressed (local reads should cost a
+//!   `read`, not a decompression), appended one after another to packs of
+//!   up to 64 MiB ([`pack`] has the format). A file per chunk would cost
+//!   an inode allocated and one freed per 256 KiB filled, which on ext4
+//!   costs more CPU than the write itself;
 //! * `blobs/<2 hex>/<64 hex>`: the chunk list of a blob of two or more
 //!   chunks, a protobuf `StatBlobResponse` as in object storage but without
 //!   `bao` (indexes written by older versions carry it, and still work);
@@ -19,28 +22,33 @@
 //!   shift, the parent pairs), apart from its index so that Stat reads
 //!   only the chunk list. Written before the index; an index whose outboard
 //!   file was evicted still serves its blob, just without an outboard;
-//! * `<kind>/<2 hex>/.tmp-<pid>-<n>`: a file being written, beside its final
-//!   name (leftovers are deleted at start-up). Writing beside the target
-//!   spreads new inodes over 768 directories: one shared temporary
-//!   directory made ext4's inode allocator a hot spot.
+//! * `<blobs or outboards>/<2 hex>/.tmp-<pid>-<n>`: a file being written,
+//!   beside its final name (leftovers are deleted at start-up). Writing
+//!   beside the target spreads new inodes over 512 directories: one shared
+//!   temporary directory made ext4's inode allocator a hot spot;
+//! * `chunks/<2 hex>/<64 hex>`: a chunk in a file of its own, as older
+//!   versions stored them: still read, and evicted in turn, never written.
 //!
-//! Every file is written to a temporary name and renamed into place, so a reader (or a
-//! restart after kill -9) sees a whole file or none. Indexes and outboards
-//! are fsync'd before the rename, so they survive power loss too; chunks
-//! are not, since
-//! every chunk is verified against its digest on read: a damaged one is
-//! deleted and reported as a miss.
+//! Index and outboard files are written to a temporary name and renamed
+//! into place, so a reader (or a restart after kill -9) sees a whole file
+//! or none, and fsync'd before the rename, so they survive power loss too.
+//! Chunks are appended to the open pack and become visible once written;
+//! a restart cuts each pack back to its last whole record. Packs are not
+//! fsync'd: every chunk is verified against its digest on read, and a
+//! damaged one is forgotten and reported as a miss.
 //!
-//! The in-memory index is a moka cache weighted by file size and bounded by
-//! `max_size`; evicting an entry deletes its file, least recently used
-//! first. It is rebuilt from the directory at start-up, oldest files first,
-//! so recency survives restarts approximately. Reading an index counts as a
-//! use of its outboard too, so the two age together.
+//! The in-memory index is a moka cache of files and sealed packs weighted
+//! by size and bounded by `max_size`; evicting an entry deletes its file
+//! (a pack with all its chunks), least recently used first. It is rebuilt
+//! from the directory at start-up, oldest files first, so recency survives
+//! restarts approximately. Reading an index counts as a use of its
+//! outboard too, so the two age together; reading a chunk, as a use of
+//! its pack.
 //!
 //! Stat stays cheap for large blobs: decoded chunk lists of recently used
 //! indexes are kept in a small cache (dropped with their index file), and
 //! the check that every chunk of a list is still present is remembered
-//! until a chunk file is next removed.
+//! until a chunk is next lost.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -59,6 +67,11 @@ use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 use crate::metrics::TierMetrics;
 use crate::verify::verify_chunk_meta;
+
+pub mod pack;
+mod packs;
+
+use packs::{Location, Packs, Sealed};
 
 /// Default `max_size` of a disk tier.
 pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
@@ -108,10 +121,35 @@ impl TierConfig for DiskConfig {
     }
 }
 
+/// The largest pack: big enough that creating and deleting files costs
+/// nothing next to writing their bytes, small enough that a pack evicted
+/// whole is a small part of a cache.
+pub const MAX_PACK: u64 = 64 << 20;
+
+/// The size at which a cache of `max_size` seals its packs: at most
+/// [`MAX_PACK`], and a thirty-second of the cache, so that a small cache
+/// still evicts in steps small against its size. The index holds the rest
+/// of `max_size`: together with the open pack, the directory stays within
+/// it.
+fn pack_target(max_size: u64) -> u64 {
+    (max_size / 32).min(MAX_PACK)
+}
+
+/// An entry of a disk tier's index: what is evicted as one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Entry {
+    /// A file of its own: an index, an outboard, or a chunk written by an
+    /// older version.
+    File(ObjectKey),
+    /// A sealed pack.
+    Pack(u64),
+}
+
 /// The [`ChunkStore`] behind a `disk` tier.
 pub struct DiskStore {
     root: PathBuf,
-    index: moka::sync::Cache<ObjectKey, u64>,
+    index: moka::sync::Cache<Entry, u64>,
+    packs: Arc<Packs>,
     max_size: u64,
     tmp_seq: AtomicU64,
     metrics: TierMetrics,
@@ -243,15 +281,27 @@ impl DiskStore {
         metrics: TierMetrics,
     ) -> Result<Self> {
         let scan_root = root.clone();
-        let found = tokio::task::spawn_blocking(move || prepare_and_scan(&scan_root))
-            .await
-            .map_err(|e| Error::Io(std::io::Error::other(e)))?
-            .map_err(|e| {
-                Error::Io(std::io::Error::new(
-                    e.kind(),
-                    format!("disk cache {}: {e}", root.display()),
-                ))
-            })?;
+        let target = pack_target(max_size);
+        let (packs, found) = tokio::task::spawn_blocking(move || {
+            let (packs, found_packs) = Packs::open(scan_root.join("packs"), target)?;
+            let mut found = prepare_and_scan(&scan_root)?;
+            found.extend(
+                found_packs
+                    .into_iter()
+                    .map(|p| (Entry::Pack(p.id), p.len, p.modified)),
+            );
+            found.sort_by_key(|(_, _, mtime)| *mtime);
+            std::io::Result::Ok((packs, found))
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+        .map_err(|e| {
+            Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("disk cache {}: {e}", root.display()),
+            ))
+        })?;
+        let packs = Arc::new(packs);
 
         let lists = moka::sync::Cache::builder()
             .max_capacity(LIST_CACHE_BYTES)
@@ -262,32 +312,41 @@ impl DiskStore {
         let chunk_losses = Arc::new(AtomicU64::new(1));
 
         let listener_root = root.clone();
+        let listener_packs = packs.clone();
         let gone = metrics.clone();
         let lost = chunk_losses.clone();
         let stale = lists.clone();
         let index = moka::sync::Cache::builder()
-            .max_capacity(max_size)
+            // Room for the open pack, which the index does not hold.
+            .max_capacity(max_size - target)
             .weigher(|_, size: &u64| u32::try_from(*size).unwrap_or(u32::MAX))
             // LRU rather than TinyLFU: TinyLFU may refuse to admit a new
             // entry, which would delete a chunk right after it was written.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .eviction_listener(move |key: Arc<ObjectKey>, size: u64, cause| {
+            .eviction_listener(move |entry: Arc<Entry>, size: u64, cause| {
                 // Called once the entry is out of the map: a presence check
                 // that read the count before this increment and still saw
                 // the chunk raced with its removal, as any check may.
                 if cause != moka::notification::RemovalCause::Replaced {
-                    match *key {
-                        ObjectKey::Chunk(_) => {
+                    match *entry {
+                        Entry::File(ObjectKey::Chunk(_)) => {
                             lost.fetch_add(1, Ordering::SeqCst);
                         }
-                        ObjectKey::Index(digest) => stale.invalidate(&digest),
-                        ObjectKey::Outboard(_) => {}
+                        Entry::Pack(id) => {
+                            listener_packs.forget_pack(id);
+                            lost.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Entry::File(ObjectKey::Index(digest)) => stale.invalidate(&digest),
+                        Entry::File(ObjectKey::Outboard(_)) => {}
                     }
                 }
                 gone.occupancy_bytes.dec_by(size as i64);
                 if cause.was_evicted() {
                     gone.evictions.inc();
-                    let path = listener_root.join(relative_path(&key));
+                    let path = match *entry {
+                        Entry::File(key) => listener_root.join(relative_path(&key)),
+                        Entry::Pack(id) => listener_packs.path(id),
+                    };
                     if let Err(e) = std::fs::remove_file(&path)
                         && e.kind() != std::io::ErrorKind::NotFound
                     {
@@ -298,15 +357,16 @@ impl DiskStore {
             .build();
         let files = found.len();
         let bytes: u64 = found.iter().map(|(_, size, _)| size).sum();
-        for (key, size, _) in found {
+        for (entry, size, _) in found {
             metrics.occupancy_bytes.inc_by(size as i64);
-            index.insert(key, size);
+            index.insert(entry, size);
         }
         index.run_pending_tasks();
         info!(path = %root.display(), files, bytes, max_size, "disk cache opened");
         Ok(DiskStore {
             root,
             index,
+            packs,
             max_size,
             tmp_seq: AtomicU64::new(0),
             metrics,
@@ -315,10 +375,11 @@ impl DiskStore {
         })
     }
 
-    /// Bytes of files the index accounts for.
+    /// Bytes of the files the index accounts for and of the pack open for
+    /// appending: at most `max_size`, give or take a chunk.
     pub fn used_bytes(&self) -> u64 {
         self.index.run_pending_tasks();
-        self.index.weighted_size()
+        self.index.weighted_size() + self.packs.open_pack().map_or(0, |(_, len)| len)
     }
 
     /// The configured bound.
@@ -355,7 +416,7 @@ impl DiskStore {
             match result {
                 Ok(()) => {
                     occupancy.inc_by(len as i64);
-                    index.insert(key, len);
+                    index.insert(Entry::File(key), len);
                     // Evict now, so the directory never holds much more
                     // than max_size.
                     index.run_pending_tasks();
@@ -375,7 +436,7 @@ impl DiskStore {
     /// Reads the file of `key` if the index has it. A file that vanished is
     /// dropped from the index and reported absent.
     async fn read(&self, key: ObjectKey) -> Result<Option<Bytes>> {
-        if self.index.get(&key).is_none() {
+        if self.index.get(&Entry::File(key)).is_none() {
             return Ok(None);
         }
         self.read_file(key).await
@@ -387,7 +448,7 @@ impl DiskStore {
         match tokio::fs::read(self.path(&key)).await {
             Ok(data) => Ok(Some(data.into())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.index.invalidate(&key);
+                self.index.invalidate(&Entry::File(key));
                 Ok(None)
             }
             Err(e) => Err(e.into()),
@@ -396,11 +457,150 @@ impl DiskStore {
 
     /// Drops `key` from the index and deletes its file.
     async fn remove(&self, key: ObjectKey) -> Result<()> {
-        self.index.invalidate(&key);
+        self.index.invalidate(&Entry::File(key));
         match tokio::fs::remove_file(self.path(&key)).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
+    }
+}
+
+/// A chunk as it lies in a cache directory.
+#[derive(Debug, Clone)]
+pub struct StoredChunk {
+    /// The digest it is stored under (not checked).
+    pub digest: B3Digest,
+    /// The file that holds it: a pack, or a chunk file of an older version.
+    pub file: PathBuf,
+    /// Where its bytes start in `file`.
+    pub offset: u64,
+    /// Its bytes.
+    pub data: Bytes,
+}
+
+/// Every chunk stored under the cache directory `root`: the whole records
+/// of its packs, in pack order, then the chunk files older versions left.
+/// Nothing is checked. For tools and tests that look inside a cache; the
+/// tier itself reads one chunk at a time.
+pub fn stored_chunks(root: &Path) -> std::io::Result<Vec<StoredChunk>> {
+    let mut out = Vec::new();
+    let mut packs = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(root.join("packs")) {
+        for entry in entries {
+            let entry = entry?;
+            if let Some(id) = entry.file_name().to_str().and_then(pack::parse_name) {
+                packs.push((id, entry.path()));
+            }
+        }
+    }
+    packs.sort();
+    for (_, path) in packs {
+        let file = std::fs::File::open(&path)?;
+        for record in pack::scan(&file)?.records {
+            out.push(StoredChunk {
+                digest: record.digest,
+                file: path.clone(),
+                offset: record.offset,
+                data: pack::read_at(&path, record.offset, record.len)?,
+            });
+        }
+    }
+    if let Ok(prefixes) = std::fs::read_dir(root.join("chunks")) {
+        for prefix in prefixes {
+            for entry in std::fs::read_dir(prefix?.path())? {
+                let path = entry?.path();
+                let name = path.file_name().and_then(|n| n.to_str());
+                if let Some(digest) = name.and_then(|n| n.parse::<B3Digest>().ok()) {
+                    out.push(StoredChunk {
+                        digest,
+                        data: std::fs::read(&path)?.into(),
+                        file: path,
+                        offset: 0,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Where [`DiskStore::read_chunk`] found a chunk.
+enum ChunkAt {
+    Pack(PathBuf, Location),
+    /// A file of its own, written by an older version.
+    File(PathBuf),
+}
+
+impl DiskStore {
+    /// Whether chunk `digest` is stored, in a pack or a file of its own.
+    fn holds(&self, digest: &B3Digest) -> bool {
+        self.packs.contains(digest) || self.holds_file(digest)
+    }
+
+    /// Whether chunk `digest` is stored in a file of its own.
+    fn holds_file(&self, digest: &B3Digest) -> bool {
+        self.index
+            .contains_key(&Entry::File(ObjectKey::Chunk(*digest)))
+    }
+
+    /// Reads chunk `digest`, checked against `meta` if given, in one
+    /// blocking task. A chunk whose file vanished is forgotten and
+    /// reported absent.
+    async fn read_chunk(&self, digest: B3Digest, meta: Option<ChunkMeta>) -> Result<Option<Bytes>> {
+        let at = if let Some(at) = self.packs.locate(&digest) {
+            // A use of its pack (the open pack is not in the index yet).
+            let _ = self.index.get(&Entry::Pack(at.pack));
+            ChunkAt::Pack(self.packs.path(at.pack), at)
+        } else if self
+            .index
+            .get(&Entry::File(ObjectKey::Chunk(digest)))
+            .is_some()
+        {
+            ChunkAt::File(self.path(&ObjectKey::Chunk(digest)))
+        } else {
+            return Ok(None);
+        };
+        let (at, read) = tokio::task::spawn_blocking(move || {
+            let data = match &at {
+                ChunkAt::Pack(path, at) => pack::read_at(path, at.offset, at.len),
+                ChunkAt::File(path) => std::fs::read(path).map(Bytes::from),
+            };
+            let read = match data {
+                Ok(data) => Ok(Some(match meta {
+                    Some(meta) => verify_chunk_meta(&meta, &data).map(|()| data),
+                    None => Ok(data),
+                })),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                // A pack cut short behind the store's back.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+                Err(e) => Err(e),
+            };
+            (at, read)
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        if let Some(checked) = read? {
+            return Ok(Some(checked?));
+        }
+        match at {
+            ChunkAt::Pack(path, _) if path.exists() => {
+                warn!(%digest, pack = %path.display(), "a stored chunk was cut short");
+                if self.packs.forget_chunk(&digest) {
+                    self.chunk_losses.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            // Evicted since it was located, or deleted behind the store's
+            // back: forget all it held.
+            ChunkAt::Pack(_, at) => {
+                self.packs.forget_pack(at.pack);
+                self.chunk_losses.fetch_add(1, Ordering::SeqCst);
+                self.index.invalidate(&Entry::Pack(at.pack));
+            }
+            ChunkAt::File(_) => self
+                .index
+                .invalidate(&Entry::File(ObjectKey::Chunk(digest))),
+        }
+        Ok(None)
     }
 }
 
@@ -410,10 +610,10 @@ impl DiskStore {
     /// unread, but counts as used.
     async fn chunk_list(&self, digest: &B3Digest) -> Result<Option<Arc<CachedList>>> {
         let key = ObjectKey::Index(*digest);
-        if self.index.get(&key).is_none() {
+        if self.index.get(&Entry::File(key)).is_none() {
             return Ok(None);
         }
-        let _ = self.index.get(&ObjectKey::Outboard(*digest));
+        let _ = self.index.get(&Entry::File(ObjectKey::Outboard(*digest)));
         let path = self.path(&key);
         let cached = self.lists.get(digest);
         let found = tokio::task::spawn_blocking(move || -> std::io::Result<Found> {
@@ -435,7 +635,7 @@ impl DiskStore {
             Ok(Found::Cached(list)) => return Ok(Some(list)),
             Ok(Found::Read(file, data)) => (file, data),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.index.invalidate(&key);
+                self.index.invalidate(&Entry::File(key));
                 return Ok(None);
             }
             Err(e) => return Err(e.into()),
@@ -475,21 +675,29 @@ enum Found {
 }
 
 /// Creates the directory layout, deletes files left half-written, and lists
-/// every stored file as (key, size, mtime), oldest first.
-fn prepare_and_scan(root: &Path) -> std::io::Result<Vec<(ObjectKey, u64, SystemTime)>> {
+/// every stored file outside the packs as (entry, size, mtime).
+fn prepare_and_scan(root: &Path) -> std::io::Result<Vec<(Entry, u64, SystemTime)>> {
     let mut dirs = Vec::with_capacity(KINDS.len() * 256);
     for (kind, make_key) in KINDS {
+        // Chunk files are only read, where an older version left them.
+        let legacy = kind == "chunks";
+        if legacy && !root.join(kind).is_dir() {
+            continue;
+        }
         for prefix in 0..=255u8 {
             let dir = root.join(kind).join(format!("{prefix:02x}"));
+            if legacy && !dir.is_dir() {
+                continue;
+            }
             std::fs::create_dir_all(&dir)?;
             dirs.push((dir, make_key));
         }
     }
-    // Scan the 768 directories on a few threads: start-up time matters for
+    // Scan the directories on a few threads: start-up time matters for
     // caches of a million files.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
     let per_thread = dirs.len().div_ceil(threads);
-    let mut found = std::thread::scope(|scope| {
+    let found = std::thread::scope(|scope| {
         let handles: Vec<_> = dirs
             .chunks(per_thread)
             .map(|part| scope.spawn(move || scan_dirs(part)))
@@ -503,13 +711,12 @@ fn prepare_and_scan(root: &Path) -> std::io::Result<Vec<(ObjectKey, u64, SystemT
         }
         Ok(all)
     })?;
-    found.sort_by_key(|(_, _, mtime)| *mtime);
     Ok(found)
 }
 
 type ScanDir = (PathBuf, MakeKey);
 
-fn scan_dirs(dirs: &[ScanDir]) -> std::io::Result<Vec<(ObjectKey, u64, SystemTime)>> {
+fn scan_dirs(dirs: &[ScanDir]) -> std::io::Result<Vec<(Entry, u64, SystemTime)>> {
     let mut found = Vec::new();
     for (dir, make_key) in dirs {
         for entry in std::fs::read_dir(dir)? {
@@ -529,7 +736,7 @@ fn scan_dirs(dirs: &[ScanDir]) -> std::io::Result<Vec<(ObjectKey, u64, SystemTim
                 continue;
             }
             let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            found.push((make_key(digest), meta.len(), mtime));
+            found.push((Entry::File(make_key(digest)), meta.len(), mtime));
         }
     }
     Ok(found)
@@ -539,55 +746,61 @@ fn scan_dirs(dirs: &[ScanDir]) -> std::io::Result<Vec<(ObjectKey, u64, SystemTim
 impl ChunkStore for DiskStore {
     #[instrument(skip(self), fields(%digest), err)]
     async fn get_chunk(&self, digest: &B3Digest) -> Result<Option<Bytes>> {
-        self.read(ObjectKey::Chunk(*digest)).await
+        self.read_chunk(*digest, None).await
     }
 
     /// Reads and checks the chunk in one blocking task.
+    #[instrument(skip(self, meta), fields(digest = %meta.digest), err)]
     async fn get_chunk_verified(&self, meta: &ChunkMeta) -> Result<Option<Bytes>> {
-        let key = ObjectKey::Chunk(meta.digest);
-        if self.index.get(&key).is_none() {
-            return Ok(None);
-        }
-        let path = self.path(&key);
-        let meta = *meta;
-        let read = tokio::task::spawn_blocking(move || match std::fs::read(&path) {
-            Ok(data) => {
-                let data = Bytes::from(data);
-                Ok(Some(verify_chunk_meta(&meta, &data).map(|()| data)))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        })
-        .await
-        .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-        match read {
-            Some(checked) => Ok(Some(checked?)),
-            None => {
-                // The file vanished: forget it.
-                self.index.invalidate(&key);
-                Ok(None)
-            }
-        }
+        self.read_chunk(meta.digest, Some(*meta)).await
     }
 
     async fn chunk_size(&self, digest: &B3Digest) -> Result<Option<u64>> {
-        Ok(self.index.get(&ObjectKey::Chunk(*digest)))
+        Ok(match self.packs.locate(digest) {
+            Some(at) => Some(u64::from(at.len)),
+            None => self.index.get(&Entry::File(ObjectKey::Chunk(*digest))),
+        })
     }
 
     async fn has_chunk(&self, digest: &B3Digest) -> Result<bool> {
-        Ok(self.index.contains_key(&ObjectKey::Chunk(*digest)))
+        Ok(self.holds(digest))
     }
 
     fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Vec<bool> {
-        chunks
-            .iter()
-            .map(|c| self.index.contains_key(&ObjectKey::Chunk(c.digest)))
-            .collect()
+        let mut held = self.packs.contains_each(chunks.iter().map(|c| &c.digest));
+        for (held, c) in held.iter_mut().zip(chunks) {
+            *held = *held || self.holds_file(&c.digest);
+        }
+        held
     }
 
+    /// Appended to the open pack, unless already stored.
     #[instrument(skip(self, data), fields(%digest, len = data.len()), err)]
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
-        self.write(ObjectKey::Chunk(digest), data, false).await
+        if self.holds(&digest) {
+            return Ok(());
+        }
+        let packs = self.packs.clone();
+        let index = self.index.clone();
+        let occupancy = self.metrics.occupancy_bytes.clone();
+        // As in `write`: the blocking task accounts for what it wrote even
+        // if this future is dropped.
+        tokio::task::spawn_blocking(move || {
+            let appended = packs.append(digest, &data);
+            occupancy.inc_by(appended.added as i64);
+            if !appended.sealed.is_empty() {
+                for Sealed { id, len } in appended.sealed {
+                    index.insert(Entry::Pack(id), len);
+                }
+                // Evict now, so the directory never holds much more than
+                // max_size.
+                index.run_pending_tasks();
+            }
+            appended.result
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        Ok(())
     }
 
     /// The chunk list, then the outboard from its own file, or else from
@@ -644,7 +857,7 @@ impl ChunkStore for DiskStore {
         }
         let complete = chunks
             .iter()
-            .all(|c| self.index.contains_key(&ObjectKey::Chunk(c.digest)));
+            .all(|c| self.holds(&c.digest));
         if let Some(list) = cached {
             if complete {
                 list.complete_as_of.fetch_max(losses, Ordering::SeqCst);
@@ -684,6 +897,9 @@ impl ChunkStore for DiskStore {
 
     async fn discard_chunk(&self, digest: &B3Digest) -> Result<()> {
         warn!(%digest, "removing a damaged chunk");
+        if self.packs.forget_chunk(digest) {
+            self.chunk_losses.fetch_add(1, Ordering::SeqCst);
+        }
         self.remove(ObjectKey::Chunk(*digest)).await
     }
 
@@ -697,231 +913,4 @@ impl ChunkStore for DiskStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use bytes::Bytes;
-    use tokio::io::AsyncReadExt;
-
-    use super::*;
-    use crate::testkit::pseudo_random;
-    use crate::verify::{STORED_SHIFT, bao::outboard_of};
-
-    async fn open(dir: &Path, max_size: u64) -> ChunkedBlobService<DiskStore> {
-        ChunkedBlobService::new(DiskStore::open(dir.into(), max_size).await.unwrap())
-    }
-
-    async fn put(svc: &ChunkedBlobService<DiskStore>, data: &[u8]) -> B3Digest {
-        let mut w = svc.open_write().await.unwrap();
-        for piece in data.chunks(1 << 20) {
-            w.write(Bytes::copy_from_slice(piece)).await.unwrap();
-        }
-        w.close().await.unwrap().digest
-    }
-
-    async fn read_all(svc: &ChunkedBlobService<DiskStore>, digest: &B3Digest) -> Vec<u8> {
-        let mut r = svc.open_read(digest).await.unwrap().unwrap();
-        let mut out = Vec::new();
-        r.read_to_end(&mut out).await.unwrap();
-        out
-    }
-
-    fn file(dir: &Path, key: ObjectKey) -> PathBuf {
-        dir.join(relative_path(&key))
-    }
-
-    /// Bytes of the regular files under `dir`.
-    fn du(dir: &Path) -> u64 {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                let meta = e.metadata().unwrap();
-                if meta.is_dir() {
-                    du(&e.path())
-                } else {
-                    meta.len()
-                }
-            })
-            .sum()
-    }
-
-    #[tokio::test]
-    async fn the_outboard_is_stored_apart_from_the_chunk_list() {
-        let dir = tempfile::tempdir().unwrap();
-        let svc = open(dir.path(), 1 << 30).await;
-        let blob = pseudo_random(3 << 20, 1);
-        let digest = put(&svc, &blob).await;
-
-        let stored = std::fs::read(file(dir.path(), ObjectKey::Index(digest))).unwrap();
-        let index = BlobIndex::decode(&digest, &stored).unwrap();
-        assert!(index.chunks.len() > 2);
-        assert_eq!(index.bao, None, "the index file holds the outboard");
-
-        let expected = outboard_of(&blob, STORED_SHIFT).1;
-        let ob = std::fs::read(file(dir.path(), ObjectKey::Outboard(digest))).unwrap();
-        assert_eq!(ob[..2], [OUTBOARD_FORMAT, STORED_SHIFT]);
-        assert_eq!(ob[2..], expected.data()[..]);
-        assert_eq!(svc.outboard(&digest).await.unwrap(), Some(expected));
-        assert_eq!(svc.store().used_bytes(), du(dir.path()));
-    }
-
-    #[tokio::test]
-    async fn stat_and_read_leave_the_outboard_file_unread() {
-        let dir = tempfile::tempdir().unwrap();
-        let svc = open(dir.path(), 1 << 30).await;
-        let blob = pseudo_random(3 << 20, 2);
-        let digest = put(&svc, &blob).await;
-        // A file that cannot be read: a directory in its place.
-        let ob = file(dir.path(), ObjectKey::Outboard(digest));
-        std::fs::remove_file(&ob).unwrap();
-        std::fs::create_dir(&ob).unwrap();
-        // Not from the cache of chunk lists: from the index file.
-        svc.store().lists.invalidate(&digest);
-
-        let stat = svc.stat(&digest).await.unwrap().unwrap();
-        assert_eq!(stat.size, blob.len() as u64);
-        assert!(read_all(&svc, &digest).await == blob);
-        assert!(
-            svc.outboard(&digest).await.is_err(),
-            "the outboard was read"
-        );
-    }
-
-    #[tokio::test]
-    async fn an_index_without_its_outboard_file_serves_the_blob_without_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let svc = open(dir.path(), 1 << 30).await;
-        let blob = pseudo_random(3 << 20, 3);
-        let digest = put(&svc, &blob).await;
-        std::fs::remove_file(file(dir.path(), ObjectKey::Outboard(digest))).unwrap();
-
-        assert_eq!(svc.outboard(&digest).await.unwrap(), None);
-        assert!(!svc.store().index.contains_key(&ObjectKey::Outboard(digest)));
-        assert!(svc.stat(&digest).await.unwrap().is_some());
-        assert!(read_all(&svc, &digest).await == blob);
-
-        // A damaged one is ignored and removed.
-        let digest = put(&svc, &pseudo_random(3 << 20, 4)).await;
-        let ob = file(dir.path(), ObjectKey::Outboard(digest));
-        std::fs::write(&ob, b"\x07\x04 not an outboard").unwrap();
-        assert_eq!(svc.outboard(&digest).await.unwrap(), None);
-        assert!(!ob.exists());
-        assert!(svc.stat(&digest).await.unwrap().is_some());
-    }
-
-    #[tokio::test]
-    async fn an_index_with_the_outboard_inside_still_yields_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let blob = pseudo_random(3 << 20, 5);
-        let (digest, outboard) = outboard_of(&blob, STORED_SHIFT);
-        let chunks = {
-            let svc = open(dir.path(), 1 << 30).await;
-            assert_eq!(put(&svc, &blob).await, digest);
-            svc.stat(&digest).await.unwrap().unwrap().chunks
-        };
-        // As older versions wrote it: one file, outboard inline.
-        std::fs::remove_file(file(dir.path(), ObjectKey::Outboard(digest))).unwrap();
-        let old = BlobIndex::new(chunks.clone(), Some(&outboard)).encode();
-        std::fs::write(file(dir.path(), ObjectKey::Index(digest)), old).unwrap();
-
-        let svc = open(dir.path(), 1 << 30).await;
-        let stat = svc.stat(&digest).await.unwrap().unwrap();
-        assert_eq!(stat.chunks, chunks);
-        assert_eq!(svc.outboard(&digest).await.unwrap(), Some(outboard));
-        assert!(read_all(&svc, &digest).await == blob);
-    }
-
-    #[tokio::test]
-    async fn the_rebuild_finds_outboard_files_and_drops_half_written_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let blob = pseudo_random(3 << 20, 6);
-        let digest = {
-            let svc = open(dir.path(), 1 << 30).await;
-            put(&svc, &blob).await
-        };
-        let torn = dir.path().join("outboards/ab/.tmp-4242-7");
-        std::fs::write(&torn, b"half an outboard").unwrap();
-        // An outboard without an index: harmless, and evicted in its turn.
-        let orphan = pseudo_random(1 << 20, 7);
-        let (orphan_digest, orphan_ob) = outboard_of(&orphan, STORED_SHIFT);
-        let orphan_file = file(dir.path(), ObjectKey::Outboard(orphan_digest));
-        std::fs::write(
-            &orphan_file,
-            encode_outboard(STORED_SHIFT, orphan_ob.data()),
-        )
-        .unwrap();
-
-        let svc = open(dir.path(), 1 << 30).await;
-        assert!(!torn.exists(), "leftover temporary file kept");
-        assert_eq!(svc.store().used_bytes(), du(dir.path()));
-        assert!(svc.store().index.contains_key(&ObjectKey::Outboard(digest)));
-        assert_eq!(
-            svc.outboard(&digest).await.unwrap(),
-            Some(outboard_of(&blob, STORED_SHIFT).1)
-        );
-        assert!(svc.stat(&orphan_digest).await.unwrap().is_none());
-        assert_eq!(svc.outboard(&orphan_digest).await.unwrap(), None);
-
-        // Fill the cache with other blobs: the orphan goes first.
-        let max = 8 << 20;
-        drop(svc);
-        let svc = open(dir.path(), max).await;
-        for seed in 10..14 {
-            put(&svc, &pseudo_random(2 << 20, seed)).await;
-        }
-        assert!(
-            !orphan_file.exists(),
-            "an orphan outboard outlived the bound"
-        );
-        assert!(svc.store().used_bytes() <= max);
-    }
-
-    #[tokio::test]
-    async fn a_blob_that_lost_a_chunk_is_absent_after_cached_stats() {
-        let dir = tempfile::tempdir().unwrap();
-        let svc = open(dir.path(), 1 << 30).await;
-        let blob = pseudo_random(3 << 20, 8);
-        let digest = put(&svc, &blob).await;
-        let chunks = svc.stat(&digest).await.unwrap().unwrap().chunks;
-        // Found complete once, so answered from memory now.
-        assert!(svc.stat(&digest).await.unwrap().is_some());
-        assert!(svc.store().list_cached(&digest));
-
-        svc.store().discard_chunk(&chunks[1].digest).await.unwrap();
-        assert!(svc.stat(&digest).await.unwrap().is_none());
-        assert!(svc.open_read(&digest).await.unwrap().is_none());
-
-        // The same after an eviction for room rather than a removal.
-        drop(svc);
-        let max = 8 << 20;
-        let svc = open(dir.path(), max).await;
-        let blob = pseudo_random(3 << 20, 9);
-        let digest = put(&svc, &blob).await;
-        let first = svc.stat(&digest).await.unwrap().unwrap().chunks[0].digest;
-        assert!(svc.stat(&digest).await.unwrap().is_some());
-        // Other blobs, with the first's index used after each so that it
-        // stays recent: only its chunks age.
-        let mut seed = 20;
-        while svc.store().index.contains_key(&ObjectKey::Chunk(first)) {
-            assert!(seed < 60, "the first chunk is never evicted");
-            put(&svc, &pseudo_random(1 << 20, seed)).await;
-            seed += 1;
-            let _ = svc.store().index.get(&ObjectKey::Index(digest));
-        }
-        assert!(svc.store().index.contains_key(&ObjectKey::Index(digest)));
-        assert!(svc.store().list_cached(&digest));
-        assert!(svc.stat(&digest).await.unwrap().is_none());
-    }
-
-    #[tokio::test]
-    async fn a_cached_chunk_list_goes_with_its_index() {
-        let dir = tempfile::tempdir().unwrap();
-        let svc = open(dir.path(), 1 << 30).await;
-        let digest = put(&svc, &pseudo_random(3 << 20, 30)).await;
-        assert!(svc.stat(&digest).await.unwrap().is_some());
-        assert!(svc.store().list_cached(&digest));
-
-        svc.store().remove(ObjectKey::Index(digest)).await.unwrap();
-        assert!(!svc.store().list_cached(&digest));
-        assert!(svc.stat(&digest).await.unwrap().is_none());
-    }
-}
+mod tests;

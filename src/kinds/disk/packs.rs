@@ -1,0 +1,308 @@
+//! The `disk` tier's packs, in memory: where each chunk is, which chunks
+//! each pack holds, and the one pack open for appending.
+//!
+//! Recency and the size bound are not kept here: a pack enters the tier's
+//! cache index as one entry once it is sealed (full), and leaves it whole.
+//! The open pack is outside that index until then, so the directory may
+//! exceed `max_size` by at most one pack, and none of the chunks being
+//! appended can be evicted while they are written.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::SystemTime;
+
+use crate::digest::B3Digest;
+
+use super::pack::{self, MAGIC, MAGIC_LEN, RECORD_HEADER_LEN};
+
+/// Where a chunk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Location {
+    pub pack: u64,
+    /// Offset of the chunk's bytes in the pack.
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// A pack closed for appending, to be accounted for (and later evicted)
+/// as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Sealed {
+    pub id: u64,
+    /// Bytes accounted to it: the sum of the `added` of its appends.
+    pub len: u64,
+}
+
+/// A pack found at start-up, cut back to its last whole record.
+#[derive(Debug)]
+pub(super) struct FoundPack {
+    pub id: u64,
+    pub len: u64,
+    pub modified: SystemTime,
+}
+
+/// What an append did.
+#[derive(Debug)]
+pub(super) struct Appended {
+    /// Packs this append sealed: the one it found full, and the one it
+    /// wrote to if that failed in a way that leaves its end unknown.
+    pub sealed: Vec<Sealed>,
+    /// Bytes added to the directory, whether or not the chunk was stored.
+    pub added: u64,
+    /// Why the chunk was not stored.
+    pub result: std::io::Result<()>,
+}
+
+pub(super) struct Packs {
+    dir: PathBuf,
+    /// A pack is sealed once the next record would take it past this.
+    target: u64,
+    map: RwLock<Map>,
+    writer: Mutex<Writer>,
+}
+
+#[derive(Default)]
+struct Map {
+    chunks: HashMap<B3Digest, Location>,
+    /// The chunks each pack holds (some may since have been forgotten, or
+    /// stored again elsewhere: compare with `chunks` before acting).
+    members: HashMap<u64, Vec<B3Digest>>,
+}
+
+struct Writer {
+    next_id: u64,
+    open: Option<OpenPack>,
+}
+
+struct OpenPack {
+    id: u64,
+    file: File,
+    len: u64,
+}
+
+impl Packs {
+    /// Opens the packs in `dir` (created if missing). Each is cut back to
+    /// its last whole record; one without any is deleted. Appends go to a
+    /// new pack, never to one found here.
+    pub fn open(dir: PathBuf, target: u64) -> std::io::Result<(Packs, Vec<FoundPack>)> {
+        std::fs::create_dir_all(&dir)?;
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if let Some(id) = entry.file_name().to_str().and_then(pack::parse_name)
+                && entry.file_type()?.is_file()
+            {
+                ids.push(id);
+            }
+        }
+        // In id order, so that a chunk stored twice is found in the later.
+        ids.sort_unstable();
+        let mut map = Map::default();
+        let mut found = Vec::with_capacity(ids.len());
+        for &id in &ids {
+            let path = dir.join(pack::file_name(id));
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let scanned = pack::scan(&file)?;
+            if scanned.records.is_empty() {
+                drop(file);
+                std::fs::remove_file(&path)?;
+                continue;
+            }
+            let meta = file.metadata()?;
+            if meta.len() > scanned.valid_len {
+                file.set_len(scanned.valid_len)?;
+            }
+            let members = scanned.records.iter().map(|r| r.digest).collect();
+            for r in scanned.records {
+                let location = Location {
+                    pack: id,
+                    offset: r.offset,
+                    len: r.len,
+                };
+                map.chunks.insert(r.digest, location);
+            }
+            map.members.insert(id, members);
+            found.push(FoundPack {
+                id,
+                len: scanned.valid_len,
+                modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+        let packs = Packs {
+            dir,
+            target,
+            map: RwLock::new(map),
+            writer: Mutex::new(Writer {
+                next_id: ids.last().map_or(0, |id| id + 1),
+                open: None,
+            }),
+        };
+        Ok((packs, found))
+    }
+
+    pub fn path(&self, id: u64) -> PathBuf {
+        self.dir.join(pack::file_name(id))
+    }
+
+    pub fn locate(&self, digest: &B3Digest) -> Option<Location> {
+        self.map().chunks.get(digest).copied()
+    }
+
+    pub fn contains(&self, digest: &B3Digest) -> bool {
+        self.map().chunks.contains_key(digest)
+    }
+
+    /// Whether each digest is stored, under one lock.
+    pub fn contains_each<'a>(&self, digests: impl Iterator<Item = &'a B3Digest>) -> Vec<bool> {
+        let map = self.map();
+        digests.map(|d| map.chunks.contains_key(d)).collect()
+    }
+
+    /// The id and length of the pack open for appending, if any.
+    pub fn open_pack(&self) -> Option<(u64, u64)> {
+        self.writer().open.as_ref().map(|p| (p.id, p.len))
+    }
+
+    /// Appends `data` as the chunk `digest` (blocking). A chunk already
+    /// stored is not stored again.
+    pub fn append(&self, digest: B3Digest, data: &[u8]) -> Appended {
+        let mut writer = self.writer();
+        let mut sealed = Vec::new();
+        let mut added = 0;
+        let result = self.append_locked(&mut writer, &mut sealed, &mut added, digest, data);
+        Appended {
+            sealed,
+            added,
+            result,
+        }
+    }
+
+    fn append_locked(
+        &self,
+        writer: &mut Writer,
+        sealed: &mut Vec<Sealed>,
+        added: &mut u64,
+        digest: B3Digest,
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        // Checked again under the writer lock: two fills of blobs that
+        // share a chunk store it once.
+        if self.contains(&digest) {
+            return Ok(());
+        }
+        let len = u32::try_from(data.len())
+            .ok()
+            .filter(|&len| len > 0 && len <= pack::MAX_RECORD)
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("a chunk of {} bytes cannot be packed", data.len()),
+                )
+            })?;
+        let record = RECORD_HEADER_LEN + u64::from(len);
+        if let Some(open) = writer.open.take_if(|open| {
+            open.len > MAGIC_LEN && open.len + record > self.target
+        }) {
+            sealed.push(Sealed {
+                id: open.id,
+                len: open.len,
+            });
+        }
+        let open = match &mut writer.open {
+            Some(open) => open,
+            None => {
+                let id = writer.next_id;
+                writer.next_id += 1;
+                let path = self.path(id);
+                let mut file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)?;
+                if let Err(e) = file.write_all(&MAGIC) {
+                    drop(file);
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+                *added += MAGIC_LEN;
+                writer.open.insert(OpenPack {
+                    id,
+                    file,
+                    len: MAGIC_LEN,
+                })
+            }
+        };
+        let start = open.len;
+        let written = open
+            .file
+            .write_all(&pack::record_header(&digest, len))
+            .and_then(|()| open.file.write_all(data));
+        if let Err(e) = written {
+            // Cut the partial record off and append on at its start. If
+            // that fails too the pack's end is unknown: seal it as it was
+            // accounted (scan cuts it back at the next start-up).
+            let rewound = open
+                .file
+                .set_len(start)
+                .and_then(|()| open.file.seek(SeekFrom::Start(start)).map(drop));
+            if rewound.is_err()
+                && let Some(open) = writer.open.take()
+            {
+                sealed.push(Sealed {
+                    id: open.id,
+                    len: open.len,
+                });
+            }
+            return Err(e);
+        }
+        open.len += record;
+        *added += record;
+        let mut map = self.map_mut();
+        map.chunks.insert(
+            digest,
+            Location {
+                pack: open.id,
+                offset: start + RECORD_HEADER_LEN,
+                len,
+            },
+        );
+        map.members.entry(open.id).or_default().push(digest);
+        Ok(())
+    }
+
+    /// Forgets a chunk (found damaged). Its bytes stay in its pack, dead,
+    /// until the pack goes.
+    pub fn forget_chunk(&self, digest: &B3Digest) -> bool {
+        self.map_mut().chunks.remove(digest).is_some()
+    }
+
+    /// Forgets every chunk of pack `id` (evicted, or its file gone).
+    pub fn forget_pack(&self, id: u64) {
+        let mut map = self.map_mut();
+        let Some(members) = map.members.remove(&id) else {
+            return;
+        };
+        for digest in members {
+            if map.chunks.get(&digest).is_some_and(|l| l.pack == id) {
+                map.chunks.remove(&digest);
+            }
+        }
+    }
+
+    // A panic elsewhere while a lock was held leaves the maps as they
+    // were between two whole updates: carry on with them.
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, Map> {
+        self.map.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, Map> {
+        self.map.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
