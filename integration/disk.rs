@@ -202,7 +202,10 @@ async fn corrupt_chunks_and_indexes_are_misses_and_are_dropped() {
         .unwrap();
     assert!(svc.store().get_chunk(&cut.digest).await.unwrap().is_none());
     assert!(!svc.store().has_chunk(&cut.digest).await.unwrap());
-    let first = chunks.iter().find(|c| c.digest == in_pack_order[0].digest).unwrap();
+    let first = chunks
+        .iter()
+        .find(|c| c.digest == in_pack_order[0].digest)
+        .unwrap();
     let data = svc.store().get_chunk_verified(first).await.unwrap();
     assert_eq!(data.map(|d| d.len() as u64), Some(first.size));
 

@@ -855,9 +855,7 @@ impl ChunkStore for DiskStore {
         {
             return Ok(true);
         }
-        let complete = chunks
-            .iter()
-            .all(|c| self.holds(&c.digest));
+        let complete = chunks.iter().all(|c| self.holds(&c.digest));
         if let Some(list) = cached {
             if complete {
                 list.complete_as_of.fetch_max(losses, Ordering::SeqCst);

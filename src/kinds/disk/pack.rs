@@ -2,10 +2,11 @@
 //!
 //! Chunks are appended to a few large files, *packs*, instead of getting a
 //! file each. A file per chunk means an inode allocated for every 256 KiB
-//! written and one freed for every 256 KiB evicted. On ext4 that is the
-//! costliest part of a fill: without a journal, its inode allocator skips
-//! inodes freed in the last minutes, and a cache that evicts as it fills
-//! frees them all the time (see `docs/storage-layout.md`).
+//! written and one freed for every 256 KiB evicted. On ext4 that was the
+//! costliest part of a fill: without a journal, its inode allocator passes
+//! over inodes freed in the last minute or five, one lookup each, and a
+//! cache that evicts as it fills frees them all the time (see
+//! `docs/storage-layout.md`).
 //!
 //! A pack is the file `packs/<id>`, its id as 16 lowercase hex digits. It
 //! starts with [`MAGIC`], then holds records one after another: the
@@ -159,7 +160,13 @@ mod tests {
     fn names_round_trip_and_nothing_else_parses() {
         assert_eq!(parse_name(&file_name(0x2a)), Some(0x2a));
         assert_eq!(parse_name(&file_name(u64::MAX)), Some(u64::MAX));
-        for name in ["2a", "000000000000002A", "00000000000000zz", ".tmp-1-2", "000000000000002a0"] {
+        for name in [
+            "2a",
+            "000000000000002A",
+            "00000000000000zz",
+            ".tmp-1-2",
+            "000000000000002a0",
+        ] {
             assert_eq!(parse_name(name), None, "{name}");
         }
     }

@@ -203,9 +203,10 @@ impl Packs {
                 )
             })?;
         let record = RECORD_HEADER_LEN + u64::from(len);
-        if let Some(open) = writer.open.take_if(|open| {
-            open.len > MAGIC_LEN && open.len + record > self.target
-        }) {
+        if let Some(open) = writer
+            .open
+            .take_if(|open| open.len > MAGIC_LEN && open.len + record > self.target)
+        {
             sealed.push(Sealed {
                 id: open.id,
                 len: open.len,

@@ -7,6 +7,8 @@ use super::*;
 use crate::testkit::pseudo_random;
 use crate::verify::{STORED_SHIFT, bao::outboard_of};
 
+use super::pack;
+
 async fn open(dir: &Path, max_size: u64) -> ChunkedBlobService<DiskStore> {
     ChunkedBlobService::new(DiskStore::open(dir.into(), max_size).await.unwrap())
 }
@@ -97,7 +99,11 @@ async fn an_index_without_its_outboard_file_serves_the_blob_without_one() {
     std::fs::remove_file(file(dir.path(), ObjectKey::Outboard(digest))).unwrap();
 
     assert_eq!(svc.outboard(&digest).await.unwrap(), None);
-    assert!(!svc.store().index.contains_key(&Entry::File(ObjectKey::Outboard(digest))));
+    assert!(
+        !svc.store()
+            .index
+            .contains_key(&Entry::File(ObjectKey::Outboard(digest)))
+    );
     assert!(svc.stat(&digest).await.unwrap().is_some());
     assert!(read_all(&svc, &digest).await == blob);
 
@@ -155,7 +161,11 @@ async fn the_rebuild_finds_outboard_files_and_drops_half_written_ones() {
     let svc = open(dir.path(), 1 << 30).await;
     assert!(!torn.exists(), "leftover temporary file kept");
     assert_eq!(svc.store().used_bytes(), du(dir.path()));
-    assert!(svc.store().index.contains_key(&Entry::File(ObjectKey::Outboard(digest))));
+    assert!(
+        svc.store()
+            .index
+            .contains_key(&Entry::File(ObjectKey::Outboard(digest)))
+    );
     assert_eq!(
         svc.outboard(&digest).await.unwrap(),
         Some(outboard_of(&blob, STORED_SHIFT).1)
@@ -207,9 +217,16 @@ async fn a_blob_that_lost_a_chunk_is_absent_after_cached_stats() {
         assert!(seed < 60, "the first chunk is never evicted");
         put(&svc, &pseudo_random(1 << 20, seed)).await;
         seed += 1;
-        let _ = svc.store().index.get(&Entry::File(ObjectKey::Index(digest)));
+        let _ = svc
+            .store()
+            .index
+            .get(&Entry::File(ObjectKey::Index(digest)));
     }
-    assert!(svc.store().index.contains_key(&Entry::File(ObjectKey::Index(digest))));
+    assert!(
+        svc.store()
+            .index
+            .contains_key(&Entry::File(ObjectKey::Index(digest)))
+    );
     assert!(svc.store().list_cached(&digest));
     assert!(svc.stat(&digest).await.unwrap().is_none());
 }
@@ -225,4 +242,181 @@ async fn a_cached_chunk_list_goes_with_its_index() {
     svc.store().remove(ObjectKey::Index(digest)).await.unwrap();
     assert!(!svc.store().list_cached(&digest));
     assert!(svc.stat(&digest).await.unwrap().is_none());
+}
+
+/// Pack files under `dir`, by name.
+fn packs_in(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn chunks_go_to_packs_sealed_at_their_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 64 << 20;
+    let target = pack_target(max);
+    assert_eq!(target, 2 << 20);
+    let svc = open(dir.path(), max).await;
+    let mut blobs = Vec::new();
+    for seed in 40..43 {
+        let blob = pseudo_random(5 << 20, seed);
+        blobs.push((put(&svc, &blob).await, blob));
+    }
+    assert!(!dir.path().join("chunks").exists());
+    let packs = packs_in(dir.path());
+    // 15 MiB in packs of at most 2 MiB, the last one still open.
+    assert!(packs.len() >= 8, "{} packs", packs.len());
+    let (open_id, open_len) = svc.store().packs.open_pack().unwrap();
+    for path in &packs {
+        let len = std::fs::metadata(path).unwrap().len();
+        assert!(len <= target, "{} holds {len} bytes", path.display());
+        let id = pack::parse_name(path.file_name().unwrap().to_str().unwrap()).unwrap();
+        if id == open_id {
+            assert_eq!(len, open_len);
+        } else {
+            assert_eq!(svc.store().index.get(&Entry::Pack(id)), Some(len));
+        }
+    }
+    let stored = stored_chunks(dir.path()).unwrap();
+    for c in &stored {
+        assert_eq!(B3Digest::of(&c.data), c.digest);
+        assert!(svc.store().holds(&c.digest));
+    }
+    assert_eq!(svc.store().used_bytes(), du(dir.path()));
+
+    // The same after a restart, which appends to a new pack.
+    drop(svc);
+    let svc = open(dir.path(), max).await;
+    assert_eq!(svc.store().packs.open_pack(), None);
+    for (digest, blob) in &blobs {
+        assert!(read_all(&svc, digest).await == *blob);
+    }
+    put(&svc, &pseudo_random(1 << 20, 43)).await;
+    let (new_id, _) = svc.store().packs.open_pack().unwrap();
+    assert!(new_id > open_id);
+    assert_eq!(svc.store().used_bytes(), du(dir.path()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_is_stored_once_however_often_it_is_put() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open(dir.path(), 1 << 30).await;
+    let store = svc.store();
+    let chunks: Vec<Bytes> = (90..98)
+        .map(|seed| pseudo_random(200_000, seed).into())
+        .collect();
+    // Each chunk put four times over, the four at once.
+    for _ in 0..2 {
+        futures::future::try_join_all(
+            chunks
+                .iter()
+                .flat_map(|c| (0..4).map(move |_| store.put_chunk(B3Digest::of(c), c.clone()))),
+        )
+        .await
+        .unwrap();
+    }
+    let stored = stored_chunks(dir.path()).unwrap();
+    assert_eq!(stored.len(), chunks.len(), "a chunk was stored twice");
+    for c in &chunks {
+        let got = store.get_chunk(&B3Digest::of(c)).await.unwrap();
+        assert_eq!(got.as_ref(), Some(c));
+    }
+    assert_eq!(store.used_bytes(), du(dir.path()));
+}
+
+#[tokio::test]
+async fn an_evicted_pack_takes_its_chunks_and_their_blobs_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 32 << 20;
+    let svc = open(dir.path(), max).await;
+    let oldest = put(&svc, &pseudo_random(3 << 20, 60)).await;
+    let chunks = svc.stat(&oldest).await.unwrap().unwrap().chunks;
+    let first_pack = svc.store().packs.locate(&chunks[0].digest).unwrap().pack;
+    let mut seed = 61;
+    while svc.store().packs.path(first_pack).exists() {
+        assert!(seed < 120, "the first pack is never evicted");
+        put(&svc, &pseudo_random(2 << 20, seed)).await;
+        seed += 1;
+    }
+    assert!(!svc.store().holds(&chunks[0].digest));
+    assert!(svc.stat(&oldest).await.unwrap().is_none());
+    // What the map holds and what the packs hold agree.
+    let stored = stored_chunks(dir.path()).unwrap();
+    for c in &stored {
+        assert!(
+            svc.store().holds(&c.digest),
+            "{} is stored but unknown",
+            c.digest
+        );
+    }
+    let known = svc
+        .store()
+        .packs
+        .contains_each(stored.iter().map(|c| &c.digest));
+    assert!(known.iter().all(|&k| k));
+    assert!(svc.store().used_bytes() <= max);
+    assert_eq!(svc.store().used_bytes(), du(dir.path()));
+}
+
+#[tokio::test]
+async fn a_pack_deleted_behind_the_stores_back_is_a_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open(dir.path(), 1 << 30).await;
+    let digest = put(&svc, &pseudo_random(3 << 20, 70)).await;
+    let chunks = svc.stat(&digest).await.unwrap().unwrap().chunks;
+    for path in packs_in(dir.path()) {
+        std::fs::remove_file(path).unwrap();
+    }
+    assert_eq!(
+        svc.store().get_chunk(&chunks[0].digest).await.unwrap(),
+        None
+    );
+    assert!(!svc.store().holds(&chunks[0].digest));
+    assert!(svc.stat(&digest).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn chunk_files_of_older_versions_are_read_and_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = pseudo_random(3 << 20, 80);
+    let digest = {
+        let svc = open(dir.path(), 1 << 30).await;
+        put(&svc, &blob).await
+    };
+    // As older versions stored them: a file per chunk.
+    let chunks = stored_chunks(dir.path()).unwrap();
+    for c in &chunks {
+        let path = file(dir.path(), ObjectKey::Chunk(c.digest));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, &c.data).unwrap();
+    }
+    std::fs::remove_dir_all(dir.path().join("packs")).unwrap();
+
+    let max = 16 << 20;
+    let svc = open(dir.path(), max).await;
+    assert!(svc.store().holds(&chunks[0].digest));
+    assert!(!svc.store().packs.contains(&chunks[0].digest));
+    assert!(read_all(&svc, &digest).await == blob);
+    // A damaged one is removed.
+    let victim = file(dir.path(), ObjectKey::Chunk(chunks[1].digest));
+    std::fs::write(&victim, b"not the chunk").unwrap();
+    let meta = ChunkMeta {
+        digest: chunks[1].digest,
+        size: chunks[1].data.len() as u64,
+    };
+    assert!(svc.store().get_chunk_verified(&meta).await.is_err());
+    svc.store().discard_chunk(&meta.digest).await.unwrap();
+    assert!(!victim.exists());
+    // Newer blobs push the old files out.
+    for seed in 81..90 {
+        put(&svc, &pseudo_random(2 << 20, seed)).await;
+    }
+    let first = file(dir.path(), ObjectKey::Chunk(chunks[0].digest));
+    assert!(!first.exists(), "an old chunk file outlived the bound");
+    assert!(!svc.store().holds(&chunks[0].digest));
+    assert_eq!(svc.store().used_bytes(), du(dir.path()));
 }
