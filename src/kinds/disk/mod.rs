@@ -157,8 +157,9 @@ pub struct DiskStore {
     /// a decoding of its file: whether the index exists is always asked of
     /// `index`.
     lists: moka::sync::Cache<B3Digest, Arc<CachedList>>,
-    /// How many times a chunk left `index` (evicted, damaged, vanished):
-    /// while it is unchanged, a chunk list found complete still is.
+    /// How many times chunks were lost (a pack or chunk file evicted or
+    /// vanished, a chunk found damaged): while it is unchanged, a chunk
+    /// list found complete still is.
     chunk_losses: Arc<AtomicU64>,
 }
 
