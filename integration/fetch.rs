@@ -3,20 +3,22 @@
 //! chunk by chunk if that Read breaks, and chunk by chunk — only the
 //! missing ones — when another blob already brought some of them; a direct
 //! read (no fill) from the start in one Read as well; a fill through a
-//! `race` of mirrors in one Read too.
+//! `race` of mirrors in one Read too; a small blob inline with its Stat,
+//! with no Read at all.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use strata::B3Digest;
-use strata::proto::snix::{BlobChunk, StatBlobRequest};
+use strata::proto::snix::{BlobChunk, StatBlobRequest, StatBlobResponse};
 use tonic::Status;
 
 use crate::front::{FrontHooks, ReadStream, serve_front};
 use crate::harness::{
-    Daemon, disk_sidecar, memory_origin, put_blob, read_blob, snix_client, test_data, wait_for_fill,
+    Daemon, disk_sidecar, memory_origin, put_blob, read_blob, snix_client, start_daemon, test_data,
+    wait_for_fill,
 };
 
 /// Counts the Reads that go through, by digest; with `cut_after`, breaks
@@ -269,4 +271,130 @@ async fn a_cold_blob_comes_in_one_read_through_a_race() {
     drop(origin);
     let again = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
     assert!(again == blob);
+}
+
+/// What an [`InlineFront`] does to the inline bytes of a Stat answer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Inline {
+    /// Passes them on.
+    Forward,
+    /// Drops them, as a stock snix peer (which knows no such field) would.
+    Strip,
+    /// Flips a bit in them.
+    Lie,
+}
+
+/// Counts the Stats and Reads it forwards, and treats inline bytes as
+/// `mode` says.
+#[derive(Clone)]
+struct InlineFront {
+    mode: Inline,
+    stats: Arc<AtomicUsize>,
+    reads: Arc<AtomicUsize>,
+}
+
+impl InlineFront {
+    fn new(mode: Inline) -> Self {
+        InlineFront {
+            mode,
+            stats: Arc::default(),
+            reads: Arc::default(),
+        }
+    }
+
+    /// Stats and Reads forwarded so far.
+    fn calls(&self) -> (usize, usize) {
+        (
+            self.stats.load(Ordering::SeqCst),
+            self.reads.load(Ordering::SeqCst),
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl FrontHooks for InlineFront {
+    async fn before(&self, method: &'static str, _digest: &[u8]) -> Result<(), Status> {
+        match method {
+            "stat" => self.stats.fetch_add(1, Ordering::SeqCst),
+            _ => self.reads.fetch_add(1, Ordering::SeqCst),
+        };
+        Ok(())
+    }
+
+    fn stat_answer(&self, answer: &mut StatBlobResponse) {
+        match self.mode {
+            Inline::Forward => {}
+            Inline::Strip => answer.inline_data = Default::default(),
+            Inline::Lie => {
+                let mut lie = answer.inline_data.to_vec();
+                if let Some(byte) = lie.get_mut(7) {
+                    *byte ^= 1;
+                }
+                answer.inline_data = lie.into();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_small_blob_comes_with_its_stat() {
+    let blob = test_data(100_000, 90);
+    let origin = memory_origin().await;
+    let digest = put_blob(&origin.tcp_addr(), &blob).await;
+
+    // Through a strata peer: one Stat that brings the blob, no Read; then
+    // the blob is local.
+    let front = InlineFront::new(Inline::Forward);
+    let addr = serve_front(&origin.tcp_addr(), front.clone()).await;
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = disk_sidecar(near.path(), &addr, "sync").await;
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(got == blob, "wrong bytes");
+    assert_eq!(front.calls(), (1, 0), "(Stats, Reads) of the peer");
+    wait_for_fill(&sidecar).await;
+    assert!(read_blob(&sidecar.tcp_addr(), &digest).await.unwrap() == blob);
+    assert_eq!(front.calls(), (1, 0), "the second read was not local");
+
+    // Through a peer that sends nothing inline: a Stat, then a Read.
+    let front = InlineFront::new(Inline::Strip);
+    let addr = serve_front(&origin.tcp_addr(), front.clone()).await;
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = disk_sidecar(near.path(), &addr, "sync").await;
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(got == blob, "wrong bytes");
+    assert_eq!(front.calls(), (1, 1), "(Stats, Reads) of the peer");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_that_lies_inline_is_passed_over() {
+    let blob = test_data(100_000, 91);
+    let origin = memory_origin().await;
+    let digest = put_blob(&origin.tcp_addr(), &blob).await;
+    let liar = InlineFront::new(Inline::Lie);
+    let liar_addr = serve_front(&origin.tcp_addr(), liar.clone()).await;
+
+    // Alone: the read fails, and nothing reaches the near tier.
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = disk_sidecar(near.path(), &liar_addr, "sync").await;
+    assert!(read_blob(&sidecar.tcp_addr(), &digest).await.is_err());
+    assert_eq!(liar.calls(), (1, 0), "(Stats, Reads) of the liar");
+    let stored = strata::kinds::disk::stored_chunks(near.path()).unwrap();
+    assert!(stored.is_empty(), "a lie was stored");
+
+    // Before an honest peer: the read goes on to it, and gets the blob.
+    let near = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"near\", \"liar\", \"honest\"]\n\n\
+         [blobservices.near]\ntype = \"disk\"\npath = {}\n\n\
+         [blobservices.liar]\ntype = \"grpc\"\nurl = \"{liar_addr}\"\n\n\
+         [blobservices.honest]\ntype = \"grpc\"\nurl = \"{}\"\n",
+        toml::Value::String(near.path().display().to_string()),
+        origin.tcp_addr(),
+    );
+    let sidecar = start_daemon(config).await;
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(got == blob, "wrong bytes");
+    for chunk in strata::kinds::disk::stored_chunks(near.path()).unwrap() {
+        assert_eq!(B3Digest::of(&chunk.data), chunk.digest);
+    }
 }

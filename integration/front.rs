@@ -30,8 +30,8 @@ pub trait FrontHooks: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Sees each Stat answer before the client does.
-    fn stat_answer(&self, answer: &StatBlobResponse) {
+    /// Sees (and may reshape) each Stat answer before the client does.
+    fn stat_answer(&self, answer: &mut StatBlobResponse) {
         let _ = answer;
     }
 
@@ -57,8 +57,8 @@ impl<H: FrontHooks> BlobService for Front<H> {
     ) -> Result<Response<StatBlobResponse>, Status> {
         let request = request.into_inner();
         self.hooks.before("stat", &request.digest).await?;
-        let answer = self.upstream.clone().stat(request).await?;
-        self.hooks.stat_answer(answer.get_ref());
+        let mut answer = self.upstream.clone().stat(request).await?;
+        self.hooks.stat_answer(answer.get_mut());
         Ok(answer)
     }
 

@@ -103,7 +103,7 @@ struct Trickle {
 }
 
 impl FrontHooks for Trickle {
-    fn stat_answer(&self, answer: &StatBlobResponse) {
+    fn stat_answer(&self, answer: &mut StatBlobResponse) {
         if let Some(first) = answer.chunks.first() {
             *self.first_chunk.lock().unwrap() = Some(first.digest.to_vec());
         }

@@ -79,6 +79,17 @@ pub trait BlobService: Send + Sync + 'static {
     /// Size and chunk list of a blob, or `None` if it is absent.
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>>;
 
+    /// A [`stat`](Self::stat) made because a read of the blob follows.
+    ///
+    /// A remote service may bring a small blob's bytes along with the
+    /// answer, verify them, and keep them for that read, which then costs
+    /// no round trip of its own: a cold small blob through a sidecar is
+    /// one round trip to the peer instead of two. The default is a plain
+    /// Stat.
+    async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        self.stat(digest).await
+    }
+
     /// The blob's outboard, checked against the digest (or computed by
     /// strata itself), at the shift the service keeps; `None` if the blob
     /// is absent or the service has no outboard for it.
@@ -197,6 +208,9 @@ impl<T: BlobService + ?Sized> BlobService for std::sync::Arc<T> {
     }
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
         (**self).stat(digest).await
+    }
+    async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        (**self).stat_before_read(digest).await
     }
     async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
         (**self).outboard(digest).await

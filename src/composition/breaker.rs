@@ -231,6 +231,10 @@ impl BlobService for BreakerService {
         self.guarded(self.inner.stat(digest)).await
     }
 
+    async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        self.guarded(self.inner.stat_before_read(digest)).await
+    }
+
     async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
         self.guarded(self.inner.outboard(digest)).await
     }

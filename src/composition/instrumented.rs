@@ -122,6 +122,20 @@ impl BlobService for InstrumentedService {
         found
     }
 
+    async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        let m = &self.metrics;
+        let found = self
+            .observe(
+                "stat",
+                digest,
+                &m.stat_seconds,
+                self.inner.stat_before_read(digest),
+            )
+            .await;
+        self.count_lookup(&found);
+        found
+    }
+
     async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
         let m = &self.metrics;
         self.observe(

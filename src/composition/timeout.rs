@@ -61,6 +61,10 @@ impl BlobService for TimeoutService {
         self.bounded(self.inner.stat(digest)).await
     }
 
+    async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        self.bounded(self.inner.stat_before_read(digest)).await
+    }
+
     async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
         self.bounded(self.inner.outboard(digest)).await
     }

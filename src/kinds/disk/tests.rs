@@ -173,11 +173,12 @@ async fn the_rebuild_finds_outboard_files_and_drops_half_written_ones() {
     assert!(svc.stat(&orphan_digest).await.unwrap().is_none());
     assert_eq!(svc.outboard(&orphan_digest).await.unwrap(), None);
 
-    // Fill the cache with other blobs: the orphan goes first.
+    // Fill the cache with other blobs, half as much again as it holds:
+    // the orphan goes in its turn.
     let max = 8 << 20;
     drop(svc);
     let svc = open(dir.path(), max).await;
-    for seed in 10..14 {
+    for seed in 10..16 {
         put(&svc, &pseudo_random(2 << 20, seed)).await;
     }
     assert!(

@@ -42,6 +42,7 @@
 //! Read from the moment it is opened to the last byte fetched from the
 //! peer, however steadily the bytes trickle in.
 
+mod inlined;
 mod read_answer;
 
 use std::path::PathBuf;
@@ -77,6 +78,7 @@ use crate::proto::snix::{
 use crate::proto::{snix, tvix};
 use crate::verify::bao::MAX_VERIFY_SHIFT;
 use crate::verify::{Outboard, STORED_SHIFT, cut_chunks, spool_verified, verify_chunk_meta};
+use inlined::{INLINE_MAX, Inlined};
 use read_answer::{Payload, ReadClient};
 
 /// Chunks read ahead of the read position on the chunked path.
@@ -90,6 +92,9 @@ struct PeerStat {
     /// Checked against the digest; `None` if the peer sent none (or one too
     /// coarse to stream with).
     outboard: Option<Outboard>,
+    /// The whole blob, if it was asked for inline and the peer sent it
+    /// (unchecked).
+    inline: Bytes,
 }
 
 /// Largest message sent in a Put stream.
@@ -342,6 +347,8 @@ pub struct GrpcBlobService {
     retries: u32,
     retry_backoff: Duration,
     retry_counter: Counter,
+    /// Small blobs that came with a Stat, for the read that follows.
+    inlined: Inlined,
 }
 
 impl GrpcBlobService {
@@ -397,6 +404,7 @@ impl GrpcBlobService {
             retries: options.retries,
             retry_backoff: options.retry_backoff,
             retry_counter: options.retry_counter,
+            inlined: Inlined::default(),
         })
     }
 
@@ -522,13 +530,20 @@ impl GrpcBlobService {
     }
 
     /// The peer's Stat, checked for internal consistency; with `send_bao`,
-    /// also its outboard (checked against the digest).
-    async fn stat_raw(&self, digest: &B3Digest, send_bao: bool) -> Result<Option<PeerStat>> {
+    /// also its outboard (checked against the digest). A blob of up to
+    /// `inline_max` bytes may come with it, unchecked.
+    async fn stat_raw(
+        &self,
+        digest: &B3Digest,
+        send_bao: bool,
+        inline_max: u64,
+    ) -> Result<Option<PeerStat>> {
         if digest.is_empty_blob() {
             return Ok(Some(PeerStat {
                 size: Some(0),
                 chunks: Vec::new(),
                 outboard: None,
+                inline: Bytes::new(),
             }));
         }
         let req = StatBlobRequest {
@@ -536,7 +551,7 @@ impl GrpcBlobService {
             send_chunks: true,
             send_bao,
             bao_shift: if send_bao { STORED_SHIFT.into() } else { 0 },
-            ..Default::default()
+            inline_max_size: inline_max,
         };
         let answer = self
             .retrying("stat", digest, || async {
@@ -582,7 +597,47 @@ impl GrpcBlobService {
             size,
             chunks,
             outboard,
+            inline: resp.inline_data,
         }))
+    }
+
+    /// The peer's Stat, asking for a blob of up to `inline_max` bytes
+    /// inline. A single-piece blob that came inline is checked and kept in
+    /// [`Inlined`] for the read that follows; bytes that do not match are
+    /// the peer lying (an error).
+    async fn stat_inlining(&self, digest: &B3Digest, inline_max: u64) -> Result<Option<BlobStat>> {
+        self.by_deadline(self.request_deadline(), async {
+            let Some(stat) = self.stat_raw(digest, false, inline_max).await? else {
+                return Ok(None);
+            };
+            // Only what was asked for; a multi-chunk blob is read along its
+            // list, not from here.
+            let mut size = stat.size;
+            let asked = (1..=inline_max).contains(&(stat.inline.len() as u64));
+            if asked && stat.chunks.len() < 2 {
+                let len = stat.inline.len() as u64;
+                if let Err(e) = self.inlined.check_and_keep(digest, size, stat.inline) {
+                    warn!(peer = %self.addr, %digest, error = %e, "peer sent bad inline data");
+                    return Err(e.into());
+                }
+                size = Some(len);
+            }
+            let size = match size {
+                Some(size) => size,
+                // A stock peer that keeps the blob in one piece says
+                // nothing about its size; the only trustworthy way to learn
+                // it is a verified read.
+                None => match self.fetch_verified(digest, None, None).await? {
+                    Some(reader) => reader.len(),
+                    None => return Ok(None),
+                },
+            };
+            Ok(Some(BlobStat {
+                size,
+                chunks: stat.chunks,
+            }))
+        })
+        .await
     }
 
     /// Checks the outboard a peer sent against the digest. A wrong one is
@@ -694,26 +749,14 @@ impl GrpcBlobService {
 impl BlobService for GrpcBlobService {
     #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        self.by_deadline(self.request_deadline(), async {
-            let Some(stat) = self.stat_raw(digest, false).await? else {
-                return Ok(None);
-            };
-            let size = match stat.size {
-                Some(size) => size,
-                // A stock peer that keeps the blob in one piece says
-                // nothing about its size; the only trustworthy way to learn
-                // it is a verified read.
-                None => match self.fetch_verified(digest, None, None).await? {
-                    Some(reader) => reader.len(),
-                    None => return Ok(None),
-                },
-            };
-            Ok(Some(BlobStat {
-                size,
-                chunks: stat.chunks,
-            }))
-        })
-        .await
+        self.stat_inlining(digest, 0).await
+    }
+
+    /// Asks for a blob of up to [`INLINE_MAX`] bytes inline, and keeps it
+    /// (checked) for the read that follows.
+    #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
+    async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        self.stat_inlining(digest, INLINE_MAX).await
     }
 
     /// Asks the peer for the outboard at the shift strata stores (or the
@@ -721,7 +764,7 @@ impl BlobService for GrpcBlobService {
     #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
     async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
         let stat = self
-            .by_deadline(self.request_deadline(), self.stat_raw(digest, true))
+            .by_deadline(self.request_deadline(), self.stat_raw(digest, true, 0))
             .await?;
         Ok(stat.and_then(|stat| stat.outboard))
     }
@@ -729,8 +772,11 @@ impl BlobService for GrpcBlobService {
     #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
         let deadline = self.request_deadline();
+        if let Some(data) = self.inlined.take(digest) {
+            return Ok(Some(Box::new(BufferedReader::new(data)) as _));
+        }
         self.by_deadline(deadline, async {
-            let Some(stat) = self.stat_raw(digest, true).await? else {
+            let Some(stat) = self.stat_raw(digest, true, 0).await? else {
                 return Ok(None);
             };
             if stat.size == Some(0) && digest.is_empty_blob() {
@@ -783,6 +829,14 @@ impl BlobService for GrpcBlobService {
     /// came in one piece) and hashed once, rather than spooled and read
     /// back.
     async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+        // Checked against the digest when kept, and a digest has one length.
+        if let Some(data) = self
+            .inlined
+            .take(&chunk.digest)
+            .filter(|data| data.len() as u64 == chunk.size)
+        {
+            return Ok(Some(data));
+        }
         self.by_deadline(self.request_deadline(), async {
             let digest = &chunk.digest;
             let Some(mut stream) = self
@@ -1116,6 +1170,97 @@ mod tests {
         assert_eq!(retries.get(), 0);
         let sent = tonic::Status::unavailable("the peer's own tiers are down");
         assert!(!status_is_connection_failure(&sent));
+    }
+
+    /// A peer whose Stat brings `data` inline (whatever was asked), and
+    /// which counts the Reads it refuses.
+    struct InlinePeer {
+        data: Bytes,
+        reads: Counter,
+    }
+
+    #[tonic::async_trait]
+    impl snix::blob_service_server::BlobService for InlinePeer {
+        async fn stat(
+            &self,
+            _: tonic::Request<StatBlobRequest>,
+        ) -> std::result::Result<tonic::Response<StatBlobResponse>, tonic::Status> {
+            Ok(tonic::Response::new(StatBlobResponse {
+                size: self.data.len() as u64,
+                inline_data: self.data.clone(),
+                ..Default::default()
+            }))
+        }
+
+        type ReadStream = BoxStream<'static, std::result::Result<BlobChunk, tonic::Status>>;
+
+        async fn read(
+            &self,
+            _: tonic::Request<ReadBlobRequest>,
+        ) -> std::result::Result<tonic::Response<Self::ReadStream>, tonic::Status> {
+            self.reads.inc();
+            Err(tonic::Status::unimplemented("no Reads here"))
+        }
+
+        async fn put(
+            &self,
+            _: tonic::Request<tonic::Streaming<BlobChunk>>,
+        ) -> std::result::Result<tonic::Response<PutBlobResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("no Puts here"))
+        }
+    }
+
+    async fn inline_peer(data: &'static [u8], reads: &Counter) -> GrpcBlobService {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fake = InlinePeer {
+            data: Bytes::from_static(data),
+            reads: reads.clone(),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(snix::blob_service_server::BlobServiceServer::new(fake))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        peer(addr, 0, &Counter::default())
+    }
+
+    /// A blob that came with the Stat before a read is that read's answer,
+    /// once; bytes that are not the blob asked for are the peer lying.
+    #[tokio::test]
+    async fn a_stat_before_a_read_brings_the_blob_for_it() {
+        let data: &'static [u8] = b"a small blob, inline";
+        let digest = B3Digest::of(data);
+        let reads = Counter::default();
+        let svc = inline_peer(data, &reads).await;
+
+        let stat = svc.stat_before_read(&digest).await.unwrap().unwrap();
+        assert_eq!(stat.size, data.len() as u64);
+        let chunk = ChunkMeta {
+            digest,
+            size: stat.size,
+        };
+        assert_eq!(svc.read_chunk(&chunk).await.unwrap().as_deref(), Some(data));
+        svc.stat_before_read(&digest).await.unwrap();
+        let mut reader = svc.open_read(&digest).await.unwrap().unwrap();
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(got, data);
+        assert_eq!(reads.get(), 0, "a Read went out");
+        // Taken once: the next read asks the peer.
+        assert!(svc.read_chunk(&chunk).await.is_err());
+        assert_eq!(reads.get(), 1);
+
+        // A plain Stat does not ask for the blob, nor keep it.
+        svc.stat(&digest).await.unwrap();
+        assert!(svc.inlined.take(&digest).is_none());
+
+        let other = B3Digest::of(b"another blob");
+        let err = svc.stat_before_read(&other).await.unwrap_err();
+        assert!(matches!(err.root(), Error::Verification(_)), "{err}");
+        assert!(svc.inlined.take(&other).is_none());
     }
 
     /// `request_timeout` bounds a Stat even when the peer accepts the

@@ -340,12 +340,30 @@ impl TiersService {
     }
 }
 
+/// Why [`Inner::locate`] looks for a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// To answer a Stat.
+    Stat,
+    /// To read it next ([`BlobService::stat_before_read`]).
+    Read,
+}
+
 impl Inner {
     /// The nearest tier from `from` on that has the blob, and its Stat.
-    async fn locate(&self, digest: &B3Digest, from: usize) -> Result<Option<(usize, BlobStat)>> {
+    async fn locate(
+        &self,
+        digest: &B3Digest,
+        from: usize,
+        purpose: Purpose,
+    ) -> Result<Option<(usize, BlobStat)>> {
         let mut failures = Vec::new();
         for (i, m) in self.members.iter().enumerate().skip(from) {
-            match m.svc.stat(digest).await {
+            let stat = match purpose {
+                Purpose::Stat => m.svc.stat(digest).await,
+                Purpose::Read => m.svc.stat_before_read(digest).await,
+            };
+            match stat {
                 Ok(Some(stat)) => return Ok(Some((i, stat))),
                 Ok(None) => {}
                 Err(e) => {
@@ -771,12 +789,24 @@ impl Inner {
 #[async_trait]
 impl BlobService for TiersService {
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        Ok(self.inner.locate(digest, 0).await?.map(|(_, stat)| stat))
+        Ok(self
+            .inner
+            .locate(digest, 0, Purpose::Stat)
+            .await?
+            .map(|(_, stat)| stat))
+    }
+
+    async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        Ok(self
+            .inner
+            .locate(digest, 0, Purpose::Read)
+            .await?
+            .map(|(_, stat)| stat))
     }
 
     /// The outboard of the nearest tier that has the blob.
     async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
-        match self.inner.locate(digest, 0).await? {
+        match self.inner.locate(digest, 0, Purpose::Stat).await? {
             Some((k, _)) => self.inner.members[k].svc.outboard(digest).await,
             None => Ok(None),
         }
@@ -789,7 +819,7 @@ impl BlobService for TiersService {
         let mut from = 0;
         let mut lie: Option<Error> = None;
         loop {
-            let Some((k, stat)) = self.inner.locate(digest, from).await? else {
+            let Some((k, stat)) = self.inner.locate(digest, from, Purpose::Read).await? else {
                 // Absent from the honest tiers: a liar's error says more.
                 return lie.map_or(Ok(None), Err);
             };
