@@ -126,13 +126,18 @@ impl TierConfig for DiskConfig {
 /// whole is a small part of a cache.
 pub const MAX_PACK: u64 = 64 << 20;
 
-/// The size at which a cache of `max_size` seals its packs: at most
-/// [`MAX_PACK`], and a thirty-second of the cache, so that a small cache
-/// still evicts in steps small against its size. The index holds the rest
-/// of `max_size`: together with the open pack, the directory stays within
-/// it.
+/// The smallest pack target: room for one chunk of the largest size
+/// FastCDC cuts by default (512 KiB), so the open pack never outgrows it.
+const MIN_PACK: u64 = pack::MAGIC_LEN + pack::RECORD_HEADER_LEN + (512 << 10);
+
+/// The size at which a cache of `max_size` seals its packs: a
+/// thirty-second of the cache, so that a small cache still evicts in steps
+/// small against its size, within [`MIN_PACK`] and [`MAX_PACK`]. The index
+/// holds the rest of `max_size`: together with the open pack, the directory
+/// stays within it (unless a fill brings a chunk larger than the target,
+/// cut by a peer with a larger average: then by that chunk at most).
 fn pack_target(max_size: u64) -> u64 {
-    (max_size / 32).min(MAX_PACK)
+    (max_size / 32).clamp(MIN_PACK, MAX_PACK)
 }
 
 /// An entry of a disk tier's index: what is evicted as one.
@@ -148,6 +153,9 @@ enum Entry {
 /// The [`ChunkStore`] behind a `disk` tier.
 pub struct DiskStore {
     root: PathBuf,
+    /// Held while the store is open: two stores on one directory would
+    /// delete each other's files and append to each other's packs.
+    _lock: std::fs::File,
     index: moka::sync::Cache<Entry, u64>,
     packs: Arc<Packs>,
     max_size: u64,
@@ -283,7 +291,8 @@ impl DiskStore {
     ) -> Result<Self> {
         let scan_root = root.clone();
         let target = pack_target(max_size);
-        let (packs, found) = tokio::task::spawn_blocking(move || {
+        let (lock, packs, found) = tokio::task::spawn_blocking(move || {
+            let lock = lock_dir(&scan_root)?;
             let (packs, found_packs) = Packs::open(scan_root.join("packs"), target)?;
             let mut found = prepare_and_scan(&scan_root)?;
             found.extend(
@@ -292,7 +301,7 @@ impl DiskStore {
                     .map(|p| (Entry::Pack(p.id), p.len, p.modified)),
             );
             found.sort_by_key(|(_, _, mtime)| *mtime);
-            std::io::Result::Ok((packs, found))
+            std::io::Result::Ok((lock, packs, found))
         })
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))?
@@ -319,7 +328,7 @@ impl DiskStore {
         let stale = lists.clone();
         let index = moka::sync::Cache::builder()
             // Room for the open pack, which the index does not hold.
-            .max_capacity(max_size - target)
+            .max_capacity(max_size.saturating_sub(target))
             .weigher(|_, size: &u64| u32::try_from(*size).unwrap_or(u32::MAX))
             // LRU rather than TinyLFU: TinyLFU may refuse to admit a new
             // entry, which would delete a chunk right after it was written.
@@ -366,6 +375,7 @@ impl DiskStore {
         info!(path = %root.display(), files, bytes, max_size, "disk cache opened");
         Ok(DiskStore {
             root,
+            _lock: lock,
             index,
             packs,
             max_size,
@@ -377,7 +387,7 @@ impl DiskStore {
     }
 
     /// Bytes of the files the index accounts for and of the pack open for
-    /// appending: at most `max_size`, give or take a chunk.
+    /// appending: at most `max_size` (see [`pack_target`]).
     pub fn used_bytes(&self) -> u64 {
         self.index.run_pending_tasks();
         self.index.weighted_size() + self.packs.open_pack().map_or(0, |(_, len)| len)
@@ -674,6 +684,29 @@ enum Found {
     /// The file there, read.
     Read(FileId, Bytes),
 }
+
+/// Takes the lock on the cache directory `root` (created if missing), or
+/// fails if another store, in this process or another, holds it.
+fn lock_dir(root: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(root)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(root.join(LOCK_FILE))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::new(
+            std::io::ErrorKind::ResourceBusy,
+            "in use by another disk tier (of this process or another); \
+             give each disk tier a directory of its own",
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// The file a store holds a lock on while it has the directory open.
+pub const LOCK_FILE: &str = "lock";
 
 /// Creates the directory layout, deletes files left half-written, and lists
 /// every stored file outside the packs as (entry, size, mtime).

@@ -215,14 +215,7 @@ impl Packs {
         let open = match &mut writer.open {
             Some(open) => open,
             None => {
-                let id = writer.next_id;
-                writer.next_id += 1;
-                let path = self.path(id);
-                let mut file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)?;
+                let (id, path, mut file) = self.create(writer)?;
                 if let Err(e) = file.write_all(&MAGIC) {
                     drop(file);
                     let _ = std::fs::remove_file(&path);
@@ -272,6 +265,30 @@ impl Packs {
         );
         map.members.entry(open.id).or_default().push(digest);
         Ok(())
+    }
+
+    /// Creates the next pack. An id taken since start-up (by another
+    /// process on the same directory, which is not supported but must not
+    /// stop this one) is skipped.
+    fn create(&self, writer: &mut Writer) -> std::io::Result<(u64, PathBuf, File)> {
+        let mut tries = 0;
+        loop {
+            let id = writer.next_id;
+            writer.next_id += 1;
+            let path = self.path(id);
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(file) => return Ok((id, path, file)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 64 => {
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Forgets a chunk (found damaged). Its bytes stay in its pack, dead,

@@ -421,3 +421,30 @@ async fn chunk_files_of_older_versions_are_read_and_evicted() {
     assert!(!svc.store().holds(&chunks[0].digest));
     assert_eq!(svc.store().used_bytes(), du(dir.path()));
 }
+
+#[tokio::test]
+async fn a_pack_name_taken_behind_the_stores_back_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open(dir.path(), 1 << 30).await;
+    for id in 0..3 {
+        std::fs::write(dir.path().join("packs").join(pack::file_name(id)), b"taken").unwrap();
+    }
+    let blob = pseudo_random(1 << 20, 100);
+    let digest = put(&svc, &blob).await;
+    assert_eq!(svc.store().packs.open_pack().map(|(id, _)| id), Some(3));
+    assert!(read_all(&svc, &digest).await == blob);
+}
+
+#[tokio::test]
+async fn a_directory_serves_one_store_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = DiskStore::open(dir.path().into(), 1 << 30).await.unwrap();
+    let Err(err) = DiskStore::open(dir.path().into(), 1 << 30).await else {
+        panic!("a second store opened the same directory");
+    };
+    let message = err.to_string();
+    assert!(message.contains("in use by another disk tier"), "{message}");
+    assert!(message.contains(&dir.path().display().to_string()), "{message}");
+    drop(first);
+    DiskStore::open(dir.path().into(), 1 << 30).await.unwrap();
+}
