@@ -28,6 +28,8 @@
 //!   temporary directory made ext4's inode allocator a hot spot;
 //! * `chunks/<2 hex>/<64 hex>`: a chunk in a file of its own, as older
 //!   versions stored them: still read, and evicted in turn, never written.
+//! * `lock`: locked while a store has the directory open, so that two
+//!   disk tiers never share one.
 //!
 //! Index and outboard files are written to a temporary name and renamed
 //! into place, so a reader (or a restart after kill -9) sees a whole file
