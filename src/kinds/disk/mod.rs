@@ -605,7 +605,7 @@ impl DiskStore {
             // Evicted since it was located, or deleted behind the store's
             // back: forget all it held.
             ChunkAt::Pack(_, at) => {
-                self.packs.forget_pack(at.pack);
+                self.packs.lost_pack(at.pack);
                 self.chunk_losses.fetch_add(1, Ordering::SeqCst);
                 self.index.invalidate(&Entry::Pack(at.pack));
             }

@@ -297,6 +297,17 @@ impl Packs {
         self.map_mut().chunks.remove(digest).is_some()
     }
 
+    /// Forgets every chunk of pack `id`, whose file is gone from under the
+    /// store; if it is the open pack, appends go to a new one.
+    pub fn lost_pack(&self, id: u64) {
+        let mut writer = self.writer();
+        if writer.open.as_ref().is_some_and(|open| open.id == id) {
+            writer.open = None;
+        }
+        drop(writer);
+        self.forget_pack(id);
+    }
+
     /// Forgets every chunk of pack `id` (evicted, or its file gone).
     pub fn forget_pack(&self, id: u64) {
         let mut map = self.map_mut();
