@@ -12,7 +12,8 @@
 //! starts with [`MAGIC`], then holds records one after another: the
 //! chunk's BLAKE3 digest (32 bytes), its length (4 bytes, little-endian),
 //! then its bytes, uncompressed. Records are only ever appended; a pack is
-//! never rewritten, only deleted whole.
+//! never rewritten (only cut back to its last whole record, after a failed
+//! write or a crash) and is deleted whole.
 //!
 //! Nothing here is trusted: a record's bytes are checked against its digest
 //! whenever they are read, and [`scan`] stops at the first record that is

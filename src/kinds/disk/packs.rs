@@ -3,9 +3,9 @@
 //!
 //! Recency and the size bound are not kept here: a pack enters the tier's
 //! cache index as one entry once it is sealed (full), and leaves it whole.
-//! The open pack is outside that index until then, so the directory may
-//! exceed `max_size` by at most one pack, and none of the chunks being
-//! appended can be evicted while they are written.
+//! The open pack is outside that index until then (the index's bound
+//! leaves room for it), so none of the chunks being appended can be
+//! evicted while they are written.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
