@@ -202,9 +202,15 @@ async fn corrupt_chunks_and_indexes_are_misses_and_are_dropped() {
         .unwrap();
     assert!(svc.store().get_chunk(&cut.digest).await.unwrap().is_none());
     assert!(!svc.store().has_chunk(&cut.digest).await.unwrap());
-    let first = chunks
+    // (Not the chunk damaged above, which may come first in the pack:
+    // chunks are appended as their writes finish.)
+    let first = in_pack_order
         .iter()
-        .find(|c| c.digest == in_pack_order[0].digest)
+        .find_map(|s| {
+            chunks
+                .iter()
+                .find(|c| c.digest == s.digest && c.digest != victim)
+        })
         .unwrap();
     let data = svc.store().get_chunk_verified(first).await.unwrap();
     assert_eq!(data.map(|d| d.len() as u64), Some(first.size));
