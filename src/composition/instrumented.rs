@@ -49,6 +49,20 @@ impl InstrumentedService {
 
     /// Runs `call` in a span, timing it into `histogram` and counting a
     /// failure as an error.
+    /// [`observe`](Self::observe) for either kind of Stat, counted as a
+    /// lookup (hit or miss).
+    async fn observe_stat(
+        &self,
+        digest: &B3Digest,
+        call: impl Future<Output = Result<Option<BlobStat>>>,
+    ) -> Result<Option<BlobStat>> {
+        let found = self
+            .observe("stat", digest, &self.metrics.stat_seconds, call)
+            .await;
+        self.count_lookup(&found);
+        found
+    }
+
     async fn observe<T>(
         &self,
         op: &'static str,
@@ -114,26 +128,12 @@ impl InstrumentedService {
 #[async_trait]
 impl BlobService for InstrumentedService {
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        let m = &self.metrics;
-        let found = self
-            .observe("stat", digest, &m.stat_seconds, self.inner.stat(digest))
-            .await;
-        self.count_lookup(&found);
-        found
+        self.observe_stat(digest, self.inner.stat(digest)).await
     }
 
     async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        let m = &self.metrics;
-        let found = self
-            .observe(
-                "stat",
-                digest,
-                &m.stat_seconds,
-                self.inner.stat_before_read(digest),
-            )
-            .await;
-        self.count_lookup(&found);
-        found
+        self.observe_stat(digest, self.inner.stat_before_read(digest))
+            .await
     }
 
     async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {

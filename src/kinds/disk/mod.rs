@@ -891,7 +891,8 @@ impl ChunkStore for DiskStore {
         {
             return Ok(true);
         }
-        let complete = chunks.iter().all(|c| self.holds(&c.digest));
+        // One lock of the pack map for the whole list.
+        let complete = self.holds_chunks(chunks).into_iter().all(|held| held);
         if let Some(list) = cached {
             if complete {
                 list.complete_as_of.fetch_max(losses, Ordering::SeqCst);

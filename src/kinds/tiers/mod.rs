@@ -789,19 +789,11 @@ impl Inner {
 #[async_trait]
 impl BlobService for TiersService {
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        Ok(self
-            .inner
-            .locate(digest, 0, Purpose::Stat)
-            .await?
-            .map(|(_, stat)| stat))
+        self.nearest_stat(digest, Purpose::Stat).await
     }
 
     async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        Ok(self
-            .inner
-            .locate(digest, 0, Purpose::Read)
-            .await?
-            .map(|(_, stat)| stat))
+        self.nearest_stat(digest, Purpose::Read).await
     }
 
     /// The outboard of the nearest tier that has the blob.
@@ -858,6 +850,12 @@ impl BlobService for TiersService {
 }
 
 impl TiersService {
+    /// The Stat of the nearest tier that has the blob.
+    async fn nearest_stat(&self, digest: &B3Digest, purpose: Purpose) -> Result<Option<BlobStat>> {
+        let found = self.inner.locate(digest, 0, purpose).await?;
+        Ok(found.map(|(_, stat)| stat))
+    }
+
     /// Reads the blob found in tier `k` (whose Stat is `stat`): directly, or
     /// through a fill of the tiers before it.
     async fn read_located(
