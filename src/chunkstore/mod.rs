@@ -12,6 +12,7 @@
 //! read-ahead reader that verifies every chunk ([`reader`]). The backends
 //! only move bytes.
 
+mod cdc;
 mod fill;
 mod index;
 mod reader;
@@ -19,11 +20,12 @@ mod streamed;
 mod uploads;
 mod writer;
 
+pub use cdc::{AVG_CHUNK_SIZE, Chunking, Cutter, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 pub use fill::ListedWriter;
 pub use index::BlobIndex;
 pub use reader::{ChunkSource, ChunkedReader, ServiceChunks, StoreChunks};
 pub use streamed::{OpenStream, StreamedReader};
-pub use writer::{AVG_CHUNK_SIZE, Chunking, ChunkingWriter, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+pub use writer::ChunkingWriter;
 
 use std::sync::Arc;
 

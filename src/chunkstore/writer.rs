@@ -5,60 +5,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
-use fastcdc::v2020::FastCDC;
 
+use super::cdc::{Chunking, Cutter};
 use super::uploads::Uploads;
 use super::{BlobIndex, ChunkStore};
 use crate::blobservice::{BlobWriter, ChunkMeta, PutResult};
 use crate::error::Result;
 use crate::verify::{PipelinedHasher, STORED_SHIFT};
-
-/// Average chunk size: snix's default, so both cut identical chunks.
-pub const AVG_CHUNK_SIZE: u32 = 256 * 1024;
-/// Minimum chunk size (average / 2).
-pub const MIN_CHUNK_SIZE: u32 = AVG_CHUNK_SIZE / 2;
-/// Maximum chunk size (average * 2).
-pub const MAX_CHUNK_SIZE: u32 = AVG_CHUNK_SIZE * 2;
-
-/// FastCDC v2020 parameters: minimum = average / 2, maximum = average * 2,
-/// as snix derives them from its `avg_chunk_size`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Chunking {
-    /// Average chunk size in bytes.
-    pub avg: u32,
-}
-
-impl Default for Chunking {
-    fn default() -> Self {
-        Chunking {
-            avg: AVG_CHUNK_SIZE,
-        }
-    }
-}
-
-impl Chunking {
-    /// Smallest average FastCDC v2020 accepts with these ratios.
-    pub const MIN_AVG: u32 = 2 * fastcdc::v2020::MINIMUM_MIN;
-    /// Largest average FastCDC v2020 accepts with these ratios.
-    pub const MAX_AVG: u32 = fastcdc::v2020::MAXIMUM_MAX / 2;
-
-    /// Parameters for average chunk size `avg`, if FastCDC accepts it.
-    pub fn with_avg(avg: u32) -> Option<Self> {
-        (Self::MIN_AVG..=Self::MAX_AVG)
-            .contains(&avg)
-            .then_some(Chunking { avg })
-    }
-
-    /// Minimum chunk size.
-    pub fn min(&self) -> u32 {
-        self.avg / 2
-    }
-
-    /// Maximum chunk size.
-    pub fn max(&self) -> u32 {
-        self.avg * 2
-    }
-}
 
 /// Writes a blob into a [`ChunkStore`].
 ///
@@ -78,6 +31,7 @@ impl Chunking {
 pub struct ChunkingWriter<S> {
     store: Arc<S>,
     chunking: Chunking,
+    cutter: Cutter,
     /// Bytes of the chunk being assembled across pieces (less than a
     /// maximum chunk).
     carry: BytesMut,
@@ -99,6 +53,7 @@ impl<S: ChunkStore> ChunkingWriter<S> {
             uploads: Uploads::new(store.clone()),
             store,
             chunking,
+            cutter: Cutter::new(chunking),
             carry: BytesMut::new(),
             blob_hasher: PipelinedHasher::new(STORED_SHIFT),
             chunks: Vec::new(),
@@ -109,10 +64,7 @@ impl<S: ChunkStore> ChunkingWriter<S> {
     /// Where the chunk starting at `data[0]` ends. `data` holds at least a
     /// maximum chunk, or is the end of the blob.
     fn cut(&self, data: &[u8]) -> usize {
-        let c = self.chunking;
-        FastCDC::new(data, c.min(), c.avg, c.max())
-            .cut(0, data.len())
-            .1
+        self.cutter.cut(data)
     }
 
     /// Hashes and stores `chunk` (unless the store has it) in an upload

@@ -42,8 +42,8 @@ pub struct Args {
 
     /// Where the servers' disk tiers, configs and logs go (a fresh
     /// directory is made inside it and removed afterwards). Defaults to the
-    /// system's temporary directory. Fill and Put figures include creating
-    /// a file per chunk, so they depend on the file system under it.
+    /// system's temporary directory. Fill and Put figures include writing
+    /// the chunks there, so they depend on the file system under it.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
 }

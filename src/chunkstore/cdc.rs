@@ -1,0 +1,343 @@
+//! Content-defined chunking: FastCDC v2020 cut points, found several
+//! positions at a time.
+//!
+//! The cut points are exactly those of the `fastcdc` crate's
+//! `v2020::FastCDC` (normalisation level 1, no seed), which snix also uses,
+//! so both cut any blob into the same chunks. The tests compare the two on
+//! random and adversarial inputs.
+//!
+//! # Why not call the crate's `cut`
+//!
+//! A Put cuts every byte on the task that receives the blob, so the cut
+//! scan is on the Put's critical path. The crate's scan is one dependency
+//! chain (`hash = (hash << 1) + GEAR[byte]`, then a branch), bound by that
+//! chain's latency rather than by the core's throughput: it was the largest
+//! single cost in a profiled Put, ahead of both BLAKE3 passes together.
+//!
+//! The gear hash forgets: a byte's table entry is shifted left once per
+//! later byte, so 64 bytes on it no longer reaches any bit. The hash at a
+//! position is therefore a function of the 64 bytes ending there (or of
+//! those since the scan started, near its start), whatever came earlier. [`Cutter`] uses that to
+//! scan [`LANES`] stretches of the input at once, as independent chains the
+//! core overlaps, each primed with the 64 bytes before it. The first match
+//! in position order wins, as in the one-chain scan; matches further on in
+//! the same round are discarded.
+
+use std::cmp::{max, min};
+
+use fastcdc::v2020::{self, MASKS, get_gear_with_seed, logarithm2};
+
+/// Average chunk size: snix's default, so both cut identical chunks.
+pub const AVG_CHUNK_SIZE: u32 = 256 * 1024;
+/// Minimum chunk size (average / 2).
+pub const MIN_CHUNK_SIZE: u32 = AVG_CHUNK_SIZE / 2;
+/// Maximum chunk size (average * 2).
+pub const MAX_CHUNK_SIZE: u32 = AVG_CHUNK_SIZE * 2;
+
+/// FastCDC v2020 parameters: minimum = average / 2, maximum = average * 2,
+/// as snix derives them from its `avg_chunk_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking {
+    /// Average chunk size in bytes.
+    pub avg: u32,
+}
+
+impl Default for Chunking {
+    fn default() -> Self {
+        Chunking {
+            avg: AVG_CHUNK_SIZE,
+        }
+    }
+}
+
+impl Chunking {
+    /// Smallest average FastCDC v2020 accepts with these ratios (its
+    /// smallest maximum chunk is 1 KiB).
+    pub const MIN_AVG: u32 = 512;
+    /// Largest average FastCDC v2020 accepts with these ratios (its
+    /// largest minimum chunk is 1 MiB).
+    pub const MAX_AVG: u32 = 2 << 20;
+
+    /// Parameters for average chunk size `avg`, if FastCDC accepts it.
+    pub fn with_avg(avg: u32) -> Option<Self> {
+        (Self::MIN_AVG..=Self::MAX_AVG)
+            .contains(&avg)
+            .then_some(Chunking { avg })
+    }
+
+    /// Minimum chunk size.
+    pub fn min(&self) -> u32 {
+        self.avg / 2
+    }
+
+    /// Maximum chunk size.
+    pub fn max(&self) -> u32 {
+        self.avg * 2
+    }
+}
+
+// Every average in MIN_AVG..=MAX_AVG gives sizes FastCDC accepts, and
+// MIN_AVG - 1 would not.
+const _: () = {
+    let (lo, hi) = (Chunking::MIN_AVG, Chunking::MAX_AVG);
+    assert!(lo / 2 >= v2020::MINIMUM_MIN && lo >= v2020::AVERAGE_MIN);
+    assert!(lo * 2 >= v2020::MAXIMUM_MIN && (lo - 1) * 2 < v2020::MAXIMUM_MIN);
+    assert!(hi / 2 <= v2020::MINIMUM_MAX);
+    assert!(hi <= v2020::AVERAGE_MAX && hi * 2 <= v2020::MAXIMUM_MAX);
+};
+
+/// Stretches scanned at once. Four chains keep a core's integer units busy
+/// without running out of registers.
+const LANES: usize = 4;
+/// Bytes each lane scans per round. A round's work past the first match is
+/// wasted, and each stretch costs [`WINDOW`] bytes of priming, so this sits
+/// between the two.
+const STRETCH: usize = 4096;
+/// Bytes after which a byte no longer affects the gear hash.
+const WINDOW: usize = 64;
+
+/// Finds FastCDC v2020 cut points for one [`Chunking`].
+#[derive(Clone)]
+pub struct Cutter {
+    min: usize,
+    avg: usize,
+    max: usize,
+    /// Mask before the average size (harder to match).
+    mask_s: u64,
+    /// Mask after the average size (easier to match).
+    mask_l: u64,
+    gear: Box<[u64; 256]>,
+}
+
+impl Cutter {
+    /// A cutter for `chunking`'s sizes.
+    pub fn new(chunking: Chunking) -> Self {
+        let avg = chunking.avg;
+        // Level 1 normalisation: one bit more before the average, one less
+        // after, as `FastCDC::new` chooses.
+        let bits = logarithm2(avg) as usize;
+        let mask_s = MASKS[bits + 1];
+        let mask_l = MASKS[bits - 1];
+        // The crate checks even positions on the hash shifted left by one.
+        // With bit 63 clear in both masks, that is the plain check here.
+        debug_assert!((mask_s | mask_l) >> 63 == 0);
+        Cutter {
+            min: chunking.min() as usize,
+            avg: avg as usize,
+            max: chunking.max() as usize,
+            mask_s,
+            mask_l,
+            gear: get_gear_with_seed(0).0,
+        }
+    }
+
+    /// Length of the chunk that starts at `data[0]`. `data` must hold at
+    /// least a maximum chunk, or be the end of the blob.
+    pub fn cut(&self, data: &[u8]) -> usize {
+        if data.len() <= self.min {
+            return data.len();
+        }
+        let remaining = min(data.len(), self.max);
+        let center = min(self.avg, remaining);
+        // The scan walks pairs of bytes from an even offset, as the
+        // crate's does: an odd minimum starts one byte early, and an odd
+        // end leaves its last byte unexamined.
+        let origin = self.min / 2 * 2;
+        let middle = center / 2 * 2;
+        let end = remaining / 2 * 2;
+        let data = &data[..end];
+        self.first_match(data, origin, origin, middle, self.mask_s)
+            .or_else(|| self.first_match(data, origin, middle, end, self.mask_l))
+            .unwrap_or(remaining)
+    }
+
+    /// The first position in `from..to` whose hash, taken from `origin`
+    /// on, has none of `mask`'s bits set.
+    fn first_match(
+        &self,
+        data: &[u8],
+        origin: usize,
+        mut from: usize,
+        to: usize,
+        mask: u64,
+    ) -> Option<usize> {
+        while to - from >= LANES * STRETCH {
+            // Written out for four lanes: in separate variables, the four
+            // chains stay in registers, which they did not in an array.
+            let starts: [usize; LANES] = std::array::from_fn(|l| from + l * STRETCH);
+            let [a, b, c, d]: [&[u8; STRETCH]; LANES] = starts.map(|s| {
+                data[s..s + STRETCH]
+                    .try_into()
+                    .expect("a stretch is STRETCH bytes")
+            });
+            let [mut ha, mut hb, mut hc, mut hd] = starts.map(|s| self.prime(data, origin, s));
+            let mut hit = None;
+            for k in 0..STRETCH {
+                ha = self.step(ha, a[k]);
+                hb = self.step(hb, b[k]);
+                hc = self.step(hc, c[k]);
+                hd = self.step(hd, d[k]);
+                if (ha & mask == 0) | (hb & mask == 0) | (hc & mask == 0) | (hd & mask == 0) {
+                    hit = Some(k);
+                    break;
+                }
+            }
+            if let Some(k) = hit {
+                // Lanes are in position order: a lane that matched at `k`
+                // wins unless an earlier lane matches later in its stretch.
+                for (start, hash) in starts.into_iter().zip([ha, hb, hc, hd]) {
+                    if hash & mask == 0 {
+                        return Some(start + k);
+                    }
+                    let rest = start + k + 1..start + STRETCH;
+                    if let Some(i) = self.scan(data, hash, rest, mask) {
+                        return Some(i);
+                    }
+                }
+                unreachable!("a lane matched at {k}");
+            }
+            from += LANES * STRETCH;
+        }
+        let hash = self.prime(data, origin, from);
+        self.scan(data, hash, from..to, mask)
+    }
+
+    /// The hash just before `at`, for a scan that started at `origin`.
+    fn prime(&self, data: &[u8], origin: usize, at: usize) -> u64 {
+        let from = max(origin, at.saturating_sub(WINDOW));
+        data[from..at].iter().fold(0, |h, &b| self.step(h, b))
+    }
+
+    /// One chain: the first position in `range` that matches, going on
+    /// from `hash`, the hash just before it.
+    fn scan(
+        &self,
+        data: &[u8],
+        mut hash: u64,
+        range: std::ops::Range<usize>,
+        mask: u64,
+    ) -> Option<usize> {
+        let start = range.start;
+        for (i, &b) in data[range].iter().enumerate() {
+            hash = self.step(hash, b);
+            if hash & mask == 0 {
+                return Some(start + i);
+            }
+        }
+        None
+    }
+
+    #[inline(always)]
+    fn step(&self, hash: u64, byte: u8) -> u64 {
+        (hash << 1).wrapping_add(self.gear[byte as usize])
+    }
+}
+
+impl std::fmt::Debug for Cutter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cutter")
+            .field("min", &self.min)
+            .field("avg", &self.avg)
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fastcdc::v2020::FastCDC;
+    use proptest::prelude::*;
+
+    /// Every cut of `data`, by the crate and by [`Cutter`].
+    fn both(data: &[u8], chunking: Chunking) -> (Vec<usize>, Vec<usize>) {
+        let reference = FastCDC::new(data, chunking.min(), chunking.avg, chunking.max())
+            .map(|c| c.offset + c.length)
+            .collect();
+        let cutter = Cutter::new(chunking);
+        let mut ours = Vec::new();
+        let mut at = 0;
+        while at < data.len() {
+            at += cutter.cut(&data[at..]);
+            ours.push(at);
+        }
+        (reference, ours)
+    }
+
+    fn random(len: usize, seed: u64) -> Vec<u8> {
+        use rand::{RngCore, SeedableRng};
+        let mut data = vec![0; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+        data
+    }
+
+    #[test]
+    fn cuts_random_data_where_fastcdc_does() {
+        let data = random(24 << 20, 7);
+        let (reference, ours) = both(&data, Chunking::default());
+        assert!(reference.len() > 50, "{} chunks", reference.len());
+        assert_eq!(ours, reference);
+    }
+
+    #[test]
+    fn cuts_where_fastcdc_does_at_every_average() {
+        // Odd and even minimums, the smallest sizes (where priming
+        // reaches back to the scan's start) and the largest.
+        for (avg, len) in [
+            (Chunking::MIN_AVG, 1 << 16),
+            (Chunking::MIN_AVG + 1, 1 << 16),
+            (1000, 1 << 18),
+            (4099, 1 << 20),
+            (65_537, 8 << 20),
+            (Chunking::MAX_AVG, 40 << 20),
+        ] {
+            let chunking = Chunking::with_avg(avg).expect("a valid average");
+            let data = random(len, avg as u64);
+            let (reference, ours) = both(&data, chunking);
+            assert_eq!(ours, reference, "average {avg}");
+        }
+    }
+
+    #[test]
+    fn cuts_repetitive_data_where_fastcdc_does() {
+        // Zeros never match and run to the maximum; a short repeating
+        // pattern matches at the same phase in every lane.
+        let zeros = vec![0u8; 3 << 20];
+        let (reference, ours) = both(&zeros, Chunking::default());
+        assert_eq!(ours, reference);
+        let chunking = Chunking::with_avg(4096).expect("a valid average");
+        for period in [1usize, 2, 3, 7, 64, 4096, 4097] {
+            let base = random(period, period as u64);
+            let data: Vec<u8> = base.iter().copied().cycle().take(1 << 20).collect();
+            let (reference, ours) = both(&data, chunking);
+            assert_eq!(ours, reference, "period {period}");
+        }
+    }
+
+    #[test]
+    fn a_short_end_is_one_chunk() {
+        let cutter = Cutter::new(Chunking::default());
+        let data = random(MIN_CHUNK_SIZE as usize, 1);
+        assert_eq!(cutter.cut(&data), data.len());
+        assert_eq!(cutter.cut(&data[..10]), 10);
+        assert_eq!(cutter.cut(&[]), 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn cuts_any_input_where_fastcdc_does(
+            avg in Chunking::MIN_AVG..20_000u32,
+            len in 0usize..300_000,
+            seed in any::<u64>(),
+            // Low-entropy input makes matches dense, so they land in
+            // every lane and at every offset of a round.
+            alphabet in 1u8..=255,
+        ) {
+            let chunking = Chunking::with_avg(avg).expect("in range");
+            let data: Vec<u8> = random(len, seed).into_iter().map(|b| b % alphabet).collect();
+            let (reference, ours) = both(&data, chunking);
+            prop_assert_eq!(ours, reference);
+        }
+    }
+}
