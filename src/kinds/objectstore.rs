@@ -301,3 +301,34 @@ impl ChunkStore for ObjectStoreChunks {
         self.chunking
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(avg_chunk_size: Option<u32>) -> ObjectStoreConfig {
+        ObjectStoreConfig {
+            object_store_url: "memory:///".into(),
+            object_store_options: BTreeMap::new(),
+            avg_chunk_size,
+            upload_concurrency: None,
+            read_ahead: None,
+        }
+    }
+
+    #[test]
+    fn an_average_chunk_size_fastcdc_refuses_is_a_config_error() {
+        for avg in [Chunking::MIN_AVG, Chunking::MAX_AVG] {
+            let store = ObjectStoreChunks::open(&config(Some(avg))).expect("a valid average");
+            assert_eq!(store.chunking().avg, avg);
+        }
+        // FastCDC's own bounds (it panics outside them): average >= 256,
+        // maximum >= 1 KiB, minimum <= 1 MiB.
+        for avg in [256, Chunking::MIN_AVG - 1, Chunking::MAX_AVG + 2, 8 << 20] {
+            let err = ObjectStoreChunks::open(&config(Some(avg)))
+                .err()
+                .expect("an average FastCDC refuses");
+            assert!(err.to_string().contains("avg_chunk_size"), "{avg}: {err}");
+        }
+    }
+}
