@@ -16,6 +16,8 @@ pub mod tvix {
     tonic::include_proto!("tvix.castore.v1");
 }
 
+pub(crate) mod pieces;
+
 /// Wire facts the hand-written Read paths (the server's framing, the
 /// `grpc` tier's parsing) share: they move `BlobChunk` payloads without
 /// tonic's codec, so that the payload bytes are never copied.

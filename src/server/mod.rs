@@ -2,8 +2,10 @@
 //! health service, and the TCP and unix-socket listeners.
 
 mod limits;
+mod put_path;
 mod read_path;
 mod service;
+mod zero_copy;
 
 pub use limits::{DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_CONCURRENT_PER_CLIENT};
 pub use service::{BlobServer, to_status};
@@ -28,7 +30,7 @@ use crate::addr::{
 use crate::blobservice::BlobService;
 use crate::metrics::{Metrics, serve_metrics};
 use crate::proto::{snix, tvix};
-use read_path::ZeroCopyRead;
+use zero_copy::ZeroCopy;
 
 /// Default cap on blobs returned inline by Stat.
 pub const DEFAULT_MAX_INLINE_SIZE: u64 = 1024 * 1024;
@@ -177,16 +179,16 @@ pub async fn serve(
     }
 
     let server = BlobServer::new(service, &opts);
-    // Read is answered without tonic's per-message copy; the rest by the
-    // generated servers.
-    let snix_svc = ZeroCopyRead::new(
+    // Read and Put move their payloads without tonic's per-message copy;
+    // the rest is the generated servers'.
+    let snix_svc = ZeroCopy::new(
         snix::blob_service_server::BlobServiceServer::new(server.clone())
             .max_decoding_message_size(opts.max_message_size)
             .max_encoding_message_size(opts.max_message_size),
         server.clone(),
         "snix",
     );
-    let tvix_svc = ZeroCopyRead::new(
+    let tvix_svc = ZeroCopy::new(
         tvix::blob_service_server::BlobServiceServer::new(server.clone())
             .max_decoding_message_size(opts.max_message_size)
             .max_encoding_message_size(opts.max_message_size),

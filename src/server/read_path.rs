@@ -1,5 +1,5 @@
-//! [`ZeroCopyRead`]: Read responses framed by hand, so each payload leaves
-//! as the bytes the tiers hold rather than a copy.
+//! Read responses framed by hand, so each payload leaves as the bytes the
+//! tiers hold rather than a copy.
 //!
 //! tonic's encoder writes every message into its own buffer: for a Read,
 //! that is one memcpy of the whole blob on the server's hottest path, on top
@@ -10,86 +10,30 @@
 //! chains large DATA payloads instead of copying them).
 //!
 //! Only the response is done by hand. The request is decoded by tonic
-//! ([`Streaming`], with the server's message-size cap), admission, tracing
-//! and metrics are the shared handler's ([`BlobServer::read_pieces`]), and
-//! every other method goes to the generated server untouched.
+//! ([`Streaming`], with the server's message-size cap), and admission,
+//! tracing and metrics are the shared handler's
+//! ([`BlobServer::read_pieces`]).
 
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
-use futures::future::BoxFuture;
 use http_body::Frame;
 use http_body_util::StreamBody;
 use tonic::body::Body;
 use tonic::codec::Streaming;
-use tonic::server::NamedService;
 use tonic::{Request, Status};
-use tower::Service;
 
 use super::service::{BlobServer, PieceStream};
+use super::zero_copy::{grpc_response, refuse_compressed, trailers};
 use crate::proto::snix::ReadBlobRequest;
 use crate::proto::wire::{DATA_KEY, MESSAGE_HEADER};
-
-/// Wraps a generated BlobService server `S`: its Read is answered here,
-/// everything else by `S`.
-#[derive(Clone)]
-pub struct ZeroCopyRead<S> {
-    inner: S,
-    server: BlobServer,
-    package: &'static str,
-    /// `/<package>.BlobService/Read`.
-    read_path: Arc<str>,
-}
-
-impl<S: NamedService> ZeroCopyRead<S> {
-    /// Answers `S`'s Read from `server`; `package` names it in traces.
-    pub fn new(inner: S, server: BlobServer, package: &'static str) -> Self {
-        ZeroCopyRead {
-            inner,
-            server,
-            package,
-            read_path: format!("/{}/Read", S::NAME).into(),
-        }
-    }
-}
-
-impl<S: NamedService> NamedService for ZeroCopyRead<S> {
-    const NAME: &'static str = S::NAME;
-}
-
-impl<S> Service<http::Request<Body>> for ZeroCopyRead<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Generated servers are always ready; a Read answered here leaves
-        // nothing reserved in them.
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        if req.uri().path() != &*self.read_path {
-            return Box::pin(self.inner.call(req));
-        }
-        let server = self.server.clone();
-        let package = self.package;
-        Box::pin(async move { Ok(read(server, package, req).await) })
-    }
-}
 
 /// A whole Read: the request decoded, the blob opened, the response's
 /// body streaming its pieces. An error before the blob is open (a bad
 /// request, an absent blob, a refusal) is a trailers-only response, as
 /// tonic sends one; a later one travels in the body's trailers.
-async fn read(
+pub(super) async fn read(
     server: BlobServer,
     package: &'static str,
     req: http::Request<Body>,
@@ -99,14 +43,7 @@ async fn read(
         server.read_pieces(request, package).await
     };
     match answer.await {
-        Ok(pieces) => {
-            let mut response = http::Response::new(Body::new(StreamBody::new(frames(pieces))));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/grpc"),
-            );
-            response
-        }
+        Ok(pieces) => grpc_response(Body::new(StreamBody::new(frames(pieces)))),
         Err(status) => status.into_http(),
     }
 }
@@ -117,16 +54,7 @@ async fn decode_request(
     req: http::Request<Body>,
     max_message_size: usize,
 ) -> Result<Request<ReadBlobRequest>, Status> {
-    // This server enables no compression: a compressed request is refused
-    // the way tonic refuses it.
-    if let Some(encoding) = req.headers().get("grpc-encoding")
-        && encoding != "identity"
-    {
-        return Err(Status::unimplemented(format!(
-            "Content is compressed with `{}` which isn't supported",
-            String::from_utf8_lossy(encoding.as_bytes())
-        )));
-    }
+    refuse_compressed(&req)?;
     let (parts, body) = req.into_parts();
     let decoder = tonic_prost::ProstDecoder::<ReadBlobRequest>::new(Default::default());
     let mut messages = Streaming::new_request(decoder, body, None, Some(max_message_size));
@@ -183,18 +111,6 @@ fn framing(len: usize) -> Bytes {
     head.freeze()
 }
 
-/// `status` as gRPC trailers.
-fn trailers(status: &Status) -> http::HeaderMap {
-    let mut map = http::HeaderMap::new();
-    if status.add_header(&mut map).is_err() {
-        // Only details or metadata that cannot be header values land here
-        // (the message is percent-encoded): the code goes alone.
-        map.clear();
-        let _ = Status::new(status.code(), "").add_header(&mut map);
-    }
-    map
-}
-
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt;
@@ -202,67 +118,8 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::blobservice::BlobService;
-    use crate::chunkstore::ChunkedBlobService;
-    use crate::kinds::memory::MemoryStore;
-    use crate::proto::snix::{BlobChunk, blob_service_server::BlobServiceServer};
-    use crate::server::ServeOptions;
-
-    /// The Read path over a memory store holding `blob`, with `cap` as the
-    /// largest message.
-    async fn service(blob: &[u8], cap: usize) -> ZeroCopyRead<BlobServiceServer<BlobServer>> {
-        let store: Arc<dyn BlobService> =
-            Arc::new(ChunkedBlobService::new(MemoryStore::new(64 << 20)));
-        let mut w = store.open_write().await.unwrap();
-        w.write(Bytes::copy_from_slice(blob)).await.unwrap();
-        w.close().await.unwrap();
-        let opts = ServeOptions {
-            max_message_size: cap,
-            ..ServeOptions::default()
-        };
-        let server = BlobServer::new(store, &opts);
-        ZeroCopyRead::new(BlobServiceServer::new(server.clone()), server, "snix")
-    }
-
-    /// A gRPC request to `method` carrying `message`, uncompressed.
-    fn request(method: &str, message: &impl Message) -> http::Request<Body> {
-        let encoded = message.encode_to_vec();
-        let mut body = vec![0u8];
-        body.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
-        body.extend_from_slice(&encoded);
-        http::Request::builder()
-            .method("POST")
-            .uri(format!("/snix.castore.v1.BlobService/{method}"))
-            .header("content-type", "application/grpc")
-            .body(Body::new(http_body_util::Full::new(Bytes::from(body))))
-            .unwrap()
-    }
-
-    /// The response's data (all frames, concatenated) and its status: from
-    /// the trailers, or the headers of a trailers-only response.
-    async fn answer(response: http::Response<Body>) -> (Bytes, Status) {
-        let (parts, body) = response.into_parts();
-        if let Some(status) = Status::from_header_map(&parts.headers) {
-            return (Bytes::new(), status);
-        }
-        let collected = body.collect().await.unwrap();
-        let trailers = collected.trailers().cloned().unwrap_or_default();
-        let status = Status::from_header_map(&trailers).expect("no grpc-status in the trailers");
-        (collected.to_bytes(), status)
-    }
-
-    /// The payloads of the `BlobChunk` messages in `data`.
-    fn payloads(mut data: Bytes) -> Vec<Bytes> {
-        let mut out = Vec::new();
-        while !data.is_empty() {
-            assert_eq!(data[0], 0, "a compressed message");
-            let len = u32::from_be_bytes(data[1..5].try_into().unwrap()) as usize;
-            let message = data.slice(5..5 + len);
-            out.push(BlobChunk::decode(message).unwrap().data);
-            data = data.slice(5 + len..);
-        }
-        out
-    }
+    use crate::proto::snix::BlobChunk;
+    use crate::server::zero_copy::testing::{answer, payloads, request, service};
 
     fn read_of(blob: &[u8]) -> ReadBlobRequest {
         ReadBlobRequest {
@@ -335,19 +192,6 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
     }
 
-    #[tokio::test]
-    async fn other_methods_go_to_the_generated_server() {
-        let svc = service(b"held", 4 << 20).await;
-        let stat = crate::proto::snix::StatBlobRequest {
-            digest: crate::B3Digest::of(b"held").into(),
-            ..Default::default()
-        };
-        let (data, status) = answer(svc.oneshot(request("Stat", &stat)).await.unwrap()).await;
-        assert_eq!(status.code(), tonic::Code::Ok, "{status:?}");
-        let stat = crate::proto::snix::StatBlobResponse::decode(data.slice(5..)).unwrap();
-        assert_eq!(stat.size, 4);
-    }
-
     #[test]
     fn the_framing_and_payload_are_what_prost_and_tonic_would_send() {
         for len in [0usize, 1, 127, 128, 16_383, 16_384, 524_288] {
@@ -386,14 +230,5 @@ mod tests {
         let status = Status::from_header_map(&trailers.unwrap()).unwrap();
         assert_eq!(status.code(), tonic::Code::DataLoss);
         assert_eq!(status.message(), "the peer lied");
-    }
-
-    #[test]
-    fn trailers_carry_the_status() {
-        let ok = trailers(&Status::ok(""));
-        assert_eq!(ok["grpc-status"], "0");
-        let lost = trailers(&Status::data_loss("chunk ab… does not match"));
-        assert_eq!(lost["grpc-status"], "15");
-        assert!(lost.contains_key("grpc-message"));
     }
 }

@@ -250,18 +250,46 @@ impl BlobServer {
         self.max_message_size
     }
 
-    /// Stores the blob the stream carries; `received` counts its bytes.
+    /// A Put to `package`'s BlobService, from admission to the stored blob:
+    /// `request` carries the payload of its messages, in order. Both the
+    /// generated server and the zero-copy Put path ([`super::put_path`])
+    /// store through this.
+    pub(super) async fn put_pieces(
+        &self,
+        request: Request<PieceStream>,
+        package: &'static str,
+    ) -> Result<PutBlobResponse, Status> {
+        let span = info_span!(
+            "rpc",
+            package,
+            method = "Put",
+            digest = Empty,
+            bytes = Empty,
+            outcome = Empty
+        );
+        let mut rpc = RpcGuard::start(&self.metrics, "Put");
+        rpc.trace(&span);
+        let _slot = self.admit(&request, &mut rpc)?;
+        let answer = self
+            .do_put(request.into_inner(), &rpc.bytes)
+            .instrument(span)
+            .await;
+        rpc.finish(&answer);
+        answer
+    }
+
+    /// Stores the blob the pieces carry; `received` counts its bytes.
     async fn do_put(
         &self,
-        mut stream: Streaming<BlobChunk>,
+        mut pieces: PieceStream,
         received: &AtomicU64,
     ) -> Result<PutBlobResponse, Status> {
         if self.read_only {
             return Err(Status::permission_denied("this server is read-only"));
         }
         let mut writer = self.service.open_write().await.map_err(to_status)?;
-        while let Some(msg) = stream.next().await {
-            let data = msg?.data;
+        while let Some(data) = pieces.next().await {
+            let data = data?;
             let total =
                 received.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
             if let Some(cap) = self.max_put_size
@@ -285,7 +313,8 @@ impl BlobServer {
 /// The stream type of Read responses.
 pub type ReadStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send + 'static>>;
 
-/// The payloads of a Read response's messages; an error ends it.
+/// The payloads of a Read response's or Put request's messages, in order;
+/// an error ends it.
 pub(super) type PieceStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
 
 fn parse_digest(raw: &[u8]) -> Result<B3Digest, Status> {
@@ -354,7 +383,7 @@ macro_rules! impl_package {
             type ReadStream = ReadStream;
 
             /// Reached only where the server is built without
-            /// [`super::read_path::ZeroCopyRead`]; tonic copies each
+            /// [`super::zero_copy::ZeroCopy`]; tonic copies each
             /// payload into its message here.
             async fn read(
                 &self,
@@ -365,21 +394,19 @@ macro_rules! impl_package {
                 Ok(Response::new(Box::pin(messages)))
             }
 
+            /// Reached only where the server is built without
+            /// [`super::zero_copy::ZeroCopy`]; tonic copies each payload
+            /// into its message here.
             async fn put(
                 &self,
                 request: Request<Streaming<BlobChunk>>,
             ) -> Result<Response<PutBlobResponse>, Status> {
-                let span = info_span!("rpc", package = stringify!($pkg), method = "Put",
-                    digest = Empty, bytes = Empty, outcome = Empty);
-                let mut rpc = RpcGuard::start(&self.metrics, "Put");
-                rpc.trace(&span);
-                let _slot = self.admit(&request, &mut rpc)?;
-                let answer = self
-                    .do_put(request.into_inner(), &rpc.bytes)
-                    .instrument(span)
-                    .await;
-                rpc.finish(&answer);
-                answer.map(Response::new)
+                let request = request.map(|messages| -> PieceStream {
+                    Box::pin(messages.map(|message| message.map(|m| m.data)))
+                });
+                self.put_pieces(request, stringify!($pkg))
+                    .await
+                    .map(Response::new)
             }
         }
     };

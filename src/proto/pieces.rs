@@ -1,0 +1,324 @@
+//! [`Parser`]: the payload of a stream of `BlobChunk` messages, taken out
+//! of the HTTP/2 DATA frames that carry it without a copy.
+//!
+//! tonic's `Streaming` gathers every DATA frame into a buffer of its own
+//! before decoding a message: one memcpy of every byte of a blob. A
+//! `BlobChunk` is a single `bytes` field, so its payload can be taken
+//! straight out of the frames: after a message's gRPC header and the
+//! field's key and length, each frame (or the part of it the message
+//! covers) is one piece. Pieces therefore follow the frames, not the
+//! messages, which every consumer of a payload stream accepts (they cut,
+//! hash or verify arbitrary pieces).
+//!
+//! Anything but that one-field layout (unknown fields, an empty message) is
+//! gathered and decoded by prost, as tonic would. Both directions use it:
+//! the `grpc` tier for a peer's Read answers, the server for Put requests.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message;
+use tonic::Status;
+
+use super::snix::BlobChunk;
+use super::wire::{DATA_KEY, MESSAGE_HEADER};
+
+/// Where the parser is within the stream of messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Before a message's header.
+    Header,
+    /// In the payload of a one-field `BlobChunk`: this many bytes to go.
+    Payload(usize),
+    /// A message of another layout, gathered whole (this many bytes).
+    Whole(usize),
+}
+
+/// Takes the payload out of received frames.
+pub(crate) struct Parser {
+    /// Received bytes not yet consumed, in order.
+    frames: std::collections::VecDeque<Bytes>,
+    buffered: usize,
+    state: State,
+    max_message_size: usize,
+    /// What the stream is, for errors ("a Read answer").
+    what: &'static str,
+}
+
+impl Parser {
+    /// A parser refusing messages over `max_message_size`; `what` names
+    /// the stream in errors.
+    pub(crate) fn new(max_message_size: usize, what: &'static str) -> Self {
+        Parser {
+            frames: Default::default(),
+            buffered: 0,
+            state: State::Header,
+            max_message_size,
+            what,
+        }
+    }
+
+    /// Adds the next received bytes.
+    pub(crate) fn push(&mut self, data: Bytes) {
+        if !data.is_empty() {
+            self.buffered += data.len();
+            self.frames.push_back(data);
+        }
+    }
+
+    /// The next piece of payload that is at hand, if any.
+    pub(crate) fn next_piece(&mut self) -> Result<Option<Bytes>, Status> {
+        loop {
+            match self.state {
+                State::Payload(0) => self.state = State::Header,
+                State::Payload(left) => {
+                    let Some(front) = self.frames.front_mut() else {
+                        return Ok(None);
+                    };
+                    let piece = if front.len() <= left {
+                        self.frames.pop_front().unwrap_or_default()
+                    } else {
+                        front.split_to(left)
+                    };
+                    self.buffered -= piece.len();
+                    self.state = State::Payload(left - piece.len());
+                    return Ok(Some(piece));
+                }
+                State::Whole(len) => {
+                    if self.buffered < len {
+                        return Ok(None);
+                    }
+                    let message = self.take(len);
+                    self.state = State::Header;
+                    let chunk = BlobChunk::decode(message).map_err(|e| {
+                        Status::internal(format!("{}'s message does not decode: {e}", self.what))
+                    })?;
+                    if !chunk.data.is_empty() {
+                        return Ok(Some(chunk.data));
+                    }
+                }
+                State::Header => {
+                    // The header, and the field's key and length if they
+                    // are there: at most 5 + 1 + 10 bytes.
+                    let head = self.peek(MESSAGE_HEADER + 11);
+                    if head.len() < MESSAGE_HEADER {
+                        return Ok(None);
+                    }
+                    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+                    match head[0] {
+                        0 => {}
+                        1 => {
+                            return Err(Status::internal(
+                                "protocol error: a compressed message, but no compression was asked for",
+                            ));
+                        }
+                        flag => {
+                            return Err(Status::internal(format!(
+                                "protocol error: invalid compression flag {flag}"
+                            )));
+                        }
+                    }
+                    if len > self.max_message_size {
+                        return Err(Status::out_of_range(format!(
+                            "{}'s message is {len} bytes, the limit is {}",
+                            self.what, self.max_message_size
+                        )));
+                    }
+                    match data_field(&head[MESSAGE_HEADER..], len) {
+                        Some((prefix, payload)) => {
+                            self.take(MESSAGE_HEADER + prefix);
+                            self.state = State::Payload(payload);
+                        }
+                        // Not known yet to be the one-field layout: wait for
+                        // more bytes while the prefix may still be cut off,
+                        // then take the message whole.
+                        None if head.len() < MESSAGE_HEADER + 11
+                            && self.buffered < MESSAGE_HEADER + len =>
+                        {
+                            return Ok(None);
+                        }
+                        None => {
+                            self.take(MESSAGE_HEADER);
+                            self.state = State::Whole(len);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks that the stream did not end inside a message.
+    pub(crate) fn finished(&self) -> Result<(), Status> {
+        if self.state == State::Header && self.buffered == 0 {
+            Ok(())
+        } else {
+            Err(Status::internal(format!(
+                "protocol error: {} ended inside a message",
+                self.what
+            )))
+        }
+    }
+
+    /// Up to `n` bytes from the front, copied (only used for the few bytes
+    /// of a header).
+    fn peek(&self, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n);
+        for frame in &self.frames {
+            let take = (n - out.len()).min(frame.len());
+            out.extend_from_slice(&frame[..take]);
+            if out.len() == n {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Removes `n` buffered bytes (there are at least `n`) from the front:
+    /// a slice when they lie in one frame, else gathered.
+    fn take(&mut self, n: usize) -> Bytes {
+        self.buffered -= n;
+        match self.frames.front_mut() {
+            Some(front) if front.len() > n => return front.split_to(n),
+            Some(front) if front.len() == n => return self.frames.pop_front().unwrap_or_default(),
+            _ => {}
+        }
+        let mut out = BytesMut::with_capacity(n);
+        while out.len() < n {
+            let Some(mut front) = self.frames.pop_front() else {
+                break;
+            };
+            let want = n - out.len();
+            if front.len() > want {
+                out.put(front.split_to(want));
+                self.frames.push_front(front);
+            } else {
+                out.put(front);
+            }
+        }
+        out.freeze()
+    }
+}
+
+/// If a message of `len` bytes starting with `prefix` is exactly one
+/// `data` field: the length of its key and length prefix, and of the
+/// payload.
+fn data_field(prefix: &[u8], len: usize) -> Option<(usize, usize)> {
+    let (&key, mut rest) = prefix.split_first()?;
+    if key != DATA_KEY {
+        return None;
+    }
+    let before = rest.len();
+    let payload = prost::encoding::decode_varint(&mut rest).ok()?;
+    let prefix_len = 1 + before - rest.remaining();
+    let payload = usize::try_from(payload).ok()?;
+    // A zero-length field is the empty message's business (prost).
+    (payload > 0 && prefix_len.checked_add(payload)? == len).then_some((prefix_len, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `payloads` as the messages of a Read answer, one after another.
+    fn answer(payloads: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in payloads {
+            let message = BlobChunk {
+                data: Bytes::copy_from_slice(p),
+            }
+            .encode_to_vec();
+            out.push(0);
+            out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            out.extend_from_slice(&message);
+        }
+        out
+    }
+
+    /// Feeds `wire` in frames of `frame` bytes and collects the pieces.
+    fn parse(wire: &[u8], frame: usize) -> (Vec<Bytes>, Parser) {
+        let mut parser = Parser::new(1 << 20, "a test");
+        let mut pieces = Vec::new();
+        for f in wire.chunks(frame) {
+            parser.push(Bytes::copy_from_slice(f));
+            while let Some(piece) = parser.next_piece().unwrap() {
+                pieces.push(piece);
+            }
+        }
+        (pieces, parser)
+    }
+
+    #[test]
+    fn any_frame_size_yields_the_payload() {
+        let payloads: Vec<Vec<u8>> = [1usize, 127, 128, 300, 70_000, 5]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![i as u8 + 1; n])
+            .collect();
+        let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        let wire = answer(&refs);
+        for frame in [1, 2, 5, 6, 7, 9, 100, 4096, wire.len()] {
+            let (pieces, parser) = parse(&wire, frame);
+            assert_eq!(pieces.concat(), payloads.concat(), "frames of {frame}");
+            assert!(pieces.iter().all(|p| !p.is_empty()));
+            parser.finished().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_payload_that_fills_its_frame_is_that_frame() {
+        let payload = vec![9u8; 4000];
+        let wire = answer(&[&payload]);
+        // The framing apart from the payload, as strata's server sends it.
+        let head = wire.len() - payload.len();
+        let frame = Bytes::from(wire[head..].to_vec());
+        let mut parser = Parser::new(1 << 20, "a test");
+        parser.push(Bytes::from(wire[..head].to_vec()));
+        assert!(parser.next_piece().unwrap().is_none());
+        parser.push(frame.clone());
+        let piece = parser.next_piece().unwrap().unwrap();
+        assert_eq!(piece.as_ptr(), frame.as_ptr(), "the payload was copied");
+        assert_eq!(piece.len(), payload.len());
+    }
+
+    #[test]
+    fn other_layouts_are_decoded_whole() {
+        // An unknown field after the data, and an empty message.
+        let mut message = BlobChunk {
+            data: Bytes::from_static(b"payload"),
+        }
+        .encode_to_vec();
+        message.extend_from_slice(&[(2 << 3), 42]);
+        let mut wire = vec![0];
+        wire.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        wire.extend_from_slice(&message);
+        wire.extend_from_slice(&[0, 0, 0, 0, 0]);
+        wire.extend_from_slice(&answer(&[b"more"]));
+        for frame in [1, 3, wire.len()] {
+            let (pieces, parser) = parse(&wire, frame);
+            assert_eq!(pieces.concat(), b"payloadmore", "frames of {frame}");
+            parser.finished().unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_framing_is_an_error() {
+        let mut compressed = answer(&[b"x"]);
+        compressed[0] = 1;
+        let mut parser = Parser::new(1 << 20, "a test");
+        parser.push(Bytes::from(compressed));
+        assert_eq!(
+            parser.next_piece().unwrap_err().code(),
+            tonic::Code::Internal
+        );
+
+        let mut parser = Parser::new(100, "a test");
+        parser.push(Bytes::from(answer(&[&[0u8; 200]])));
+        assert_eq!(
+            parser.next_piece().unwrap_err().code(),
+            tonic::Code::OutOfRange
+        );
+
+        let wire = answer(&[b"cut short"]);
+        let (pieces, parser) = parse(&wire[..wire.len() - 3], 4);
+        assert_eq!(pieces.concat(), b"cut sh");
+        assert!(parser.finished().is_err());
+    }
+}
