@@ -366,6 +366,40 @@ async fn a_cold_small_blob_comes_with_its_stat() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_race_or_a_shard_of_peers_brings_a_cold_small_blob_with_its_stat() {
+    let blob = test_data(100_000, 92);
+    let origin = memory_origin().await;
+    let digest = put_blob(&origin.tcp_addr(), &blob).await;
+    // A race that asks its second member only after 60 s, and a shard:
+    // in both, one member answers the Stat with the blob and is the one
+    // the read goes to.
+    for (kind, extra) in [("race", "hedge_after = \"60s\"\n"), ("shard", "")] {
+        let (a, b) = (
+            InlineFront::new(Inline::Forward),
+            InlineFront::new(Inline::Forward),
+        );
+        let a_addr = serve_front(&origin.tcp_addr(), a.clone()).await;
+        let b_addr = serve_front(&origin.tcp_addr(), b.clone()).await;
+        let config = format!(
+            "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"near\", \"pool\"]\n\n\
+             [blobservices.near]\ntype = \"memory\"\nmax_size = \"16MiB\"\n\n\
+             [blobservices.pool]\ntype = \"{kind}\"\nmembers = [\"a\", \"b\"]\n{extra}\n\
+             [blobservices.a]\ntype = \"grpc\"\nurl = \"{a_addr}\"\n\n\
+             [blobservices.b]\ntype = \"grpc\"\nurl = \"{b_addr}\"\n"
+        );
+        let sidecar = start_daemon(config).await;
+        let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+        assert!(got == blob, "{kind}: wrong bytes");
+        let ((a_stats, a_reads), (b_stats, b_reads)) = (a.calls(), b.calls());
+        assert_eq!(
+            (a_stats + b_stats, a_reads + b_reads),
+            (1, 0),
+            "{kind}: (Stats, Reads) of the members"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_peer_that_lies_inline_is_passed_over() {
     let blob = test_data(100_000, 91);
     let origin = memory_origin().await;

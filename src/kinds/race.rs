@@ -152,6 +152,16 @@ impl BlobService for RaceService {
         .await
     }
 
+    /// The winner may have brought a small blob along for the read that
+    /// follows; that read races too, and the winner answers it at once.
+    async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        let d = *digest;
+        self.race(digest, move |svc| {
+            Box::pin(async move { svc.stat_before_read(&d).await })
+        })
+        .await
+    }
+
     async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
         let d = *digest;
         self.race(digest, move |svc| {

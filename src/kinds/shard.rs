@@ -177,6 +177,12 @@ impl BlobService for ShardService {
         first_healthy!(self, digest, |svc| svc.stat(digest))
     }
 
+    /// The read that follows goes to the same member, which may have
+    /// brought a small blob along with this answer.
+    async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+        first_healthy!(self, digest, |svc| svc.stat_before_read(digest))
+    }
+
     async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
         first_healthy!(self, digest, |svc| svc.outboard(digest))
     }
