@@ -15,10 +15,21 @@
 //! never rewritten (only cut back to its last whole record, after a failed
 //! write or a crash) and is deleted whole.
 //!
+//! A sealed pack ends with a *table of contents*: one more record, named
+//! [`TOC_MARKER`] instead of a digest, listing the digest and length of
+//! every record before it, then a BLAKE3 checksum of the list and a
+//! footer (the record's own offset, then [`TOC_MAGIC`]). The store reads
+//! it at start-up instead of every record's header, which on a cold disk
+//! is a random read per chunk: 2.4 s for 40,000 chunks of 256 KiB here,
+//! a minute for a quarter of a terabyte. A pack without one (the pack that
+//! was open at a crash, or one whose table failed its checks) is scanned
+//! header by header, as before, and gets one then.
+//!
 //! Nothing here is trusted: a record's bytes are checked against its digest
-//! whenever they are read, and [`scan`] stops at the first record that is
-//! cut short or cannot be one, which is where a crash or a full disk left
-//! off.
+//! whenever they are read, a table is used only if its checksum holds and
+//! its lengths add up to where it starts, and [`scan`] stops at the first
+//! record that is cut short or cannot be one, which is where a crash or a
+//! full disk left off.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -41,6 +52,23 @@ pub const RECORD_HEADER_LEN: u64 = 36;
 /// The longest record [`scan`] accepts. FastCDC as configured never cuts a
 /// chunk over 16 MiB, whatever the average; a longer length is garbage.
 pub const MAX_RECORD: u32 = 16 << 20;
+
+/// What a table of contents is named instead of a digest.
+pub const TOC_MARKER: [u8; 32] = *b"strata pack: table of contents\0\0";
+
+/// Last bytes of a pack that ends with a table of contents.
+pub const TOC_MAGIC: [u8; 8] = *b"strtoc\x01\0";
+
+/// Bytes of a table of contents after its list: the checksum, then the
+/// footer (the table's offset, [`TOC_MAGIC`]).
+const TOC_TAIL_LEN: usize = 32 + 8 + TOC_MAGIC.len();
+
+/// Bytes per record in a table of contents: digest and length.
+const TOC_ENTRY_LEN: usize = 36;
+
+/// Most records a table of contents lists: one that would be longer than
+/// any record may be is not written (such a pack is scanned instead).
+pub const MAX_TOC_ENTRIES: usize = (MAX_RECORD as usize - TOC_TAIL_LEN) / TOC_ENTRY_LEN;
 
 /// The name of pack `id`.
 pub fn file_name(id: u64) -> String {
@@ -81,11 +109,139 @@ pub struct Scanned {
     pub records: Vec<Record>,
     /// Length of the pack up to the end of its last whole record, or 0 if
     /// it does not even start with [`MAGIC`]. Anything past it is a record
-    /// cut short, or garbage.
+    /// cut short, or garbage (an unsound table of contents among them).
     pub valid_len: u64,
+    /// Whether the records came from a sound table of contents, which
+    /// `valid_len` includes.
+    pub has_toc: bool,
 }
 
-/// Lists the records of `file`, reading only their headers.
+/// The table of contents (a whole record) for a pack whose `records`
+/// (digest, length) end at offset `at`, where it goes.
+pub fn toc(records: &[(B3Digest, u32)], at: u64) -> Vec<u8> {
+    let data_len = records.len() * TOC_ENTRY_LEN + TOC_TAIL_LEN;
+    let mut out = Vec::with_capacity(RECORD_HEADER_LEN as usize + data_len);
+    out.extend_from_slice(&TOC_MARKER);
+    // At most MAX_TOC_ENTRIES entries: below MAX_RECORD.
+    out.extend_from_slice(&u32::try_from(data_len).unwrap_or(u32::MAX).to_le_bytes());
+    for (digest, len) in records {
+        out.extend_from_slice(digest.as_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    let footer = footer(at);
+    let list = &out[RECORD_HEADER_LEN as usize..];
+    let checksum = toc_checksum(list, &footer);
+    out.extend_from_slice(checksum.as_bytes());
+    out.extend_from_slice(&footer);
+    out
+}
+
+fn footer(at: u64) -> [u8; 16] {
+    let mut footer = [0; 16];
+    footer[..8].copy_from_slice(&at.to_le_bytes());
+    footer[8..].copy_from_slice(&TOC_MAGIC);
+    footer
+}
+
+fn toc_checksum(list: &[u8], footer: &[u8]) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(list);
+    hasher.update(footer);
+    hasher.finalize()
+}
+
+/// Appends the table of contents of `records`, which end at `at`, to
+/// `file` (cut back to `at` first). Returns the bytes it added: none if
+/// the write failed (a full disk), in which case the pack is left as it
+/// was and is scanned at start-up.
+pub fn append_toc(file: &File, records: &[(B3Digest, u32)], at: u64) -> u64 {
+    let table = toc(records, at);
+    let written = file
+        .set_len(at)
+        .and_then(|()| file.write_all_at(&table, at));
+    match written {
+        Ok(()) => table.len() as u64,
+        Err(e) => {
+            tracing::debug!(error = %e, "no table of contents for a pack");
+            let _ = file.set_len(at);
+            0
+        }
+    }
+}
+
+/// Lists the records of `file`: from its table of contents if it ends with
+/// a sound one, else by [`scan`]ning their headers.
+pub fn records(file: &File) -> std::io::Result<Scanned> {
+    match read_toc(file)? {
+        Some(scanned) => Ok(scanned),
+        None => scan(file),
+    }
+}
+
+/// The records a pack's table of contents lists, if the pack ends with
+/// one whose checksum holds and whose lengths end where it starts.
+fn read_toc(file: &File) -> std::io::Result<Option<Scanned>> {
+    let len = file.metadata()?.len();
+    let smallest = MAGIC_LEN + RECORD_HEADER_LEN + TOC_TAIL_LEN as u64;
+    if len < smallest {
+        return Ok(None);
+    }
+    let mut footer = [0; 16];
+    file.read_exact_at(&mut footer, len - 16)?;
+    let at = u64::from_le_bytes(footer[..8].try_into().unwrap_or_default());
+    if footer[8..] != TOC_MAGIC
+        || at < MAGIC_LEN
+        || at > len - smallest + MAGIC_LEN
+        || len - at > RECORD_HEADER_LEN + u64::from(MAX_RECORD)
+    {
+        return Ok(None);
+    }
+    let mut table = vec![0; (len - at) as usize];
+    file.read_exact_at(&mut table, at)?;
+    let (header, data) = table.split_at(RECORD_HEADER_LEN as usize);
+    let data_len = u32::from_le_bytes(header[32..].try_into().unwrap_or_default());
+    let mut magic = [0; MAGIC.len()];
+    file.read_exact_at(&mut magic, 0)?;
+    if header[..32] != TOC_MARKER
+        || data_len as usize != data.len()
+        || (data.len() - TOC_TAIL_LEN) % TOC_ENTRY_LEN != 0
+        || magic != MAGIC
+    {
+        return Ok(None);
+    }
+    let (list, tail) = data.split_at(data.len() - TOC_TAIL_LEN);
+    let (checksum, footer) = tail.split_at(32);
+    if toc_checksum(list, footer).as_bytes() != checksum {
+        return Ok(None);
+    }
+    let mut records = Vec::with_capacity(list.len() / TOC_ENTRY_LEN);
+    let mut pos = MAGIC_LEN;
+    for entry in list.chunks_exact(TOC_ENTRY_LEN) {
+        let (digest, record_len) = entry.split_at(32);
+        let record_len = u32::from_le_bytes(record_len.try_into().unwrap_or_default());
+        let Ok(digest) = B3Digest::try_from(digest) else {
+            return Ok(None);
+        };
+        if record_len == 0 || record_len > MAX_RECORD {
+            return Ok(None);
+        }
+        records.push(Record {
+            digest,
+            offset: pos + RECORD_HEADER_LEN,
+            len: record_len,
+        });
+        pos += RECORD_HEADER_LEN + u64::from(record_len);
+    }
+    Ok((pos == at).then_some(Scanned {
+        records,
+        valid_len: len,
+        has_toc: true,
+    }))
+}
+
+/// Lists the records of `file`, reading only their headers. A table of
+/// contents is not a chunk's record: the scan stops at one (it is the last
+/// record of a pack, and [`records`] found it unsound).
 pub fn scan(file: &File) -> std::io::Result<Scanned> {
     let len = file.metadata()?.len();
     let mut magic = [0; MAGIC.len()];
@@ -95,6 +251,7 @@ pub fn scan(file: &File) -> std::io::Result<Scanned> {
     let mut scanned = Scanned {
         records: Vec::new(),
         valid_len: MAGIC_LEN,
+        has_toc: false,
     };
     let mut header = [0; RECORD_HEADER_LEN as usize];
     let mut pos = MAGIC_LEN;
@@ -103,7 +260,7 @@ pub fn scan(file: &File) -> std::io::Result<Scanned> {
         let (digest, record_len) = header.split_at(32);
         let record_len = u32::from_le_bytes(record_len.try_into().unwrap_or_default());
         let end = pos + RECORD_HEADER_LEN + u64::from(record_len);
-        if record_len == 0 || record_len > MAX_RECORD || end > len {
+        if digest == TOC_MARKER || record_len == 0 || record_len > MAX_RECORD || end > len {
             break;
         }
         let Ok(digest) = B3Digest::try_from(digest) else {
@@ -200,6 +357,75 @@ mod tests {
         huge.extend_from_slice(&record_header(&B3Digest::of(b"x"), MAX_RECORD + 1));
         huge.extend_from_slice(&vec![0; MAX_RECORD as usize + 1]);
         assert_eq!(scan_bytes(&huge).records.len(), 1);
+    }
+
+    /// `records` as a pack ending with its table of contents; and where
+    /// the table starts.
+    fn pack_with_toc(records: &[&[u8]]) -> (Vec<u8>, usize) {
+        let mut out = pack_of(records);
+        let at = out.len();
+        let listed: Vec<_> = records
+            .iter()
+            .map(|data| (B3Digest::of(data), data.len() as u32))
+            .collect();
+        out.extend_from_slice(&toc(&listed, at as u64));
+        (out, at)
+    }
+
+    fn records_of(bytes: &[u8]) -> Scanned {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(bytes).unwrap();
+        records(&file).unwrap()
+    }
+
+    #[test]
+    fn a_table_of_contents_lists_what_a_scan_finds() {
+        let chunks: [&[u8]; 3] = [b"first chunk", b"second", b"third one"];
+        let (whole, at) = pack_with_toc(&chunks);
+        let listed = records_of(&whole);
+        assert!(listed.has_toc);
+        assert_eq!(listed.valid_len, whole.len() as u64);
+        let scanned = scan_bytes(&whole);
+        assert!(!scanned.has_toc);
+        assert_eq!(scanned.valid_len, at as u64, "the scan stops at the table");
+        assert_eq!(listed.records, scanned.records);
+        let one = pack_with_toc(&[b"x"]).0;
+        assert_eq!(records_of(&one).records.len(), 1);
+    }
+
+    #[test]
+    fn a_damaged_or_cut_table_of_contents_is_passed_over_for_a_scan() {
+        let chunks: [&[u8]; 3] = [b"first chunk", b"second", b"third one"];
+        let (whole, at) = pack_with_toc(&chunks);
+        let want = scan_bytes(&whole).records;
+        for i in at..whole.len() {
+            let mut damaged = whole.clone();
+            damaged[i] ^= 0x20;
+            let got = records_of(&damaged);
+            assert!(!got.has_toc, "byte {i} flipped");
+            if i < at + 32 {
+                // No longer named as a table: a record with a wrong digest
+                // (reading it fails its check).
+                assert_eq!(got.records[..3], want[..], "byte {i} flipped");
+                assert_eq!(got.records.len(), 4, "byte {i} flipped");
+            } else {
+                assert_eq!(got.records, want, "byte {i} flipped");
+                assert_eq!(got.valid_len, at as u64, "byte {i} flipped");
+            }
+        }
+        for cut in at..whole.len() {
+            let got = records_of(&whole[..cut]);
+            assert!(!got.has_toc, "cut at {cut}");
+            assert_eq!(got.records, want, "cut at {cut}");
+            assert_eq!(got.valid_len, at as u64, "cut at {cut}");
+        }
+        // Lengths that do not end where the table starts, checksum and all.
+        let mut short = pack_of(&chunks);
+        let listed = [(B3Digest::of(b"first chunk"), 11)];
+        short.extend_from_slice(&toc(&listed, short.len() as u64));
+        let got = records_of(&short);
+        assert!(!got.has_toc);
+        assert_eq!(got.records, want);
     }
 
     #[test]

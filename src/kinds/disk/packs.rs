@@ -81,12 +81,31 @@ struct OpenPack {
     id: u64,
     file: File,
     len: u64,
+    /// Every record appended, for its table of contents; `None` once
+    /// there are more than a table lists.
+    records: Option<Vec<(B3Digest, u32)>>,
+}
+
+impl OpenPack {
+    /// Ends the pack with its table of contents (if it can have one) and
+    /// seals it.
+    fn seal(self) -> Sealed {
+        let toc = match &self.records {
+            Some(records) => pack::append_toc(&self.file, records, self.len),
+            None => 0,
+        };
+        Sealed {
+            id: self.id,
+            len: self.len + toc,
+        }
+    }
 }
 
 impl Packs {
-    /// Opens the packs in `dir` (created if missing). Each is cut back to
-    /// its last whole record; one without any is deleted. Appends go to a
-    /// new pack, never to one found here.
+    /// Opens the packs in `dir` (created if missing), each by its table of
+    /// contents, or else by scanning it: then it is cut back to its last
+    /// whole record and given a table. One without any record is deleted.
+    /// Appends go to a new pack, never to one found here.
     pub fn open(dir: PathBuf, target: u64) -> std::io::Result<(Packs, Vec<FoundPack>)> {
         std::fs::create_dir_all(&dir)?;
         let mut ids = Vec::new();
@@ -105,16 +124,24 @@ impl Packs {
         for &id in &ids {
             let path = dir.join(pack::file_name(id));
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            let scanned = pack::scan(&file)?;
+            let scanned = pack::records(&file)?;
             if scanned.records.is_empty() {
                 drop(file);
                 std::fs::remove_file(&path)?;
                 continue;
             }
-            let meta = file.metadata()?;
-            if meta.len() > scanned.valid_len {
-                file.set_len(scanned.valid_len)?;
+            let mut len = scanned.valid_len;
+            if !scanned.has_toc {
+                if file.metadata()?.len() > len {
+                    file.set_len(len)?;
+                }
+                if scanned.records.len() <= pack::MAX_TOC_ENTRIES {
+                    let listed: Vec<_> =
+                        scanned.records.iter().map(|r| (r.digest, r.len)).collect();
+                    len += pack::append_toc(&file, &listed, len);
+                }
             }
+            let meta = file.metadata()?;
             let members = scanned.records.iter().map(|r| r.digest).collect();
             for r in scanned.records {
                 let location = Location {
@@ -127,7 +154,7 @@ impl Packs {
             map.members.insert(id, members);
             found.push(FoundPack {
                 id,
-                len: scanned.valid_len,
+                len,
                 modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             });
         }
@@ -207,10 +234,11 @@ impl Packs {
             .open
             .take_if(|open| open.len > MAGIC_LEN && open.len + record > self.target)
         {
-            sealed.push(Sealed {
-                id: open.id,
-                len: open.len,
-            });
+            let appended = open.len;
+            let seal = open.seal();
+            // The table of contents.
+            *added += seal.len - appended;
+            sealed.push(seal);
         }
         let open = match &mut writer.open {
             Some(open) => open,
@@ -226,6 +254,7 @@ impl Packs {
                     id,
                     file,
                     len: MAGIC_LEN,
+                    records: Some(Vec::new()),
                 })
             }
         };
@@ -254,6 +283,13 @@ impl Packs {
         }
         open.len += record;
         *added += record;
+        if let Some(records) = &mut open.records {
+            if records.len() < pack::MAX_TOC_ENTRIES {
+                records.push((digest, len));
+            } else {
+                open.records = None;
+            }
+        }
         let mut map = self.map_mut();
         map.chunks.insert(
             digest,

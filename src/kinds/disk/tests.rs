@@ -255,6 +255,14 @@ fn packs_in(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Where the table of contents at the end of the pack at `path` starts,
+/// if there is one.
+fn toc_offset(path: &Path) -> Option<u64> {
+    let bytes = std::fs::read(path).unwrap();
+    let footer = &bytes[bytes.len().checked_sub(16)?..];
+    (footer[8..] == pack::TOC_MAGIC).then(|| u64::from_le_bytes(footer[..8].try_into().unwrap()))
+}
+
 #[tokio::test]
 async fn chunks_go_to_packs_sealed_at_their_target() {
     let dir = tempfile::tempdir().unwrap();
@@ -274,11 +282,18 @@ async fn chunks_go_to_packs_sealed_at_their_target() {
     let (open_id, open_len) = svc.store().packs.open_pack().unwrap();
     for path in &packs {
         let len = std::fs::metadata(path).unwrap().len();
-        assert!(len <= target, "{} holds {len} bytes", path.display());
         let id = pack::parse_name(path.file_name().unwrap().to_str().unwrap()).unwrap();
         if id == open_id {
             assert_eq!(len, open_len);
+            assert!(len <= target, "{} holds {len} bytes", path.display());
         } else {
+            // Records up to the target, then the table of contents.
+            let records_end = toc_offset(path).expect("a sealed pack has a table of contents");
+            assert!(
+                records_end <= target,
+                "{} holds {records_end} bytes",
+                path.display()
+            );
             assert_eq!(svc.store().index.get(&Entry::Pack(id)), Some(len));
         }
     }
@@ -289,10 +304,14 @@ async fn chunks_go_to_packs_sealed_at_their_target() {
     }
     assert_eq!(svc.store().used_bytes(), du(dir.path()));
 
-    // The same after a restart, which appends to a new pack.
+    // The same after a restart, which gives the pack that was open its
+    // table of contents, and appends to a new pack.
     drop(svc);
     let svc = open(dir.path(), max).await;
     assert_eq!(svc.store().packs.open_pack(), None);
+    for path in &packs {
+        assert!(toc_offset(path).is_some(), "{}", path.display());
+    }
     for (digest, blob) in &blobs {
         assert!(read_all(&svc, digest).await == *blob);
     }
