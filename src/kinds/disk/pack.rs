@@ -204,7 +204,7 @@ fn read_toc(file: &File) -> std::io::Result<Option<Scanned>> {
     file.read_exact_at(&mut magic, 0)?;
     if header[..32] != TOC_MARKER
         || data_len as usize != data.len()
-        || (data.len() - TOC_TAIL_LEN) % TOC_ENTRY_LEN != 0
+        || !(data.len() - TOC_TAIL_LEN).is_multiple_of(TOC_ENTRY_LEN)
         || magic != MAGIC
     {
         return Ok(None);

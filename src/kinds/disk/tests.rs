@@ -321,6 +321,35 @@ async fn chunks_go_to_packs_sealed_at_their_target() {
     assert_eq!(svc.store().used_bytes(), du(dir.path()));
 }
 
+#[tokio::test]
+async fn a_damaged_table_of_contents_is_rebuilt_from_a_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 64 << 20;
+    let svc = open(dir.path(), max).await;
+    let blob = pseudo_random(5 << 20, 44);
+    let digest = put(&svc, &blob).await;
+    drop(svc);
+    // Every pack has its table now (the open one got it at the restart
+    // in `open`); damage one in the middle of its list.
+    let svc = open(dir.path(), max).await;
+    drop(svc);
+    let path = packs_in(dir.path())[0].clone();
+    let at = toc_offset(&path).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let len = bytes.len();
+    bytes[at as usize + 40] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let svc = open(dir.path(), max).await;
+    assert!(read_all(&svc, &digest).await == blob);
+    assert_eq!(
+        toc_offset(&path),
+        Some(at),
+        "a new table where the old one was"
+    );
+    assert_eq!(std::fs::read(&path).unwrap().len(), len);
+    assert_ne!(std::fs::read(&path).unwrap(), bytes, "the damage is gone");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_chunk_is_stored_once_however_often_it_is_put() {
     let dir = tempfile::tempdir().unwrap();
