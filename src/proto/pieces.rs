@@ -145,6 +145,20 @@ impl Parser {
         }
     }
 
+    /// The pieces at hand, in order, until one is an error (the last item
+    /// then).
+    pub(crate) fn pieces(&mut self) -> impl Iterator<Item = Result<Bytes, Status>> + '_ {
+        let mut failed = false;
+        std::iter::from_fn(move || {
+            if failed {
+                return None;
+            }
+            let next = self.next_piece().transpose()?;
+            failed = next.is_err();
+            Some(next)
+        })
+    }
+
     /// Checks that the stream did not end inside a message.
     pub(crate) fn finished(&self) -> Result<(), Status> {
         if self.state == State::Header && self.buffered == 0 {

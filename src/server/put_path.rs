@@ -65,14 +65,11 @@ fn pieces(mut body: Body, max_message_size: usize) -> PieceStream {
             // Request trailers carry nothing gRPC defines: skipped.
             let Ok(data) = frame.into_data() else { continue };
             parser.push(data);
-            loop {
-                match parser.next_piece() {
-                    Ok(Some(piece)) => yield Ok(piece),
-                    Ok(None) => break,
-                    Err(status) => {
-                        yield Err(status);
-                        return;
-                    }
+            for piece in parser.pieces() {
+                let failed = piece.is_err();
+                yield piece;
+                if failed {
+                    return;
                 }
             }
         }

@@ -124,14 +124,11 @@ fn payload(mut body: Body, max_message_size: usize) -> Payload {
             match frame.into_data() {
                 Ok(data) => {
                     parser.push(data);
-                    loop {
-                        match parser.next_piece() {
-                            Ok(Some(piece)) => yield Ok(piece),
-                            Ok(None) => break,
-                            Err(status) => {
-                                yield Err(status);
-                                return;
-                            }
+                    for piece in parser.pieces() {
+                        let failed = piece.is_err();
+                        yield piece;
+                        if failed {
+                            return;
                         }
                     }
                 }
