@@ -7,7 +7,8 @@ use strata::B3Digest;
 use strata::proto::snix::{BlobChunk, ReadBlobRequest, StatBlobRequest};
 
 use crate::harness::{
-    Daemon, cli, cli_ok, put_blob, read_blob, snix_client, test_data, tvix_client, write_file,
+    Daemon, cli, cli_ok, memory_origin, put_blob, read_blob, snix_client, test_data, tvix_client,
+    write_file,
 };
 
 const SIZES: [usize; 5] = [0, 1, 1024, (1 << 20) + 1, 100 << 20];
@@ -190,4 +191,36 @@ async fn small_blobs_come_back_inline_when_asked() {
         .into_inner();
     assert!(stat.inline_data.is_empty());
     assert_eq!(stat.size, 5000);
+}
+
+/// An upload through the `grpc` tier that is dropped before `close` is
+/// cancelled on the wire: the peer must not store the part it received as
+/// a blob of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abandoned_upload_leaves_nothing_on_the_peer() {
+    use strata::blobservice::BlobService;
+    use strata::kinds::grpc::{GrpcBlobService, Protocol};
+
+    let origin = memory_origin().await;
+    let addr = origin.tcp_addr().parse().unwrap();
+    let peer = GrpcBlobService::new(addr, Protocol::Snix, None).unwrap();
+    let part = test_data(3 << 20, 77);
+    for _ in 0..5 {
+        let mut writer = peer.open_write().await.unwrap();
+        for piece in part.chunks(1 << 20) {
+            writer.write(Bytes::copy_from_slice(piece)).await.unwrap();
+        }
+        drop(writer);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !peer.has(&B3Digest::of(&part)).await.unwrap(),
+        "an abandoned upload was stored"
+    );
+    // A closed one is.
+    let mut writer = peer.open_write().await.unwrap();
+    writer.write(Bytes::from(part.clone())).await.unwrap();
+    let put = writer.close().await.unwrap();
+    assert_eq!(put.digest, B3Digest::of(&part));
+    assert!(peer.has(&put.digest).await.unwrap());
 }
