@@ -1,5 +1,7 @@
-//! [`Parser`]: the payload of a stream of `BlobChunk` messages, taken out
-//! of the HTTP/2 DATA frames that carry it without a copy.
+//! `BlobChunk` messages on the wire without tonic's codec, so their
+//! payloads are never copied: [`framing`] writes the few bytes in front of
+//! a payload, and [`Parser`] takes the payloads out of the HTTP/2 DATA
+//! frames that carry them.
 //!
 //! tonic's `Streaming` gathers every DATA frame into a buffer of its own
 //! before decoding a message: one memcpy of every byte of a blob. A
@@ -11,8 +13,9 @@
 //! hash or verify arbitrary pieces).
 //!
 //! Anything but that one-field layout (unknown fields, an empty message) is
-//! gathered and decoded by prost, as tonic would. Both directions use it:
-//! the `grpc` tier for a peer's Read answers, the server for Put requests.
+//! gathered and decoded by prost, as tonic would. Both ends use them: the
+//! server frames Read answers and parses Put requests, the `grpc` tier
+//! parses Read answers and frames Put requests.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
@@ -20,6 +23,26 @@ use tonic::Status;
 
 use super::snix::BlobChunk;
 use super::wire::{DATA_KEY, MESSAGE_HEADER};
+
+/// The bytes in front of a `BlobChunk` with a `len`-byte payload: the
+/// gRPC message header (uncompressed, message length) and the field's key
+/// and length. An empty payload is the empty message (proto3 omits it).
+pub(crate) fn framing(len: usize) -> Bytes {
+    let field = if len == 0 {
+        0
+    } else {
+        1 + prost::encoding::encoded_len_varint(len as u64) + len
+    };
+    let mut head = BytesMut::with_capacity(MESSAGE_HEADER + 11);
+    head.put_u8(0);
+    // A piece is at most the server's message cap, far below 4 GiB.
+    head.put_u32(u32::try_from(field).unwrap_or(u32::MAX));
+    if len > 0 {
+        head.put_u8(DATA_KEY);
+        prost::encoding::encode_varint(len as u64, &mut head);
+    }
+    head.freeze()
+}
 
 /// Where the parser is within the stream of messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,5 +357,19 @@ mod tests {
         let (pieces, parser) = parse(&wire[..wire.len() - 3], 4);
         assert_eq!(pieces.concat(), b"cut sh");
         assert!(parser.finished().is_err());
+    }
+
+    #[test]
+    fn the_framing_and_payload_are_what_prost_and_tonic_would_send() {
+        for len in [0usize, 1, 127, 128, 16_383, 16_384, 524_288] {
+            let data = Bytes::from(vec![7u8; len]);
+            let mut ours = framing(len).to_vec();
+            ours.extend_from_slice(&data);
+            let message = BlobChunk { data }.encode_to_vec();
+            let mut theirs = vec![0u8];
+            theirs.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            theirs.extend_from_slice(&message);
+            assert_eq!(ours, theirs, "payload of {len} bytes");
+        }
     }
 }

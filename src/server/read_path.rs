@@ -16,7 +16,7 @@
 
 use std::convert::Infallible;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use http_body::Frame;
 use http_body_util::StreamBody;
@@ -26,8 +26,8 @@ use tonic::{Request, Status};
 
 use super::service::{BlobServer, PieceStream};
 use super::zero_copy::{grpc_response, refuse_compressed, trailers};
+use crate::proto::pieces::framing;
 use crate::proto::snix::ReadBlobRequest;
-use crate::proto::wire::{DATA_KEY, MESSAGE_HEADER};
 
 /// A whole Read: the request decoded, the blob opened, the response's
 /// body streaming its pieces. An error before the blob is open (a bad
@@ -91,34 +91,12 @@ fn frames(
     }
 }
 
-/// The bytes in front of a `BlobChunk` with a `len`-byte payload: the
-/// gRPC message header (uncompressed, message length) and the field's key
-/// and length. An empty payload is the empty message (proto3 omits it).
-fn framing(len: usize) -> Bytes {
-    let field = if len == 0 {
-        0
-    } else {
-        1 + prost::encoding::encoded_len_varint(len as u64) + len
-    };
-    let mut head = BytesMut::with_capacity(MESSAGE_HEADER + 11);
-    head.put_u8(0);
-    // A piece is at most the server's message cap, far below 4 GiB.
-    head.put_u32(u32::try_from(field).unwrap_or(u32::MAX));
-    if len > 0 {
-        head.put_u8(DATA_KEY);
-        prost::encoding::encode_varint(len as u64, &mut head);
-    }
-    head.freeze()
-}
-
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt;
-    use prost::Message;
     use tower::ServiceExt;
 
     use super::*;
-    use crate::proto::snix::BlobChunk;
     use crate::server::zero_copy::testing::{answer, payloads, request, service};
 
     fn read_of(blob: &[u8]) -> ReadBlobRequest {
@@ -190,20 +168,6 @@ mod tests {
         };
         let (_, status) = answer(svc.oneshot(request("Read", &huge)).await.unwrap()).await;
         assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
-    }
-
-    #[test]
-    fn the_framing_and_payload_are_what_prost_and_tonic_would_send() {
-        for len in [0usize, 1, 127, 128, 16_383, 16_384, 524_288] {
-            let data = Bytes::from(vec![7u8; len]);
-            let mut ours = framing(len).to_vec();
-            ours.extend_from_slice(&data);
-            let message = BlobChunk { data }.encode_to_vec();
-            let mut theirs = vec![0u8];
-            theirs.extend_from_slice(&(message.len() as u32).to_be_bytes());
-            theirs.extend_from_slice(&message);
-            assert_eq!(ours, theirs, "payload of {len} bytes");
-        }
     }
 
     #[tokio::test]

@@ -43,6 +43,7 @@
 //! peer, however steadily the bytes trickle in.
 
 mod inlined;
+mod put_request;
 mod read_answer;
 
 use std::path::PathBuf;
@@ -72,13 +73,12 @@ use crate::chunkstore::{ChunkedReader, OpenStream, ServiceChunks, StreamedReader
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError};
-use crate::proto::snix::{
-    BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
-};
+use crate::proto::snix::{PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse};
 use crate::proto::{snix, tvix};
 use crate::verify::bao::MAX_VERIFY_SHIFT;
 use crate::verify::{Outboard, STORED_SHIFT, cut_chunks, spool_verified, verify_chunk_meta};
 use inlined::{INLINE_MAX, Inlined};
+use put_request::PutClient;
 use read_answer::{Payload, ReadClient};
 
 /// Chunks read ahead of the read position on the chunked path.
@@ -337,6 +337,8 @@ pub struct GrpcBlobService {
     client: PeerClient,
     /// Reads, answered without tonic's copy of each message.
     reads: ReadClient,
+    /// Puts, sent without tonic's copy of each message.
+    puts: PutClient,
     spool_dir: Option<PathBuf>,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
@@ -379,6 +381,7 @@ impl GrpcBlobService {
             Protocol::Tvix => tvix::blob_service_server::SERVICE_NAME,
         };
         let reads = ReadClient::new(channel.clone(), service_name, DEFAULT_MAX_MESSAGE_SIZE * 2);
+        let puts = PutClient::new(channel.clone(), service_name);
         let spool_dir = options.spool_dir;
         let client = match protocol {
             Protocol::Snix => PeerClient::Snix(
@@ -396,6 +399,7 @@ impl GrpcBlobService {
             addr,
             client,
             reads,
+            puts,
             spool_dir,
             first_byte_timeout: options.first_byte_timeout,
             idle_timeout: options.idle_timeout,
@@ -902,12 +906,9 @@ impl BlobService for GrpcBlobService {
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
-        let (tx, rx) = mpsc::channel::<BlobChunk>(4);
-        let client = self.client.clone();
-        let task = tokio::spawn(async move {
-            let stream = ReceiverStream::new(rx);
-            call!(client, put(stream)).map(tonic::Response::into_inner)
-        });
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        let puts = self.puts.clone();
+        let task = tokio::spawn(async move { puts.put(ReceiverStream::new(rx)).await });
         Ok(Box::new(GrpcWriter {
             peer: self.addr.to_string(),
             tx: Some(tx),
@@ -923,7 +924,7 @@ impl BlobService for GrpcBlobService {
 /// local hash of what was sent.
 struct GrpcWriter {
     peer: String,
-    tx: Option<mpsc::Sender<BlobChunk>>,
+    tx: Option<mpsc::Sender<Bytes>>,
     task: JoinHandle<Result<PutBlobResponse, tonic::Status>>,
     hasher: blake3::Hasher,
     size: u64,
@@ -959,7 +960,7 @@ impl BlobWriter for GrpcWriter {
             let Some(tx) = &self.tx else {
                 return Err(Error::InvalidRequest("write after close".into()));
             };
-            if tx.send(BlobChunk { data: piece }).await.is_err() {
+            if tx.send(piece).await.is_err() {
                 // The RPC ended early; its result says why.
                 self.tx = None;
                 self.rpc_result().await?;
@@ -1062,6 +1063,7 @@ mod tests {
     use super::*;
     use crate::chunkstore::ChunkedBlobService;
     use crate::kinds::memory::MemoryStore;
+    use crate::proto::snix::BlobChunk;
     use crate::server::{BlobServer, ServeOptions};
 
     #[test]

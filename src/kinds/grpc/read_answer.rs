@@ -152,7 +152,7 @@ fn payload(mut body: Body, max_message_size: usize) -> Payload {
 
 /// The status of an answer that ended without `grpc-status`, mapped from
 /// its HTTP status as gRPC's HTTP mapping (and tonic) do.
-fn missing_status(http_status: http::StatusCode) -> Status {
+pub(super) fn missing_status(http_status: http::StatusCode) -> Status {
     use http::StatusCode as H;
     use tonic::Code;
     let code = match http_status {
