@@ -130,9 +130,12 @@ impl Packs {
                 std::fs::remove_file(&path)?;
                 continue;
             }
+            // Taken before the pack is cut or given its table: its age
+            // orders the cache index.
+            let meta = file.metadata()?;
             let mut len = scanned.valid_len;
             if !scanned.has_toc {
-                if file.metadata()?.len() > len {
+                if meta.len() > len {
                     file.set_len(len)?;
                 }
                 if scanned.records.len() <= pack::MAX_TOC_ENTRIES {
@@ -141,7 +144,6 @@ impl Packs {
                     len += pack::append_toc(&file, &listed, len);
                 }
             }
-            let meta = file.metadata()?;
             let members = scanned.records.iter().map(|r| r.digest).collect();
             for r in scanned.records {
                 let location = Location {
