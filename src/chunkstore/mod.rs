@@ -8,8 +8,8 @@
 //! the same model serves memory, disk and object storage alike.
 //!
 //! [`ChunkedBlobService`] turns any chunk store into a [`BlobService`]: it
-//! chunks and hashes on write ([`writer`]) and reads through a seekable,
-//! read-ahead reader that verifies every chunk ([`reader`]). The backends
+//! chunks and hashes on write (`writer.rs`) and reads through a seekable,
+//! read-ahead reader that verifies every chunk (`reader.rs`). The backends
 //! only move bytes.
 
 mod cdc;

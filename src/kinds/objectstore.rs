@@ -188,7 +188,7 @@ impl ObjectStoreChunks {
 }
 
 /// Decompresses a stored chunk, refusing to produce more than
-/// [`MAX_CHUNK_DECOMPRESSED`] bytes.
+/// `MAX_CHUNK_DECOMPRESSED` bytes.
 pub fn decompress_chunk(compressed: &[u8]) -> std::io::Result<Bytes> {
     let mut decoder = zstd::stream::read::Decoder::new(compressed)?;
     let mut out = Vec::new();

@@ -383,7 +383,7 @@ macro_rules! impl_package {
             type ReadStream = ReadStream;
 
             /// Reached only where the server is built without
-            /// [`super::zero_copy::ZeroCopy`]; tonic copies each
+            /// `ZeroCopy` (`zero_copy.rs`); tonic copies each
             /// payload into its message here.
             async fn read(
                 &self,
@@ -395,7 +395,7 @@ macro_rules! impl_package {
             }
 
             /// Reached only where the server is built without
-            /// [`super::zero_copy::ZeroCopy`]; tonic copies each payload
+            /// `ZeroCopy` (`zero_copy.rs`); tonic copies each payload
             /// into its message here.
             async fn put(
                 &self,

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 const INLINE_LIMIT: u64 = 1024 * 1024;
 
 /// Computes a blob's digest and outboard, like [`OutboardHasher`], but once
-/// the blob outgrows [`INLINE_LIMIT`] each piece is hashed on the blocking
+/// the blob outgrows `INLINE_LIMIT` (1 MiB) each piece is hashed on the blocking
 /// pool while the caller goes on with the next.
 ///
 /// A Put's writer chunks, hashes each chunk and stores it; hashing the whole

@@ -389,7 +389,7 @@ impl DiskStore {
     }
 
     /// Bytes of the files the index accounts for and of the pack open for
-    /// appending: at most `max_size` (see [`pack_target`]).
+    /// appending: at most `max_size` (see `pack_target`).
     pub fn used_bytes(&self) -> u64 {
         self.index.run_pending_tasks();
         self.index.weighted_size() + self.packs.open_pack().map_or(0, |(_, len)| len)

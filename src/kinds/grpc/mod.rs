@@ -756,7 +756,7 @@ impl BlobService for GrpcBlobService {
         self.stat_inlining(digest, 0).await
     }
 
-    /// Asks for a blob of up to [`INLINE_MAX`] bytes inline, and keeps it
+    /// Asks for a blob of up to `INLINE_MAX` (256 KiB) bytes inline, and keeps it
     /// (checked) for the read that follows.
     #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
     async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {

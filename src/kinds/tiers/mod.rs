@@ -22,7 +22,7 @@
 //!    [`BlobService`] contract). A reader that fails part-way (a lie caught
 //!    at a chunk or 16 KiB group, a peer that stalls or dies) is replaced by
 //!    the next tier's, seeked to where the first stopped, so the client's
-//!    stream goes on (see [`failover`]).
+//!    stream goes on (see `failover.rs`).
 //! 3. Otherwise the blob is fetched chunk by chunk: each chunk from the
 //!    nearest fill tier that already holds it (dedup across blobs), else
 //!    from *k* or a later tier, verified against its digest, a bounded
@@ -35,7 +35,7 @@
 //!    published. Fill tiers store a sane chunk list as listed, without
 //!    cutting and hashing it again ([`BlobService::open_fill`]).
 //!    * `sync`: the reader that started the fill gets the proven bytes as
-//!      they arrive, while the fill writes them (see [`tap`]); readers that
+//!      they arrive, while the fill writes them (see `tap.rs`); readers that
 //!      join it, or that fall behind, read from the near tier once the fill
 //!      completed.
 //!    * `async`: the fetched blob is verified into a spool, the read is
@@ -873,7 +873,7 @@ impl TiersService {
         let span =
             info_span!("fill", %digest, source = %inner.members[k].name, policy = %inner.fill);
         let verification_failed = |e: &Error| matches!(e.root(), Error::Verification(_));
-        // A sync fill streams to the reader that starts it (see [`tap`]).
+        // A sync fill streams to the reader that starts it (see `tap.rs`).
         let (tap, tap_rx) = match inner.fill {
             Fill::Sync => {
                 let (tap, rx) = Tap::new();
