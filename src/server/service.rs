@@ -395,8 +395,8 @@ macro_rules! impl_package {
             }
 
             /// Reached only where the server is built without
-            /// `ZeroCopy` (`zero_copy.rs`); tonic copies each payload
-            /// into its message here.
+            /// `ZeroCopy` (`zero_copy.rs`); tonic's decoder gathers each
+            /// message into a buffer of its own here.
             async fn put(
                 &self,
                 request: Request<Streaming<BlobChunk>>,
