@@ -178,8 +178,9 @@ pub fn records(file: &File) -> std::io::Result<Scanned> {
     }
 }
 
-/// The records a pack's table of contents lists, if the pack ends with
-/// one whose checksum holds and whose lengths end where it starts.
+/// The records a pack's table of contents lists, if the pack starts with
+/// [`MAGIC`] and ends with a table whose checksum holds and whose lengths
+/// end where it starts: three reads, whatever the number of records.
 fn read_toc(file: &File) -> std::io::Result<Option<Scanned>> {
     let len = file.metadata()?.len();
     let smallest = MAGIC_LEN + RECORD_HEADER_LEN + TOC_TAIL_LEN as u64;
