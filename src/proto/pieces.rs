@@ -1,7 +1,7 @@
 //! `BlobChunk` messages on the wire without tonic's codec, so their
 //! payloads are never copied: [`framing`] writes the few bytes in front of
-//! a payload, and [`Parser`] takes the payloads out of the HTTP/2 DATA
-//! frames that carry them.
+//! a payload, and [`payload`] takes the payloads out of the HTTP/2 DATA
+//! frames of a body that carries them.
 //!
 //! tonic's `Streaming` gathers every DATA frame into a buffer of its own
 //! before decoding a message: one memcpy of every byte of a blob. A
@@ -18,8 +18,11 @@
 //! parses Read answers and frames Put requests.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::stream::BoxStream;
+use http_body_util::BodyExt;
 use prost::Message;
 use tonic::Status;
+use tonic::body::Body;
 
 use super::snix::BlobChunk;
 use super::wire::{DATA_KEY, MESSAGE_HEADER};
@@ -44,6 +47,51 @@ pub(crate) fn framing(len: usize) -> Bytes {
     head.freeze()
 }
 
+/// The payload pieces of the `BlobChunk` messages in `body`, each message
+/// at most `max_message_size` bytes (`what` names the stream in errors).
+/// When the body ends, `end` is given its trailers (`None` if it had
+/// none) and says whether that is a good end; the stream then also checks
+/// that no message was left unfinished. A body error, a malformed message
+/// or a bad end is the stream's last item.
+pub(crate) fn payload(
+    mut body: Body,
+    max_message_size: usize,
+    what: &'static str,
+    end: impl FnOnce(Option<http::HeaderMap>) -> Result<(), Status> + Send + 'static,
+) -> BoxStream<'static, Result<Bytes, Status>> {
+    Box::pin(async_stream::stream! {
+        let mut parser = Parser::new(max_message_size, what);
+        let trailers = loop {
+            let frame = match body.frame().await {
+                Some(Ok(frame)) => frame,
+                // A reset stream or a dropped connection: tonic's own
+                // status for it.
+                Some(Err(status)) => {
+                    yield Err(status);
+                    return;
+                }
+                None => break None,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    parser.push(data);
+                    for piece in parser.pieces() {
+                        let failed = piece.is_err();
+                        yield piece;
+                        if failed {
+                            return;
+                        }
+                    }
+                }
+                Err(frame) => break frame.into_trailers().ok(),
+            }
+        };
+        if let Err(status) = end(trailers).and_then(|()| parser.finished()) {
+            yield Err(status);
+        }
+    })
+}
+
 /// Where the parser is within the stream of messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -56,7 +104,7 @@ enum State {
 }
 
 /// Takes the payload out of received frames.
-pub(crate) struct Parser {
+struct Parser {
     /// Received bytes not yet consumed, in order.
     frames: std::collections::VecDeque<Bytes>,
     buffered: usize,
@@ -69,7 +117,7 @@ pub(crate) struct Parser {
 impl Parser {
     /// A parser refusing messages over `max_message_size`; `what` names
     /// the stream in errors.
-    pub(crate) fn new(max_message_size: usize, what: &'static str) -> Self {
+    fn new(max_message_size: usize, what: &'static str) -> Self {
         Parser {
             frames: Default::default(),
             buffered: 0,
@@ -80,7 +128,7 @@ impl Parser {
     }
 
     /// Adds the next received bytes.
-    pub(crate) fn push(&mut self, data: Bytes) {
+    fn push(&mut self, data: Bytes) {
         if !data.is_empty() {
             self.buffered += data.len();
             self.frames.push_back(data);
@@ -88,7 +136,7 @@ impl Parser {
     }
 
     /// The next piece of payload that is at hand, if any.
-    pub(crate) fn next_piece(&mut self) -> Result<Option<Bytes>, Status> {
+    fn next_piece(&mut self) -> Result<Option<Bytes>, Status> {
         loop {
             match self.state {
                 State::Payload(0) => self.state = State::Header,
@@ -170,7 +218,7 @@ impl Parser {
 
     /// The pieces at hand, in order, until one is an error (the last item
     /// then).
-    pub(crate) fn pieces(&mut self) -> impl Iterator<Item = Result<Bytes, Status>> + '_ {
+    fn pieces(&mut self) -> impl Iterator<Item = Result<Bytes, Status>> + '_ {
         let mut failed = false;
         std::iter::from_fn(move || {
             if failed {
@@ -183,7 +231,7 @@ impl Parser {
     }
 
     /// Checks that the stream did not end inside a message.
-    pub(crate) fn finished(&self) -> Result<(), Status> {
+    fn finished(&self) -> Result<(), Status> {
         if self.state == State::Header && self.buffered == 0 {
             Ok(())
         } else {

@@ -2,8 +2,8 @@
 //! the bytes h2 received rather than a copy.
 //!
 //! The request's `BlobChunk` payloads come out of its DATA frames through
-//! [`Parser`], where tonic's `Streaming` would first gather every frame
-//! into a buffer of its own: one memcpy of every byte Put. The pieces
+//! [`pieces::payload`], where tonic's `Streaming` would first gather every
+//! frame into a buffer of its own: one memcpy of every byte Put. The pieces
 //! follow the frames rather than the messages, which the writer accepts
 //! (it cuts chunks out of any pieces). Messages keep the server's size cap,
 //! and a request that ends inside a message fails as tonic fails it.
@@ -14,14 +14,14 @@ use std::convert::Infallible;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::StreamBody;
 use prost::Message;
 use tonic::body::Body;
 use tonic::{Request, Status};
 
 use super::service::{BlobServer, PieceStream};
 use super::zero_copy::{grpc_response, refuse_compressed, trailers};
-use crate::proto::pieces::Parser;
+use crate::proto::pieces;
 use crate::proto::snix::PutBlobResponse;
 use crate::proto::wire::MESSAGE_HEADER;
 
@@ -48,35 +48,10 @@ pub(super) async fn put(
 }
 
 /// The payload of the request's messages, piece by piece; a broken or
-/// malformed body ends it with an error.
-fn pieces(mut body: Body, max_message_size: usize) -> PieceStream {
-    Box::pin(async_stream::stream! {
-        let mut parser = Parser::new(max_message_size, "a Put request");
-        while let Some(frame) = body.frame().await {
-            // A reset stream or a dropped connection: tonic's own status
-            // for it.
-            let frame = match frame {
-                Ok(frame) => frame,
-                Err(status) => {
-                    yield Err(status);
-                    return;
-                }
-            };
-            // Request trailers carry nothing gRPC defines: skipped.
-            let Ok(data) = frame.into_data() else { continue };
-            parser.push(data);
-            for piece in parser.pieces() {
-                let failed = piece.is_err();
-                yield piece;
-                if failed {
-                    return;
-                }
-            }
-        }
-        if let Err(status) = parser.finished() {
-            yield Err(status);
-        }
-    })
+/// malformed body ends it with an error. Request trailers carry nothing
+/// gRPC defines: any end of the body is a good one.
+fn pieces(body: Body, max_message_size: usize) -> PieceStream {
+    pieces::payload(body, max_message_size, "a Put request", |_| Ok(()))
 }
 
 /// The body of a successful Put's response: its one message, then the OK

@@ -44,6 +44,7 @@
 
 mod inlined;
 mod put_request;
+mod raw_call;
 mod read_answer;
 
 use std::path::PathBuf;

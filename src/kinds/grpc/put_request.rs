@@ -14,9 +14,8 @@ use http_body_util::{BodyExt, Limited, StreamBody};
 use prost::Message;
 use tonic::Status;
 use tonic::body::Body;
-use tower::{Service, ServiceExt};
 
-use super::read_answer::missing_status;
+use super::raw_call::{self, Answer, missing_status};
 use crate::addr::AuthChannel;
 use crate::proto::pieces::framing;
 use crate::proto::snix::PutBlobResponse;
@@ -52,35 +51,28 @@ impl PutClient {
         &self,
         pieces: impl Stream<Item = Bytes> + Send + 'static,
     ) -> Result<PutBlobResponse, Status> {
-        let mut channel = self.channel.clone();
-        // As the generated client words it.
-        channel
-            .ready()
-            .await
-            .map_err(|e| Status::unknown(format!("Service was not ready: {e}")))?;
         let frames = pieces.flat_map(|piece| {
             futures::stream::iter([
                 Ok::<_, Status>(Frame::data(framing(piece.len()))),
                 Ok(Frame::data(piece)),
             ])
         });
-        let response = channel
-            .call(self.http_request(Body::new(StreamBody::new(frames))))
-            .await
-            .map_err(|e| Status::from_error(e.into()))?;
-        let (parts, body) = response.into_parts();
-        if let Some(status) = Status::from_header_map(&parts.headers) {
+        let body = match raw_call::call(
+            &self.channel,
+            &self.path,
+            Body::new(StreamBody::new(frames)),
+        )
+        .await?
+        {
+            Answer::Body(body) => body,
             // Trailers-only: an error, or an OK without the answer.
-            return Err(if status.code() == tonic::Code::Ok {
-                Status::internal("protocol error: a Put answered OK without a message")
-            } else {
-                status
-            });
-        }
-        if parts.status != http::StatusCode::OK {
-            // Not a gRPC answer (a proxy's error page, say).
-            return Err(missing_status(parts.status));
-        }
+            Answer::Status(status) if status.code() == tonic::Code::Ok => {
+                return Err(Status::internal(
+                    "protocol error: a Put answered OK without a message",
+                ));
+            }
+            Answer::Status(status) => return Err(status),
+        };
         let answer = Limited::new(body, MAX_ANSWER)
             .collect()
             .await
@@ -96,21 +88,6 @@ impl PutClient {
             return Err(status);
         }
         decode_answer(answer.to_bytes())
-    }
-
-    fn http_request(&self, body: Body) -> http::Request<Body> {
-        let mut req = http::Request::new(body);
-        *req.method_mut() = http::Method::POST;
-        *req.version_mut() = http::Version::HTTP_2;
-        // The channel fills in the scheme and authority.
-        *req.uri_mut() = http::Uri::from(self.path.clone());
-        let headers = req.headers_mut();
-        headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/grpc"),
-        );
-        req
     }
 }
 
