@@ -39,7 +39,9 @@ use crate::blobservice::{
 };
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
-use crate::verify::{Outboard, spool_verified_shared, verify_chunk, verify_chunk_meta};
+use crate::verify::{
+    Outboard, check_kept_chunk, spool_verified_shared, verify_chunk, verify_chunk_meta,
+};
 
 /// Names an object in a chunk store: a chunk or a blob index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,15 +67,32 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// if absent; a chunk that fails the check is a verification error.
     ///
     /// The default fetches with [`ChunkStore::get_chunk`] and checks on the
-    /// caller's task. A store whose reads block anyway checks on the same
-    /// blocking thread, so that hashing runs beside the task streaming the
-    /// chunks out rather than on it.
+    /// caller's task (only the length, for a store that
+    /// [keeps verified chunks](ChunkStore::keeps_verified_chunks)). A store
+    /// whose reads block anyway checks on the same blocking thread, so that
+    /// hashing runs beside the task streaming the chunks out rather than on
+    /// it.
     async fn get_chunk_verified(&self, meta: &ChunkMeta) -> Result<Option<Bytes>> {
         let Some(data) = self.get_chunk(&meta.digest).await? else {
             return Ok(None);
         };
-        verify_chunk_meta(meta, &data)?;
+        if self.keeps_verified_chunks() {
+            check_kept_chunk(meta, &data)?;
+        } else {
+            verify_chunk_meta(meta, &data)?;
+        }
         Ok(Some(data))
+    }
+
+    /// Whether [`ChunkStore::get_chunk`] hands out the very bytes that were
+    /// given to [`ChunkStore::put_chunk`], kept immutable in this process's
+    /// memory. Every `put_chunk` caller hashed those bytes under their
+    /// digest (a Put's writer computes it, a fill checked it), so reading
+    /// them back crosses no trust boundary and they are not hashed again.
+    /// Anything kept on a disk or another machine can change under the
+    /// store and answers `false` (the default).
+    fn keeps_verified_chunks(&self) -> bool {
+        false
     }
 
     /// The chunk's length, or `None` if absent.
@@ -248,6 +267,9 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
         let Some(data) = self.store.get_chunk(digest).await? else {
             return Ok(None);
         };
+        if self.store.keeps_verified_chunks() {
+            return Ok(Some(Box::new(BufferedReader::new(data))));
+        }
         if let Err(e) = verify_chunk(digest, &data) {
             // A damaged copy of a whole blob: drop it and report a miss,
             // so another tier (or a new Put) can supply the blob.
@@ -256,6 +278,18 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
             return Ok(None);
         }
         Ok(Some(Box::new(BufferedReader::new(data))))
+    }
+
+    /// Checked once, by the store (see [`ChunkStore::get_chunk_verified`]),
+    /// rather than by `open_read` and then again by the default. A damaged
+    /// copy is dropped and reads as absent, as in `open_read`, so another
+    /// tier can supply the chunk.
+    #[instrument(skip(self), fields(digest = %chunk.digest), err)]
+    async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+        match reader::checked_chunk(&*self.store, chunk).await {
+            Err(e) if matches!(e.root(), Error::Verification(_)) => Ok(None),
+            other => other,
+        }
     }
 
     async fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Result<Vec<bool>> {

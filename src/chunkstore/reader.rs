@@ -33,20 +33,31 @@ impl<S: ChunkStore> ChunkSource for StoreChunks<S> {
     fn fetch(&self, blob: B3Digest, meta: ChunkMeta) -> BoxFuture<'static, Result<Bytes>> {
         let store = self.0.clone();
         Box::pin(async move {
-            match store.get_chunk_verified(&meta).await {
-                Ok(Some(data)) => Ok(data),
-                Ok(None) => Err(Error::MissingChunk {
+            checked_chunk(&*store, &meta)
+                .await?
+                .ok_or(Error::MissingChunk {
                     blob,
                     chunk: meta.digest,
-                }),
-                Err(e) if matches!(e.root(), Error::Verification(_)) => {
-                    tracing::warn!(%blob, chunk = %meta.digest, error = %e, "stored chunk failed verification");
-                    store.discard_chunk(&meta.digest).await?;
-                    Err(e)
-                }
-                Err(e) => Err(e),
-            }
+                })
         })
+    }
+}
+
+/// Chunk `meta` from `store`, checked by [`ChunkStore::get_chunk_verified`].
+/// A stored copy that fails the check is handed to
+/// [`ChunkStore::discard_chunk`], so later reads miss instead of failing
+/// again.
+pub(super) async fn checked_chunk<S: ChunkStore>(
+    store: &S,
+    meta: &ChunkMeta,
+) -> Result<Option<Bytes>> {
+    match store.get_chunk_verified(meta).await {
+        Err(e) if matches!(e.root(), Error::Verification(_)) => {
+            tracing::warn!(chunk = %meta.digest, error = %e, "stored chunk failed verification");
+            store.discard_chunk(&meta.digest).await?;
+            Err(e)
+        }
+        other => other,
     }
 }
 

@@ -1,4 +1,5 @@
-//! Tests of the chunked blob service over the memory store.
+//! Tests of the chunked blob service over the memory store (and wrappers
+//! of it that behave like other stores).
 
 use std::io::SeekFrom;
 
@@ -144,24 +145,87 @@ async fn small_blobs_are_single_chunks_and_empty_is_implicit() {
     assert!(!svc.store().has_chunk(&B3Digest::EMPTY).await.unwrap());
 }
 
-#[tokio::test]
-async fn a_corrupted_chunk_is_an_error_not_data() {
-    let svc = ChunkedBlobService::new(MemoryStore::new(64 << 20));
-    let blob = data(2 << 20, 3);
-    let result = put(&svc, &blob, 1 << 20).await;
-    let victim = result.chunks[1];
-    let mut bad = svc
-        .store()
+/// A memory store that does not vouch for the chunks it hands out, as a
+/// store on disk cannot: its reads hash every chunk.
+struct Unkept(MemoryStore);
+
+#[async_trait]
+impl ChunkStore for Unkept {
+    async fn get_chunk(&self, digest: &B3Digest) -> Result<Option<Bytes>> {
+        self.0.get_chunk(digest).await
+    }
+    async fn chunk_size(&self, digest: &B3Digest) -> Result<Option<u64>> {
+        self.0.chunk_size(digest).await
+    }
+    async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
+        self.0.put_chunk(digest, data).await
+    }
+    async fn get_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
+        self.0.get_index(digest).await
+    }
+    async fn put_index(&self, digest: B3Digest, index: BlobIndex) -> Result<()> {
+        self.0.put_index(digest, index).await
+    }
+    fn evicts(&self) -> bool {
+        true
+    }
+}
+
+/// `victim`'s stored copy in `store`, with one bit flipped.
+async fn corrupt(store: &impl ChunkStore, victim: &ChunkMeta) {
+    let mut bad = store
         .get_chunk(&victim.digest)
         .await
         .unwrap()
         .unwrap()
         .to_vec();
     bad[10] ^= 1;
-    svc.store()
-        .put_chunk(victim.digest, bad.into())
+    store.put_chunk(victim.digest, bad.into()).await.unwrap();
+}
+
+#[tokio::test]
+async fn read_chunk_hashes_a_stored_chunk_and_misses_a_damaged_one() {
+    let svc = ChunkedBlobService::new(Unkept(MemoryStore::new(64 << 20)));
+    let blob = data(2 << 20, 4);
+    let result = put(&svc, &blob, 1 << 20).await;
+    let (good, victim) = (result.chunks[0], result.chunks[1]);
+    corrupt(svc.store(), &victim).await;
+    let read = svc.read_chunk(&good).await.unwrap().unwrap();
+    assert!(read[..] == blob[..good.size as usize]);
+    assert!(svc.read_chunk(&victim).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_memory_store_hands_out_the_bytes_it_kept_and_checks_their_length() {
+    let svc = ChunkedBlobService::new(MemoryStore::new(64 << 20));
+    let blob = data(2 << 20, 5);
+    let result = put(&svc, &blob, 1 << 20).await;
+    let meta = result.chunks[1];
+    let kept = svc.store().get_chunk(&meta.digest).await.unwrap().unwrap();
+    let read = svc.read_chunk(&meta).await.unwrap().unwrap();
+    assert_eq!(read.as_ptr(), kept.as_ptr(), "the kept allocation itself");
+    assert_eq!(read.len(), kept.len());
+    // An index that disagrees with a kept chunk's length is still caught.
+    let mut index = svc
+        .store()
+        .get_index(&result.digest)
         .await
+        .unwrap()
         .unwrap();
+    index.chunks[1].size += 1;
+    svc.store().put_index(result.digest, index).await.unwrap();
+    let mut r = svc.open_read(&result.digest).await.unwrap().unwrap();
+    let err = r.read_to_end(&mut Vec::new()).await.unwrap_err();
+    assert!(matches!(Error::from_io(err), Error::Verification(_)));
+}
+
+#[tokio::test]
+async fn a_corrupted_chunk_is_an_error_not_data() {
+    let svc = ChunkedBlobService::new(Unkept(MemoryStore::new(64 << 20)));
+    let blob = data(2 << 20, 3);
+    let result = put(&svc, &blob, 1 << 20).await;
+    let victim = result.chunks[1];
+    corrupt(svc.store(), &victim).await;
 
     let mut r = svc.open_read(&result.digest).await.unwrap().unwrap();
     let mut out = Vec::new();
