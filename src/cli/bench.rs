@@ -117,6 +117,9 @@ pub struct BenchReport {
     pub blake3_mbps: f64,
     /// A raw tonic server stream of an in-memory buffer, same transport.
     pub grpc_limit_mbps: f64,
+    /// The same in the other direction: a raw tonic client stream of the
+    /// blob, in the Put's messages, into a server that counts and drops it.
+    pub put_limit_mbps: f64,
     /// Put into the sidecar (lands on its disk tier).
     pub put_mbps: f64,
     /// Read of a blob in the sidecar's near tiers, verified by the client.
@@ -170,8 +173,9 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     );
     progress(&format!("blake3 (1 thread): {blake3_mbps:.0} MB/s"));
 
-    let grpc_limit_mbps = grpc_limit(main.clone()).await?;
+    let (grpc_limit_mbps, put_limit_mbps) = raw_limits(main.clone()).await?;
     progress(&format!("raw gRPC stream: {grpc_limit_mbps:.0} MB/s"));
+    progress(&format!("raw gRPC client stream: {put_limit_mbps:.0} MB/s"));
 
     let peer_mem = opts.size * 3 + opts.coalesce_size + (64 << 20);
     let peer = Server::start(
@@ -318,6 +322,7 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         size_bytes: opts.size as u64,
         blake3_mbps,
         grpc_limit_mbps,
+        put_limit_mbps,
         put_mbps,
         warm_read_mbps,
         cold_read_mbps,
@@ -436,18 +441,19 @@ fn client(addr: &str) -> anyhow::Result<BlobServiceClient<Channel>> {
     )
 }
 
-async fn put(client: &BlobServiceClient<Channel>, data: &Bytes) -> anyhow::Result<B3Digest> {
+/// `data` as a Put's messages, 1 MiB each.
+fn put_messages(data: &Bytes) -> impl futures::Stream<Item = BlobChunk> + Send + 'static {
     let pieces: Vec<BlobChunk> = (0..data.len())
         .step_by(1 << 20)
         .map(|i| BlobChunk {
             data: data.slice(i..(i + (1 << 20)).min(data.len())),
         })
         .collect();
-    let resp = client
-        .clone()
-        .put(futures::stream::iter(pieces))
-        .await?
-        .into_inner();
+    futures::stream::iter(pieces)
+}
+
+async fn put(client: &BlobServiceClient<Channel>, data: &Bytes) -> anyhow::Result<B3Digest> {
+    let resp = client.clone().put(put_messages(data)).await?.into_inner();
     let digest = B3Digest::try_from(&resp.digest)?;
     anyhow::ensure!(digest == B3Digest::of(data), "put returned a wrong digest");
     Ok(digest)
@@ -543,7 +549,8 @@ async fn read_range(
 }
 
 /// A raw server: streams one in-memory buffer for any Read, in pieces of
-/// the size strata's server uses.
+/// the size strata's server uses, and takes a Put of that buffer's length
+/// without looking at its bytes.
 struct RawStream(Bytes);
 
 #[tonic::async_trait]
@@ -572,14 +579,26 @@ impl BlobService for RawStream {
 
     async fn put(
         &self,
-        _: Request<Streaming<BlobChunk>>,
+        request: Request<Streaming<BlobChunk>>,
     ) -> Result<Response<PutBlobResponse>, Status> {
-        Err(Status::unimplemented("raw stream only"))
+        let mut stream = request.into_inner();
+        let mut got = 0;
+        while let Some(msg) = stream.message().await? {
+            got += msg.data.len();
+        }
+        if got != self.0.len() {
+            return Err(Status::data_loss(format!(
+                "{got} bytes put, {} expected",
+                self.0.len()
+            )));
+        }
+        Ok(Response::new(PutBlobResponse::default()))
     }
 }
 
-/// Throughput of a raw tonic stream of `data` over loopback.
-async fn grpc_limit(data: Bytes) -> anyhow::Result<f64> {
+/// Throughput of a raw tonic stream of `data` over loopback: a Read of it
+/// from a server, then a Put of it into one.
+async fn raw_limits(data: Bytes) -> anyhow::Result<(f64, f64)> {
     let len = data.len();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = format!("grpc+http://{}", listener.local_addr()?);
@@ -589,7 +608,7 @@ async fn grpc_limit(data: Bytes) -> anyhow::Result<f64> {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .tcp_nodelay(true)
-            .add_service(BlobServiceServer::new(RawStream(data)))
+            .add_service(BlobServiceServer::new(RawStream(data.clone())))
             .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
     );
     let c = client(&addr)?;
@@ -605,10 +624,14 @@ async fn grpc_limit(data: Bytes) -> anyhow::Result<f64> {
     while let Some(msg) = stream.next().await {
         got += msg?.data.len();
     }
-    let elapsed = started.elapsed();
-    server.abort();
+    let read = started.elapsed();
     anyhow::ensure!(got == len, "raw stream was cut short");
-    Ok(mbps(len, elapsed))
+
+    let started = Instant::now();
+    c.clone().put(put_messages(&data)).await?;
+    let put = started.elapsed();
+    server.abort();
+    Ok((mbps(len, read), mbps(len, put)))
 }
 
 /// A `strata serve` child process on a loopback port.
