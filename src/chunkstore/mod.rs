@@ -113,6 +113,21 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Stores a chunk whose digest the caller has computed.
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()>;
 
+    /// Stores a chunk under the digest this computes, unless the store has
+    /// it already, and returns the digest.
+    ///
+    /// The default hashes on the caller's task. A store whose writes block
+    /// anyway hashes on the same blocking thread, so that a Put's chunk
+    /// hashing runs there rather than on the runtime's threads, without a
+    /// hop of its own.
+    async fn put_chunk_hashing(&self, data: Bytes) -> Result<B3Digest> {
+        let digest = B3Digest::of(&data);
+        if !self.has_chunk(&digest).await? {
+            self.put_chunk(digest, data).await?;
+        }
+        Ok(digest)
+    }
+
     /// The index of a multi-chunk blob, or `None` if there is none.
     async fn get_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>>;
 

@@ -44,14 +44,17 @@ impl<S: ChunkStore> Uploads<S> {
         }
         let store = self.store.clone();
         self.tasks.spawn(async move {
-            let meta = ChunkMeta {
-                digest: digest.unwrap_or_else(|| B3Digest::of(&chunk)),
-                size: chunk.len() as u64,
+            let size = chunk.len() as u64;
+            let digest = match digest {
+                Some(digest) => {
+                    if !store.has_chunk(&digest).await? {
+                        store.put_chunk(digest, chunk).await?;
+                    }
+                    digest
+                }
+                None => store.put_chunk_hashing(chunk).await?,
             };
-            if !store.has_chunk(&meta.digest).await? {
-                store.put_chunk(meta.digest, chunk).await?;
-            }
-            Ok((index, meta))
+            Ok((index, ChunkMeta { digest, size }))
         });
         Ok(())
     }

@@ -24,9 +24,10 @@ use crate::verify::{PipelinedHasher, STORED_SHIFT};
 ///
 /// The work is spread so a Put is not bound by one task: the blob digest and
 /// outboard are computed on the blocking pool, one piece behind
-/// ([`PipelinedHasher`]), and
-/// each chunk is hashed and stored by an upload task
-/// ([`ChunkStore::write_concurrency`] at most in flight). Memory stays at
+/// ([`PipelinedHasher`]), and each chunk is hashed and stored by an upload
+/// task ([`ChunkStore::write_concurrency`] at most in flight) through
+/// [`ChunkStore::put_chunk_hashing`], on the blocking thread that writes
+/// it when the store has one. Memory stays at
 /// about one maximum chunk, plus the queued pieces and uploads.
 pub struct ChunkingWriter<S> {
     store: Arc<S>,

@@ -618,6 +618,38 @@ impl DiskStore {
 }
 
 impl DiskStore {
+    /// Appends a chunk to the open pack in one blocking task, which first
+    /// hashes it when `digest` is not given and skips a chunk the store
+    /// already holds. Returns its digest.
+    async fn append(&self, digest: Option<B3Digest>, data: Bytes) -> Result<B3Digest> {
+        let packs = self.packs.clone();
+        let index = self.index.clone();
+        let occupancy = self.metrics.occupancy_bytes.clone();
+        // As in `write`: the blocking task accounts for what it wrote even
+        // if this future is dropped.
+        tokio::task::spawn_blocking(move || {
+            let digest = digest.unwrap_or_else(|| B3Digest::of(&data));
+            if packs.contains(&digest) || index.contains_key(&Entry::File(ObjectKey::Chunk(digest)))
+            {
+                return Ok(digest);
+            }
+            let appended = packs.append(digest, &data);
+            occupancy.inc_by(appended.added as i64);
+            if !appended.sealed.is_empty() {
+                for Sealed { id, len } in appended.sealed {
+                    index.insert(Entry::Pack(id), len);
+                }
+                // Evict now, so the directory never holds much more than
+                // max_size.
+                index.run_pending_tasks();
+            }
+            appended.result.map(|()| digest)
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+        .map_err(Error::from)
+    }
+
     /// The decoded index of `digest` without its outboard: from the cache
     /// of chunk lists, else read from its file. The outboard file is left
     /// unread, but counts as used.
@@ -816,27 +848,12 @@ impl ChunkStore for DiskStore {
         if self.holds(&digest) {
             return Ok(());
         }
-        let packs = self.packs.clone();
-        let index = self.index.clone();
-        let occupancy = self.metrics.occupancy_bytes.clone();
-        // As in `write`: the blocking task accounts for what it wrote even
-        // if this future is dropped.
-        tokio::task::spawn_blocking(move || {
-            let appended = packs.append(digest, &data);
-            occupancy.inc_by(appended.added as i64);
-            if !appended.sealed.is_empty() {
-                for Sealed { id, len } in appended.sealed {
-                    index.insert(Entry::Pack(id), len);
-                }
-                // Evict now, so the directory never holds much more than
-                // max_size.
-                index.run_pending_tasks();
-            }
-            appended.result
-        })
-        .await
-        .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-        Ok(())
+        self.append(Some(digest), data).await.map(drop)
+    }
+
+    /// Hashes the chunk on the blocking thread that appends it.
+    async fn put_chunk_hashing(&self, data: Bytes) -> Result<B3Digest> {
+        self.append(None, data).await
     }
 
     /// The chunk list, then the outboard from its own file, or else from

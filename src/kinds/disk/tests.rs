@@ -358,13 +358,21 @@ async fn a_chunk_is_stored_once_however_often_it_is_put() {
     let chunks: Vec<Bytes> = (90..98)
         .map(|seed| pseudo_random(200_000, seed).into())
         .collect();
-    // Each chunk put four times over, the four at once.
+    // Each chunk put four times over, the four at once: twice under its
+    // digest, twice to be hashed by the store.
     for _ in 0..2 {
-        futures::future::try_join_all(
-            chunks
-                .iter()
-                .flat_map(|c| (0..4).map(move |_| store.put_chunk(B3Digest::of(c), c.clone()))),
-        )
+        futures::future::try_join_all(chunks.iter().flat_map(|c| {
+            (0..4).map(move |i| async move {
+                let digest = B3Digest::of(c);
+                if i % 2 == 0 {
+                    store.put_chunk(digest, c.clone()).await
+                } else {
+                    let hashed = store.put_chunk_hashing(c.clone()).await?;
+                    assert_eq!(hashed, digest);
+                    Ok(())
+                }
+            })
+        }))
         .await
         .unwrap();
     }
