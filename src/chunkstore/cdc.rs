@@ -153,6 +153,82 @@ impl Cutter {
             .unwrap_or(remaining)
     }
 
+    /// [`Cutter::cut`] of `head` followed by `tail`, without joining them:
+    /// a writer holding the start of a chunk from an earlier piece learns
+    /// how much of the next piece the chunk takes before it copies any of
+    /// it. `head` must be shorter than a maximum chunk.
+    pub fn cut_split(&self, head: &[u8], tail: &[u8]) -> usize {
+        let len = head.len() + tail.len();
+        if len <= self.min {
+            return len;
+        }
+        let remaining = min(len, self.max);
+        let center = min(self.avg, remaining);
+        let origin = self.min / 2 * 2;
+        let middle = center / 2 * 2;
+        let end = remaining / 2 * 2;
+        let split = Split {
+            head: &head[..min(head.len(), end)],
+            tail: &tail[..end.saturating_sub(head.len()).min(tail.len())],
+        };
+        self.first_match_split(split, origin, origin, middle, self.mask_s)
+            .or_else(|| self.first_match_split(split, origin, middle, end, self.mask_l))
+            .unwrap_or(remaining)
+    }
+
+    /// [`Cutter::first_match`] over `data.head` followed by `data.tail`.
+    /// Positions in either part are scanned in place; only the positions
+    /// whose hash reaches back across the join, [`WINDOW`] of them, are
+    /// scanned from a copy of the bytes around it.
+    fn first_match_split(
+        &self,
+        data: Split<'_>,
+        origin: usize,
+        from: usize,
+        to: usize,
+        mask: u64,
+    ) -> Option<usize> {
+        let join = data.head.len();
+        if from < join
+            && let Some(at) = self.first_match(data.head, origin, from, min(to, join), mask)
+        {
+            return Some(at);
+        }
+        let from = max(from, join);
+        let bridged = min(to, join + WINDOW);
+        if from < bridged {
+            // The bytes the hashes at from..bridged depend on.
+            let start = max(origin, from.saturating_sub(WINDOW));
+            let mut bridge = [0u8; 2 * WINDOW];
+            let bridge = &mut bridge[..bridged - start];
+            for (i, b) in bridge.iter_mut().enumerate() {
+                let at = start + i;
+                *b = if at < join {
+                    data.head[at]
+                } else {
+                    data.tail[at - join]
+                };
+            }
+            let hash = self.prime(bridge, 0, from - start);
+            if let Some(i) = self.scan(bridge, hash, from - start..bridged - start, mask) {
+                return Some(start + i);
+            }
+        }
+        let from = max(from, bridged);
+        if from >= to {
+            return None;
+        }
+        // From here on every hash lies within the tail.
+        self.first_match(
+            data.tail,
+            origin.saturating_sub(join),
+            from - join,
+            to - join,
+            mask,
+        )
+        .map(|at| at + join)
+    }
+
     /// The first position in `from..to` whose hash, taken from `origin`
     /// on, has none of `mask`'s bits set.
     fn first_match(
@@ -233,6 +309,13 @@ impl Cutter {
     fn step(&self, hash: u64, byte: u8) -> u64 {
         (hash << 1).wrapping_add(self.gear[byte as usize])
     }
+}
+
+/// Input in two parts, the first shorter than a maximum chunk.
+#[derive(Clone, Copy)]
+struct Split<'a> {
+    head: &'a [u8],
+    tail: &'a [u8],
 }
 
 impl std::fmt::Debug for Cutter {
@@ -323,6 +406,80 @@ mod tests {
         assert_eq!(cutter.cut(&data), data.len());
         assert_eq!(cutter.cut(&data[..10]), 10);
         assert_eq!(cutter.cut(&[]), 0);
+    }
+
+    /// Every split of `data` whose head is shorter than a maximum chunk
+    /// that `splits` yields cuts where the joined input does.
+    fn splits_cut_alike(data: &[u8], chunking: Chunking, splits: impl Iterator<Item = usize>) {
+        let cutter = Cutter::new(chunking);
+        let whole = cutter.cut(data);
+        for at in splits.filter(|&at| at < cutter.max && at <= data.len()) {
+            let (head, tail) = data.split_at(at);
+            assert_eq!(cutter.cut_split(head, tail), whole, "split at {at}");
+        }
+    }
+
+    #[test]
+    fn a_split_input_cuts_where_the_joined_one_does() {
+        let chunking = Chunking::default();
+        let (min, avg, max) = (
+            MIN_CHUNK_SIZE as usize,
+            AVG_CHUNK_SIZE as usize,
+            MAX_CHUNK_SIZE as usize,
+        );
+        // Around the scan's start, the mask change and every lane's and
+        // the join's priming window.
+        let marks = [0, min, avg, avg - 2 * STRETCH, max - 1];
+        let splits = || {
+            marks
+                .into_iter()
+                .flat_map(|m| (0..2 * WINDOW + 2).map(move |d| (m + d).saturating_sub(WINDOW + 1)))
+        };
+        for seed in 0..40 {
+            let data = random(max + 100, seed);
+            splits_cut_alike(&data, chunking, splits());
+            splits_cut_alike(&data, chunking, (1..max).step_by(4099));
+        }
+        // A maximum chunk with no match in it, and an input shorter than
+        // one.
+        let zeros = vec![0u8; max];
+        splits_cut_alike(&zeros, chunking, splits());
+        let short = random(min + 5000, 3);
+        splits_cut_alike(&short, chunking, (0..short.len()).step_by(97));
+    }
+
+    #[test]
+    fn a_split_before_the_minimum_hashes_nothing_before_it() {
+        // Small averages match often, so some match falls within a
+        // window of the scan's start, whose hash must not include the
+        // bytes before it whichever part they are in.
+        for avg in [Chunking::MIN_AVG, 700, 1000] {
+            let chunking = Chunking::with_avg(avg).expect("a valid average");
+            let min = chunking.min() as usize;
+            for seed in 0..300 {
+                let data = random(chunking.max() as usize + 10, seed);
+                splits_cut_alike(&data, chunking, (0..min + 2 * WINDOW).step_by(5));
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn any_split_cuts_where_the_joined_input_does(
+            avg in Chunking::MIN_AVG..20_000u32,
+            len in 0usize..90_000,
+            seed in any::<u64>(),
+            alphabet in 1u8..=255,
+            at in any::<prop::sample::Index>(),
+        ) {
+            let chunking = Chunking::with_avg(avg).expect("in range");
+            let data: Vec<u8> = random(len, seed).into_iter().map(|b| b % alphabet).collect();
+            let cutter = Cutter::new(chunking);
+            let at = at.index(data.len().min(cutter.max - 1) + 1);
+            let (head, tail) = data.split_at(at);
+            prop_assert_eq!(cutter.cut_split(head, tail), cutter.cut(&data));
+        }
     }
 
     proptest! {

@@ -94,7 +94,12 @@ impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
                     let chunk = data.split_to(end);
                     self.store_chunk(chunk).await?;
                 }
-                self.carry.extend_from_slice(&data);
+                if !data.is_empty() {
+                    // Room for the whole chunk at once: growing the carry
+                    // later would copy it again.
+                    self.carry.reserve(max);
+                    self.carry.extend_from_slice(&data);
+                }
                 return Ok(());
             }
             let carried = self.carry.len();
@@ -102,20 +107,15 @@ impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
                 self.carry.extend_from_slice(&data);
                 return Ok(());
             }
-            // A chunk starts in the carry: complete a maximum chunk's worth
-            // of bytes from this piece and cut it.
-            self.carry.extend_from_slice(&data[..max - carried]);
-            let end = self.cut(&self.carry);
+            // A chunk starts in the carry: cut it across the carry and this
+            // piece, then copy only the part of the piece it takes.
+            let end = self.cutter.cut_split(&self.carry, &data[..max - carried]);
+            if end > carried {
+                self.carry.extend_from_slice(&data[..end - carried]);
+                data.advance(end - carried);
+            }
             let chunk = self.carry.split_to(end).freeze();
             self.store_chunk(chunk).await?;
-            if end >= carried {
-                // The next chunk starts inside this piece: take it from
-                // there rather than from the copy.
-                self.carry.clear();
-                data.advance(end - carried);
-            } else {
-                data.advance(max - carried);
-            }
         }
     }
 
