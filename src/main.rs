@@ -50,10 +50,11 @@ enum Command {
 /// heap, and up to 16 MiB of free memory stays with it. In `strata bench`
 /// this raised the raw tonic streams by 20–100%, Put by about 5% and an
 /// unfilled verified read by about a quarter, for about 10 MB more peak
-/// RSS (`docs/benchmarks.md`).
+/// RSS (`docs/benchmarks.md`). An operator's own `glibc.malloc` settings in
+/// `GLIBC_TUNABLES` are left to apply instead.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
+    if !std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
         // SAFETY: mallopt only sets allocator parameters; it is called
         // before any other thread exists.
         let ok = unsafe {
