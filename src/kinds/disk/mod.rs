@@ -544,10 +544,15 @@ enum ChunkAt {
     File(PathBuf),
 }
 
+/// Whether chunk `digest` is stored, in a pack or a file of its own.
+fn stored(packs: &Packs, index: &moka::sync::Cache<Entry, u64>, digest: &B3Digest) -> bool {
+    packs.contains(digest) || index.contains_key(&Entry::File(ObjectKey::Chunk(*digest)))
+}
+
 impl DiskStore {
     /// Whether chunk `digest` is stored, in a pack or a file of its own.
     fn holds(&self, digest: &B3Digest) -> bool {
-        self.packs.contains(digest) || self.holds_file(digest)
+        stored(&self.packs, &self.index, digest)
     }
 
     /// Whether chunk `digest` is stored in a file of its own.
@@ -629,8 +634,7 @@ impl DiskStore {
         // if this future is dropped.
         tokio::task::spawn_blocking(move || {
             let digest = digest.unwrap_or_else(|| B3Digest::of(&data));
-            if packs.contains(&digest) || index.contains_key(&Entry::File(ObjectKey::Chunk(digest)))
-            {
+            if stored(&packs, &index, &digest) {
                 return Ok(digest);
             }
             let appended = packs.append(digest, &data);
@@ -852,6 +856,7 @@ impl ChunkStore for DiskStore {
     }
 
     /// Hashes the chunk on the blocking thread that appends it.
+    #[instrument(skip(self, data), fields(len = data.len()), err)]
     async fn put_chunk_hashing(&self, data: Bytes) -> Result<B3Digest> {
         self.append(None, data).await
     }
