@@ -402,6 +402,61 @@ async fn liars_fall_through_to_the_honest_peer_and_poison_nothing() {
     }
 }
 
+/// A `memory` tier hands out the chunks it holds without hashing them again,
+/// so it must only ever be given proven ones. A liar's fill leaves the
+/// chunks it proved before its lie in memory; once the liar's breaker is
+/// open, the honest peer's fill completes the blob from those and its own,
+/// and with both peers gone the blob still reads right from memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_memory_tier_behind_a_liar_serves_only_what_was_proven() {
+    // Lies the liar's own tier catches, so its breaker opens. A wrong chunk
+    // list is caught by the engine instead, which does not count against
+    // the breaker: the liar would be asked, and fail, on every read.
+    let lies = [
+        Lie::FlipByte,
+        Lie::Truncate,
+        Lie::Append,
+        Lie::WrongOutboard,
+        Lie::FlipLast,
+    ];
+    for lie in lies {
+        let honest = tokio::task::spawn_blocking(|| {
+            Daemon::start(Some(
+                "[blobservices.root]\ntype = \"memory\"\nmax_size = \"64MiB\"\n",
+            ))
+        })
+        .await
+        .unwrap();
+        let digest = put_blob(&honest.tcp_addr(), &blob()).await;
+        let liar = FaultPeer::start(lie);
+        let config = format!(
+            "[blobservices.mem]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
+             [blobservices.liar]\ntype = \"grpc\"\nurl = \"{}\"\n\
+             breaker = {{ failures = 1, open_for = \"1h\" }}\n\n\
+             [blobservices.honest]\ntype = \"grpc\"\nurl = \"{}\"\n\n\
+             [blobservices.root]\ntype = \"tiers\"\ntiers = [\"mem\", \"liar\", \"honest\"]\n\
+             fill = \"sync\"\n",
+            liar.addr,
+            honest.tcp_addr()
+        );
+        let sidecar = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
+            .await
+            .unwrap();
+        // The first read meets the lie and is served by the honest peer;
+        // the second, past the open breaker, fills memory from it.
+        for read in 0..2 {
+            let got = read_blob(&sidecar.tcp_addr(), &digest).await;
+            let got = got.unwrap_or_else(|f| panic!("{lie:?}, read {read}: {f:?}"));
+            assert!(got == blob(), "{lie:?}, read {read}: wrong bytes");
+        }
+        drop((liar, honest));
+        let again = read_blob(&sidecar.tcp_addr(), &digest).await;
+        let again =
+            again.unwrap_or_else(|f| panic!("{lie:?}, from memory: {f:?}\n{}", sidecar.log_text()));
+        assert!(again == blob(), "{lie:?}: memory served wrong bytes");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn with_no_honest_tier_a_liar_gives_an_error_and_only_proven_bytes() {
     for &lie in &[
