@@ -48,9 +48,9 @@ enum Command {
 /// or the heap is trimmed under them, so every 4 KiB of a transfer is a
 /// page fault and a page cleared. Buffers below 4 MiB now come from the
 /// heap, and up to 16 MiB of free memory stays with it. In `strata bench`
-/// this raised the raw tonic streams by 20–100%, Put by about 5% and an
-/// unfilled verified read by about a quarter, for about 10 MB more peak
-/// RSS (`docs/benchmarks.md`). An operator's own `glibc.malloc` settings in
+/// this raised the raw tonic streams by 15–95%, Put by about 5% and an
+/// unfilled verified read by 10–25%, for a few MB more peak RSS
+/// (`docs/benchmarks.md`). An operator's own `glibc.malloc` settings in
 /// `GLIBC_TUNABLES` are left to apply instead.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -18,9 +18,9 @@
 //!   hashing them a second time.
 //!
 //! A chunk that never left this process's memory after it was hashed (the
-//! `memory` tier keeps the very `Bytes` it was given) crosses no trust
-//! boundary when it is read back: [`check_kept_chunk`] compares only its
-//! length with the index.
+//! `memory` tier keeps an immutable copy, made when it was stored) crosses
+//! no trust boundary when it is read back: [`check_kept_chunk`] compares
+//! only its length with the index.
 
 pub mod bao;
 mod check;
