@@ -3,8 +3,8 @@
 //! chunk by chunk if that Read breaks, and chunk by chunk — only the
 //! missing ones — when another blob already brought some of them; a direct
 //! read (no fill) from the start in one Read as well; a fill through a
-//! `race` of mirrors in one Read too; a small blob inline with its Stat,
-//! with no Read at all.
+//! `race` of mirrors in one Read too, and through a nested engine; a small
+//! blob inline with its Stat, with no Read at all.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -397,6 +397,38 @@ async fn a_race_or_a_shard_of_peers_brings_a_cold_small_blob_with_its_stat() {
             "{kind}: (Stats, Reads) of the members"
         );
     }
+}
+
+/// A `combined` (near memory, far peer) that is itself the source of an
+/// outer `tiers`: the outer fill takes the cold blob through it in one Read
+/// of the peer, not with a Stat and a Read per chunk, and the next read
+/// does not reach the peer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nested_engine_as_a_source_moves_a_cold_blob_in_one_read() {
+    // About 32 chunks.
+    let blob = test_data(8 << 20, 93);
+    let origin = memory_origin().await;
+    let digest = put_blob(&origin.tcp_addr(), &blob).await;
+    let peer = InlineFront::new(Inline::Forward);
+    let peer_addr = serve_front(&origin.tcp_addr(), peer.clone()).await;
+    let config = format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"outer\", \"site\"]\n\n\
+         [blobservices.outer]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
+         [blobservices.site]\ntype = \"combined\"\nnear = \"inner\"\nfar = \"peer\"\n\n\
+         [blobservices.inner]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
+         [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer_addr}\"\n"
+    );
+    let sidecar = start_daemon(config).await;
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(got == blob, "wrong bytes");
+    let (stats, reads) = peer.calls();
+    assert_eq!(reads, 1, "Reads of the peer ({stats} Stats)");
+    // Each engine locates the blob and fetches its outboard: a few Stats,
+    // not one per chunk.
+    assert!(stats <= 8, "{stats} Stats of the peer");
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(got == blob, "wrong bytes from the near tier");
+    assert_eq!(peer.calls(), (stats, reads), "the peer was asked again");
 }
 
 #[tokio::test(flavor = "multi_thread")]

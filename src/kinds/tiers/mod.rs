@@ -63,15 +63,15 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::blobservice::{
-    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, Pieces, PutResult,
-    SharedSpool,
+    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, ChunkStream, Pieces,
+    PutResult, SharedSpool,
 };
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError, absent_unless_failed};
 use crate::metrics::{Metrics, TierMetrics};
 use crate::singleflight::SingleFlight;
-use crate::verify::{BlobCheck, Outboard, spool_verified_shared};
+use crate::verify::{BlobCheck, Outboard, cut_chunks, spool_verified_shared};
 use tap::{Tap, TapReader};
 
 /// No chunk is larger than this (FastCDC v2020's maximum).
@@ -825,6 +825,23 @@ impl BlobService for TiersService {
                 other => return other,
             }
         }
+    }
+
+    /// The blob read through this engine like any read (its own fills
+    /// included), cut back along `chunks`, each chunk checked against its
+    /// digest. A `tiers` (or `combined`) that is another engine's source
+    /// thus gives a cold blob in one read, where the default left that
+    /// engine to ask for it chunk by chunk, a Stat and a read each.
+    async fn stream_chunks(
+        &self,
+        digest: &B3Digest,
+        chunks: &[ChunkMeta],
+    ) -> Result<Option<ChunkStream>> {
+        let Some(reader) = self.open_read(digest).await? else {
+            return Ok(None);
+        };
+        let pieces = Pieces::new(reader, PIECE).map(|piece| piece.map_err(Error::from_io));
+        Ok(Some(cut_chunks(*digest, chunks.to_vec(), pieces)))
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
