@@ -28,7 +28,7 @@ use tokio::io::AsyncReadExt;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::harness::{Daemon, metric, put_blob, read_blob, test_data};
+use crate::harness::{Daemon, memory_origin, metric, put_blob, read_blob, test_data};
 
 const SIZE: usize = 3 << 20;
 const SEED: u64 = 77;
@@ -349,16 +349,16 @@ async fn assert_near_tier_clean(near: &Path, digest: &B3Digest, lie: Lie) {
     }
 }
 
+/// A `memory` daemon holding the blob, and the blob's digest.
+async fn honest_peer() -> (Daemon, B3Digest) {
+    let honest = memory_origin().await;
+    let digest = put_blob(&honest.tcp_addr(), &blob()).await;
+    (honest, digest)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn liars_fall_through_to_the_honest_peer_and_poison_nothing() {
-    let honest = tokio::task::spawn_blocking(|| {
-        Daemon::start(Some(
-            "[blobservices.root]\ntype = \"memory\"\nmax_size = \"64MiB\"\n",
-        ))
-    })
-    .await
-    .unwrap();
-    let digest = put_blob(&honest.tcp_addr(), &blob()).await;
+    let (honest, digest) = honest_peer().await;
     for &lie in LIES {
         let liar = FaultPeer::start(lie);
         let near = tempfile::tempdir().unwrap();
@@ -420,14 +420,7 @@ async fn a_memory_tier_behind_a_liar_serves_only_what_was_proven() {
         Lie::FlipLast,
     ];
     for lie in lies {
-        let honest = tokio::task::spawn_blocking(|| {
-            Daemon::start(Some(
-                "[blobservices.root]\ntype = \"memory\"\nmax_size = \"64MiB\"\n",
-            ))
-        })
-        .await
-        .unwrap();
-        let digest = put_blob(&honest.tcp_addr(), &blob()).await;
+        let (honest, digest) = honest_peer().await;
         let liar = FaultPeer::start(lie);
         let config = format!(
             "[blobservices.mem]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
@@ -500,14 +493,7 @@ async fn with_no_honest_tier_a_liar_gives_an_error_and_only_proven_bytes() {
 /// the sidecar continue the same stream from the honest peer.
 #[tokio::test(flavor = "multi_thread")]
 async fn direct_reads_switch_tiers_part_way() {
-    let honest = tokio::task::spawn_blocking(|| {
-        Daemon::start(Some(
-            "[blobservices.root]\ntype = \"memory\"\nmax_size = \"64MiB\"\n",
-        ))
-    })
-    .await
-    .unwrap();
-    let digest = put_blob(&honest.tcp_addr(), &blob()).await;
+    let (honest, digest) = honest_peer().await;
     for &lie in &[Lie::FlipLast, Lie::DieLast, Lie::FlipByte, Lie::Stall] {
         let liar = FaultPeer::start(lie);
         let near = tempfile::tempdir().unwrap();
