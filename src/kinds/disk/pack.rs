@@ -309,10 +309,15 @@ mod tests {
         out
     }
 
-    fn scan_bytes(bytes: &[u8]) -> Scanned {
+    /// A file holding `bytes`.
+    fn file_of(bytes: &[u8]) -> File {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(bytes).unwrap();
-        scan(&file).unwrap()
+        file
+    }
+
+    fn scan_bytes(bytes: &[u8]) -> Scanned {
+        scan(&file_of(bytes)).unwrap()
     }
 
     #[test]
@@ -374,9 +379,7 @@ mod tests {
     }
 
     fn records_of(bytes: &[u8]) -> Scanned {
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(bytes).unwrap();
-        records(&file).unwrap()
+        records(&file_of(bytes)).unwrap()
     }
 
     #[test]
