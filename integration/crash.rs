@@ -196,7 +196,9 @@ impl Watcher {
                             continue;
                         }
                         // Gone again (an evicted pack): not a reader's view.
-                        let Ok(data) = pack::read_at(&path, record.offset, record.len) else {
+                        let Ok(data) = std::fs::File::open(&path)
+                            .and_then(|file| pack::read_at(&file, record.offset, record.len))
+                        else {
                             continue;
                         };
                         if B3Digest::of(&data) != record.digest {

@@ -32,9 +32,7 @@
 //! full disk left off.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use bytes::Bytes;
 
@@ -278,20 +276,77 @@ pub fn scan(file: &File) -> std::io::Result<Scanned> {
     Ok(scanned)
 }
 
-/// Reads the `len` bytes at `offset` of the pack at `path`.
-pub fn read_at(path: &Path, offset: u64, len: u32) -> std::io::Result<Bytes> {
-    let mut file = File::open(path)?;
-    file.seek(SeekFrom::Start(offset))?;
-    // `read_to_end` into reserved room fills it without zeroing it first.
-    let mut data = Vec::with_capacity(len as usize);
-    (&mut file).take(u64::from(len)).read_to_end(&mut data)?;
-    if data.len() != len as usize {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            format!("{}: a record cut short", path.display()),
-        ));
+/// Reads the `len` bytes at `offset` of a pack, waiting for the disk if
+/// it must. A positioned read, so one handle serves every thread.
+pub fn read_at(file: &File, offset: u64, len: u32) -> std::io::Result<Bytes> {
+    let len = len as usize;
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        let got = data.len();
+        // Into the reserved room, which is not zeroed first.
+        let read = match rustix::io::pread(
+            file,
+            rustix::buffer::spare_capacity(&mut data),
+            offset + got as u64,
+        ) {
+            Ok(read) => read,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if read == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("a record cut short: {got} of {len} bytes"),
+            ));
+        }
     }
     Ok(data.into())
+}
+
+/// The `len` bytes at `offset` of a pack if the page cache holds all of
+/// them, read without waiting for the disk, so that an async task may call
+/// it: `Ok(None)` if any page would have to come from the disk. An error
+/// if the kernel cannot read without waiting: `RWF_NOWAIT` is Linux 4.14
+/// and later, and not every file system has it (tmpfs has not). The caller
+/// reads in a blocking task instead.
+///
+/// Calls `preadv2` through libc, not rustix: rustix's takes initialised
+/// buffers, and zeroing each chunk's buffer first was 6% of a warm read's
+/// CPU in the sidecar.
+#[cfg(target_os = "linux")]
+pub fn read_cached(file: &File, offset: u64, len: u32) -> std::io::Result<Option<Bytes>> {
+    use std::os::fd::AsRawFd;
+    let len = len as usize;
+    let offset = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
+    let mut data = Vec::<u8>::with_capacity(len);
+    let iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    // SAFETY: `iov` describes the `len` bytes `data` reserved, which stay
+    // allocated and otherwise untouched during the call; the kernel writes
+    // at most `iov_len` bytes into them. `file` is an open descriptor.
+    let read = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+    let Ok(read) = usize::try_from(read) else {
+        let e = std::io::Error::last_os_error();
+        return match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(None),
+            _ => Err(e),
+        };
+    };
+    // A short read: some of it is not cached (or the pack was cut short).
+    if read != len {
+        return Ok(None);
+    }
+    // SAFETY: the kernel initialised all `len` reserved bytes.
+    unsafe { data.set_len(len) };
+    Ok(Some(data.into()))
+}
+
+/// Without `RWF_NOWAIT`, every read waits in a blocking task.
+#[cfg(not(target_os = "linux"))]
+pub fn read_cached(_file: &File, _offset: u64, _len: u32) -> std::io::Result<Option<Bytes>> {
+    Err(std::io::ErrorKind::Unsupported.into())
 }
 
 #[cfg(test)]
@@ -450,8 +505,18 @@ mod tests {
         let file = File::open(&path).unwrap();
         let records = scan(&file).unwrap().records;
         let beta = records[1];
-        assert_eq!(read_at(&path, beta.offset, beta.len).unwrap(), &b"beta"[..]);
-        let err = read_at(&path, beta.offset, beta.len + 1).unwrap_err();
+        assert_eq!(read_at(&file, beta.offset, beta.len).unwrap(), &b"beta"[..]);
+        let err = read_at(&file, beta.offset, beta.len + 1).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        // Just written, so in the page cache, unless the file system
+        // cannot tell (tmpfs).
+        match read_cached(&file, beta.offset, beta.len) {
+            Ok(read) => {
+                assert_eq!(read.as_deref(), Some(&b"beta"[..]));
+                let cut = read_cached(&file, beta.offset, beta.len + 1).unwrap();
+                assert_eq!(cut, None);
+            }
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}"),
+        }
     }
 }

@@ -11,8 +11,11 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::SystemTime;
+
+use bytes::Bytes;
 
 use crate::digest::B3Digest;
 
@@ -62,7 +65,20 @@ pub(super) struct Packs {
     target: u64,
     map: RwLock<Map>,
     writer: Mutex<Writer>,
+    /// Read handles of recently read packs, so a chunk read is one
+    /// positioned read rather than an open, a read and a close (and can be
+    /// tried without a blocking task: see [`Packs::read_cached`]). A
+    /// pack's handle closes when the pack is forgotten; one deleted behind
+    /// the store's back reads on through its handle, checked as ever,
+    /// until then.
+    readers: moka::sync::Cache<u64, Arc<File>>,
+    /// Whether the file system reads without waiting (`RWF_NOWAIT`); false
+    /// once it said it cannot.
+    nowait: AtomicBool,
 }
+
+/// Most read handles kept open.
+const READERS: u64 = 64;
 
 #[derive(Default)]
 struct Map {
@@ -168,12 +184,67 @@ impl Packs {
                 next_id: ids.last().map_or(0, |id| id + 1),
                 open: None,
             }),
+            readers: moka::sync::Cache::new(READERS),
+            nowait: AtomicBool::new(true),
         };
         Ok((packs, found))
     }
 
     pub fn path(&self, id: u64) -> PathBuf {
         self.dir.join(pack::file_name(id))
+    }
+
+    /// The chunk at `at`, if the page cache holds all of it and a read
+    /// handle of its pack is open: read without waiting for the disk, so
+    /// that an async task may call it.
+    pub fn read_cached(&self, at: &Location) -> Option<Bytes> {
+        if !self.reads_without_waiting() {
+            return None;
+        }
+        let file = self.readers.get(&at.pack)?;
+        match pack::read_cached(&file, at.offset, at.len) {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::info!(dir = %self.dir.display(), error = %e,
+                    "the file system cannot read without waiting: every read takes a blocking task");
+                self.nowait.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Whether [`Packs::read_cached`] can find chunks (false once the file
+    /// system said it cannot read without waiting).
+    pub fn reads_without_waiting(&self) -> bool {
+        self.nowait.load(Ordering::Relaxed)
+    }
+
+    /// The chunk at `at` (blocking). A pack cut short reads as
+    /// `UnexpectedEof`, a pack gone as `NotFound`.
+    pub fn read(&self, at: &Location) -> std::io::Result<Bytes> {
+        let file = match self.readers.get(&at.pack) {
+            Some(file) => file,
+            None => {
+                // One open per pack, however many reads miss at once.
+                let file = self
+                    .readers
+                    .try_get_with(at.pack, || File::open(self.path(at.pack)).map(Arc::new))
+                    .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+                // Forgotten meanwhile (evicted, say): keep no handle that
+                // would hold its deleted file's space.
+                if !self.map().members.contains_key(&at.pack) {
+                    self.close_reader(at.pack);
+                }
+                file
+            }
+        };
+        pack::read_at(&file, at.offset, at.len)
+    }
+
+    /// Whether a read handle of pack `id` is open.
+    #[cfg(test)]
+    pub fn has_reader(&self, id: u64) -> bool {
+        self.readers.contains_key(&id)
     }
 
     pub fn locate(&self, digest: &B3Digest) -> Option<Location> {
@@ -346,10 +417,13 @@ impl Packs {
         self.forget_pack(id);
     }
 
-    /// Forgets every chunk of pack `id` (evicted, or its file gone).
+    /// Forgets every chunk of pack `id` (evicted, or its file gone), and
+    /// closes its read handle.
     pub fn forget_pack(&self, id: u64) {
         let mut map = self.map_mut();
-        let Some(members) = map.members.remove(&id) else {
+        let members = map.members.remove(&id);
+        self.close_reader(id);
+        let Some(members) = members else {
             return;
         };
         for digest in members {
@@ -357,6 +431,15 @@ impl Packs {
                 map.chunks.remove(&digest);
             }
         }
+    }
+
+    /// Closes the read handle of pack `id`, if open (once the reads using
+    /// it are done).
+    fn close_reader(&self, id: u64) {
+        self.readers.invalidate(&id);
+        // moka drops a removed value only in its housekeeping; until then
+        // the handle would hold a deleted pack's space.
+        self.readers.run_pending_tasks();
     }
 
     // A panic elsewhere while a lock was held leaves the maps as they

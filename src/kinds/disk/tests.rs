@@ -1,5 +1,7 @@
 //! Unit tests of the `disk` tier.
 
+use std::os::unix::fs::FileExt;
+
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
@@ -385,14 +387,90 @@ async fn a_chunk_is_stored_once_however_often_it_is_put() {
     assert_eq!(store.used_bytes(), du(dir.path()));
 }
 
+/// Descriptors this process holds open on deleted files under `dir`.
+fn open_deleted_files(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|target| target.display().to_string())
+        .filter(|target| target.starts_with(&dir) && target.ends_with(" (deleted)"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_chunk_damaged_in_a_cached_pack_is_caught_and_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open(dir.path(), 1 << 30).await;
+    let blob = pseudo_random(3 << 20, 65);
+    let digest = put(&svc, &blob).await;
+    // The first read opens the pack's read handle.
+    assert!(read_all(&svc, &digest).await == blob);
+    let chunks = svc.stat(&digest).await.unwrap().unwrap().chunks;
+    let (good, victim) = (chunks[0], chunks[1]);
+    let at = svc.store().packs.locate(&victim.digest).unwrap();
+    // So the next reads take the path that reads without waiting, from
+    // the page cache, and hashes on the async task (where the file system
+    // has it: not tmpfs).
+    let fast = svc.store().packs.read_cached(&at).is_some();
+    assert_eq!(fast, svc.store().packs.reads_without_waiting());
+
+    // One bit flipped in place, through the page cache.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(svc.store().packs.path(at.pack))
+        .unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at.offset + 100).unwrap();
+    file.write_all_at(&[byte[0] ^ 1], at.offset + 100).unwrap();
+    assert_eq!(svc.store().packs.read_cached(&at).is_some(), fast);
+
+    let err = svc.store().get_chunk_verified(&victim).await.unwrap_err();
+    assert!(matches!(err.root(), Error::Verification(_)), "{err}");
+    assert!(svc.read_chunk(&victim).await.unwrap().is_none());
+    assert!(
+        !svc.store().holds(&victim.digest),
+        "the damaged chunk is forgotten"
+    );
+    let read = svc.read_chunk(&good).await.unwrap().unwrap();
+    assert!(read[..] == blob[..good.size as usize]);
+}
+
+#[tokio::test]
+async fn read_handles_close_with_their_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open(dir.path(), 1 << 30).await;
+    let digest = put(&svc, &pseudo_random(3 << 20, 66)).await;
+    let chunk = svc.stat(&digest).await.unwrap().unwrap().chunks[0];
+    let at = svc.store().packs.locate(&chunk.digest).unwrap();
+    let packs = &svc.store().packs;
+    assert!(packs.read_cached(&at).is_none(), "no handle before a read");
+    assert!(packs.read(&at).is_ok());
+    assert!(packs.has_reader(at.pack));
+    assert_eq!(
+        packs.read_cached(&at).is_some(),
+        packs.reads_without_waiting()
+    );
+    packs.forget_pack(at.pack);
+    assert!(!packs.has_reader(at.pack));
+    // A read that located the chunk before the pack was forgotten keeps
+    // no handle either.
+    assert!(packs.read(&at).is_ok());
+    assert!(!packs.has_reader(at.pack));
+}
+
 #[tokio::test]
 async fn an_evicted_pack_takes_its_chunks_and_their_blobs_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let max = 32 << 20;
     let svc = open(dir.path(), max).await;
-    let oldest = put(&svc, &pseudo_random(3 << 20, 60)).await;
+    let blob = pseudo_random(3 << 20, 60);
+    let oldest = put(&svc, &blob).await;
     let chunks = svc.stat(&oldest).await.unwrap().unwrap().chunks;
     let first_pack = svc.store().packs.locate(&chunks[0].digest).unwrap().pack;
+    assert!(read_all(&svc, &oldest).await == blob);
+    assert!(svc.store().packs.has_reader(first_pack));
     let mut seed = 61;
     while svc.store().packs.path(first_pack).exists() {
         assert!(seed < 120, "the first pack is never evicted");
@@ -401,6 +479,9 @@ async fn an_evicted_pack_takes_its_chunks_and_their_blobs_with_it() {
     }
     assert!(!svc.store().holds(&chunks[0].digest));
     assert!(svc.stat(&oldest).await.unwrap().is_none());
+    // Its read handle went with it: nothing holds its space.
+    assert!(!svc.store().packs.has_reader(first_pack));
+    assert_eq!(open_deleted_files(dir.path()), Vec::<String>::new());
     // What the map holds and what the packs hold agree.
     let stored = stored_chunks(dir.path()).unwrap();
     for c in &stored {
