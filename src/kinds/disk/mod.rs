@@ -575,8 +575,8 @@ impl DiskStore {
     /// task. Otherwise it is read and checked in one blocking task. A chunk
     /// whose file vanished is forgotten and reported absent.
     ///
-    /// Hashing on the async task goes against the rule of keeping hashing
-    /// off the runtime's threads, on purpose: it is one chunk of at most
+    /// Hashing on the async task is bounded work, as everywhere a chunk is
+    /// checked (`docs/architecture.md`): one chunk of at most
     /// [`MAX_CHUNK_SIZE`] (about 0.1 ms at 5 GB/s) between two awaits (a
     /// larger one, filled from a peer that cuts larger chunks, takes the
     /// blocking task), and the hop to a blocking thread and back cost more
