@@ -402,30 +402,31 @@ async fn liars_fall_through_to_the_honest_peer_and_poison_nothing() {
     }
 }
 
+/// Lies that are data failing verification (not a stall or a death).
+const DATA_LIES: &[Lie] = &[
+    Lie::FlipByte,
+    Lie::WrongChunks,
+    Lie::ChunkSizes,
+    Lie::Truncate,
+    Lie::Append,
+    Lie::WrongOutboard,
+    Lie::FlipLast,
+];
+
 /// A `memory` tier hands out the chunks it holds without hashing them again,
 /// so it must only ever be given proven ones. A liar's fill leaves the
-/// chunks it proved before its lie in memory; once the liar's breaker is
-/// open, the honest peer's fill completes the blob from those and its own,
-/// and with both peers gone the blob still reads right from memory.
+/// chunks it proved before its lie in memory; the liar is then passed over
+/// for the blob, the honest peer's fill completes the blob from those and
+/// its own, and with both peers gone the blob still reads right from
+/// memory.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_memory_tier_behind_a_liar_serves_only_what_was_proven() {
-    // Lies the liar's own tier catches, so its breaker opens. A wrong chunk
-    // list is caught by the engine instead, which does not count against
-    // the breaker: the liar would be asked, and fail, on every read.
-    let lies = [
-        Lie::FlipByte,
-        Lie::Truncate,
-        Lie::Append,
-        Lie::WrongOutboard,
-        Lie::FlipLast,
-    ];
-    for lie in lies {
+    for &lie in DATA_LIES {
         let (honest, digest) = honest_peer().await;
         let liar = FaultPeer::start(lie);
         let config = format!(
             "[blobservices.mem]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
-             [blobservices.liar]\ntype = \"grpc\"\nurl = \"{}\"\n\
-             breaker = {{ failures = 1, open_for = \"1h\" }}\n\n\
+             [blobservices.liar]\ntype = \"grpc\"\nurl = \"{}\"\n\n\
              [blobservices.honest]\ntype = \"grpc\"\nurl = \"{}\"\n\n\
              [blobservices.root]\ntype = \"tiers\"\ntiers = [\"mem\", \"liar\", \"honest\"]\n\
              fill = \"sync\"\n",
@@ -436,7 +437,7 @@ async fn a_memory_tier_behind_a_liar_serves_only_what_was_proven() {
             .await
             .unwrap();
         // The first read meets the lie and is served by the honest peer;
-        // the second, past the open breaker, fills memory from it.
+        // the second passes the liar over and fills memory from it.
         for read in 0..2 {
             let got = read_blob(&sidecar.tcp_addr(), &digest).await;
             let got = got.unwrap_or_else(|f| panic!("{lie:?}, read {read}: {f:?}"));
@@ -483,8 +484,72 @@ async fn with_no_honest_tier_a_liar_gives_an_error_and_only_proven_bytes() {
             "{lie:?}: the error should name the lie: {:?}",
             failure.status
         );
+        // Asked again, the sidecar passes the liar over, and says so rather
+        // than that the blob is absent.
+        let again = read_blob(&sidecar.tcp_addr(), &digest)
+            .await
+            .expect_err("a liar's blob was served");
+        assert_eq!(again.received, 0, "{lie:?}");
+        assert_ne!(again.code(), tonic::Code::NotFound, "{lie:?}");
+        assert!(
+            again.status.message().contains("passed over"),
+            "{lie:?}: {:?}",
+            again.status
+        );
         drop(sidecar);
         assert_near_tier_clean(near.path(), &digest, lie).await;
+    }
+}
+
+/// A tier that lied about a blob is passed over for it on the next reads,
+/// so they fill the near tier from the honest one. The liar's breaker
+/// (default settings) stays closed through this: its own calls succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_liar_is_passed_over_and_the_near_tier_fills_from_an_honest_tier() {
+    let (honest, digest) = honest_peer().await;
+    for &lie in DATA_LIES {
+        let liar = FaultPeer::start(lie);
+        let near = tempfile::tempdir().unwrap();
+        let config = sidecar_config(near.path(), &liar.addr, Some(&honest.tcp_addr()), "sync");
+        let sidecar =
+            tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
+                .await
+                .unwrap();
+        for read in 0..2 {
+            let got = read_blob(&sidecar.tcp_addr(), &digest).await;
+            let got = got.unwrap_or_else(|f| panic!("{lie:?}, read {read}: {f:?}"));
+            assert!(got == blob(), "{lie:?}, read {read}: wrong bytes");
+        }
+        // The client has every byte before the fill has stored the index.
+        let fills = "strata_tier_fills_total{tier=\"near\"}";
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while metric(&sidecar.metrics(), fills) < 1.0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{lie:?}: no fill of the near tier:\n{}",
+                sidecar.log_text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let log = sidecar.log_text();
+        assert_eq!(
+            log.matches("passed over for it").count(),
+            1,
+            "{lie:?}: the liar is not passed over once:\n{log}"
+        );
+        drop(sidecar);
+        assert_near_tier_clean(near.path(), &digest, lie).await;
+        let config = format!(
+            "[blobservices.root]\ntype = \"disk\"\npath = \"{}\"\n",
+            near.path().display()
+        );
+        let disk = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
+            .await
+            .unwrap();
+        let filled = read_blob(&disk.tcp_addr(), &digest).await;
+        let filled =
+            filled.unwrap_or_else(|f| panic!("{lie:?}: the near tier was not filled: {f:?}"));
+        assert!(filled == blob(), "{lie:?}: the near tier holds wrong bytes");
     }
 }
 

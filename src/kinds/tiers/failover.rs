@@ -98,6 +98,9 @@ async fn reopen(
     pos: u64,
 ) -> Option<(usize, Box<dyn BlobReader>)> {
     for (i, m) in inner.members.iter().enumerate().skip(from) {
+        if m.distrusts(&digest) {
+            continue;
+        }
         let mut reader = match m.svc.open_read(&digest).await {
             Ok(Some(reader)) => reader,
             Ok(None) => continue,

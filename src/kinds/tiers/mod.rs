@@ -45,6 +45,13 @@
 //!
 //! Concurrent reads of one blob share one fetch (single-flight).
 //!
+//! A tier whose data for a blob failed verification (a lie, or rot) is
+//! passed over for that blob for ten minutes, in Stats and reads alike, so
+//! the next read fills the near tiers from an honest tier instead of
+//! meeting the lie again; if no other tier has the blob, the read fails
+//! naming the liar rather than reporting the blob absent. Tiers that take
+//! fills are exempt: they drop what failed a check and are refilled.
+//!
 //! # Writes
 //!
 //! Puts go to every tier in `write_to` (default: the nearest persistent
@@ -78,6 +85,12 @@ use tap::{Tap, TapReader};
 const MAX_CHUNK_SIZE: u64 = fastcdc::v2020::MAXIMUM_MAX as u64;
 /// Default number of chunks fetched concurrently during a fill.
 const DEFAULT_READ_AHEAD: usize = 8;
+/// How long a tier that lied about a blob is passed over for it: long
+/// enough that the next reads fill the near tiers from an honest one, short
+/// enough that a repaired object is used again soon.
+const DISTRUST_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+/// Most digests a tier is distrusted for at once (about 100 bytes each).
+const DISTRUSTED_PER_TIER: u64 = 16_384;
 /// Default bound of the async fill queue.
 const DEFAULT_FILL_QUEUE: usize = 64;
 /// Size of the pieces a whole-blob fetch is streamed in.
@@ -198,16 +211,16 @@ impl TierConfig for TiersConfig {
             .tiers
             .iter()
             .map(|name| {
-                Ok(Member {
-                    name: name.clone(),
-                    svc: ctx.tier(name)?,
-                    takes_fills: match &self.fill_to {
+                Ok(Member::new(
+                    name.clone(),
+                    ctx.tier(name)?,
+                    match &self.fill_to {
                         Some(fill_to) => fill_to.contains(name),
                         None => ctx.fills_by_default(name),
                     },
-                    capacity: ctx.capacity(name),
-                    metrics: ctx.metrics().tier(name),
-                })
+                    ctx.capacity(name),
+                    ctx.metrics().tier(name),
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         let write_to = self
@@ -218,13 +231,13 @@ impl TierConfig for TiersConfig {
                     .iter()
                     .find(|m| m.name == name)
                     .cloned()
-                    .unwrap_or(Member {
-                        svc: ctx.tier(&name)?,
-                        takes_fills: false,
-                        capacity: None,
-                        metrics: ctx.metrics().tier(&name),
-                        name,
-                    }))
+                    .unwrap_or(Member::new(
+                        name.clone(),
+                        ctx.tier(&name)?,
+                        false,
+                        None,
+                        ctx.metrics().tier(&name),
+                    )))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Arc::new(TiersService::new(
@@ -262,9 +275,45 @@ struct Member {
     /// combinator adds what only it sees: verification failures it caught,
     /// fills.
     metrics: TierMetrics,
+    /// Blobs (and chunks) this tier gave data for that failed verification
+    /// lately: it is passed over for them until [`DISTRUST_FOR`] has gone
+    /// by. `None` for tiers that take fills, which drop what fails a check
+    /// themselves and are refilled.
+    distrusted: Option<moka::sync::Cache<B3Digest, ()>>,
 }
 
 impl Member {
+    fn new(
+        name: String,
+        svc: Arc<dyn BlobService>,
+        takes_fills: bool,
+        capacity: Option<u64>,
+        metrics: TierMetrics,
+    ) -> Self {
+        let distrusted = (!takes_fills).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(DISTRUSTED_PER_TIER)
+                .time_to_live(DISTRUST_FOR)
+                .build()
+        });
+        Member {
+            name,
+            svc,
+            takes_fills,
+            capacity,
+            metrics,
+            distrusted,
+        }
+    }
+
+    /// Whether this tier lied about `digest` lately (see
+    /// [`Member::distrusted`]).
+    fn distrusts(&self, digest: &B3Digest) -> bool {
+        self.distrusted
+            .as_ref()
+            .is_some_and(|d| d.contains_key(digest))
+    }
+
     /// Whether a fill of a blob of `size` bytes goes into this tier. A blob
     /// larger than half the tier's capacity does not: it would flush most of
     /// the tier, and likely be evicted before it is read.
@@ -281,8 +330,19 @@ impl Member {
         }
     }
 
+    /// Counts a failure about `digest` and, if it is a lie, passes this
+    /// tier over for `digest` for a while (unless it takes fills).
+    ///
+    /// Why per blob: the tier's breaker does not see a lie the engine
+    /// catches (a chunk list that does not make up the blob, say), since
+    /// the tier's own calls succeeded and reset it; a tier listed before an
+    /// honest one would be asked, and fail, on every read, and the near
+    /// tiers never filled from the honest one. Opening the breaker instead
+    /// would take a bucket with one rotten object out of service for every
+    /// blob.
     fn record_failure(&self, what: &str, digest: &B3Digest, err: &Error) {
         self.count_failure(err);
+        self.distrust_if_lie(digest, err);
         if matches!(err.root(), Error::CircuitOpen { .. }) {
             // Said once when the breaker opened; not again per request.
             debug!(tier = %self.name, %digest, "{what} skipped: circuit open");
@@ -291,10 +351,32 @@ impl Member {
         warn!(tier = %self.name, %digest, error = %err, "{what} failed; trying the next tier");
     }
 
+    /// Why a distrusted tier was not asked, for an error that says why no
+    /// tier answered.
+    fn distrust_note(&self) -> String {
+        format!(
+            "{}: passed over, it lied about this digest in the last {} s",
+            self.name,
+            DISTRUST_FOR.as_secs()
+        )
+    }
+
+    fn distrust_if_lie(&self, digest: &B3Digest, err: &Error) {
+        if let Some(distrusted) = &self.distrusted
+            && matches!(err.root(), Error::Verification(_))
+            && !distrusted.contains_key(digest)
+        {
+            distrusted.insert(*digest, ());
+            warn!(tier = %self.name, %digest, for_secs = DISTRUST_FOR.as_secs(),
+                "the tier lied about this digest: passed over for it");
+        }
+    }
+
     /// [`Member::record_failure`] for a read that failed after `position`
     /// bytes had been delivered.
     fn record_failure_at(&self, what: &str, digest: &B3Digest, err: &Error, position: u64) {
         self.count_failure(err);
+        self.distrust_if_lie(digest, err);
         warn!(tier = %self.name, %digest, position, error = %err,
             "{what} failed part-way; trying the next tier");
     }
@@ -359,6 +441,10 @@ impl Inner {
     ) -> Result<Option<(usize, BlobStat)>> {
         let mut failures = Vec::new();
         for (i, m) in self.members.iter().enumerate().skip(from) {
+            if m.distrusts(digest) {
+                failures.push(m.distrust_note());
+                continue;
+            }
             let stat = match purpose {
                 Purpose::Stat => m.svc.stat(digest).await,
                 Purpose::Read => m.svc.stat_before_read(digest).await,
@@ -398,6 +484,10 @@ impl Inner {
     ) -> Result<Option<Box<dyn BlobReader>>> {
         let mut failures = Vec::new();
         for (i, m) in self.members.iter().enumerate().skip(from) {
+            if m.distrusts(digest) {
+                failures.push(m.distrust_note());
+                continue;
+            }
             match m.svc.open_read(digest).await {
                 Ok(Some(reader)) => return Ok(Some(self.failover(digest, i, reader))),
                 Ok(None) => {}
@@ -623,7 +713,7 @@ impl Inner {
         // as listed, theirs; if none does, the list's (tier `k`'s, which
         // the caller records), so no honest tier is blamed for it.
         let mut mismatched: Vec<(&Member, Error)> = Vec::new();
-        for m in sources {
+        for m in sources.filter(|m| !m.distrusts(&chunk.digest)) {
             match m.svc.read_chunk(&chunk).await {
                 Ok(Some(data)) => {
                     for (m, e) in &mismatched {
