@@ -327,6 +327,26 @@ fn sidecar_config(near: &Path, liar: &str, honest: Option<&str>, fill: &str) -> 
     config
 }
 
+/// A sidecar, with its metrics endpoint, over the tiers of
+/// [`sidecar_config`].
+async fn start_sidecar(near: &Path, liar: &str, honest: Option<&str>, fill: &str) -> Daemon {
+    let config = sidecar_config(near, liar, honest, fill);
+    tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
+        .await
+        .unwrap()
+}
+
+/// A daemon serving the disk tier in `near` alone.
+async fn near_alone(near: &Path) -> Daemon {
+    let config = format!(
+        "[blobservices.root]\ntype = \"disk\"\npath = \"{}\"\n",
+        near.display()
+    );
+    tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
+        .await
+        .unwrap()
+}
+
 /// Every chunk in a disk tier hashes to its digest, and the blob, if
 /// present, reads back right from the disk tier alone.
 async fn assert_near_tier_clean(near: &Path, digest: &B3Digest, lie: Lie) {
@@ -337,13 +357,7 @@ async fn assert_near_tier_clean(near: &Path, digest: &B3Digest, lie: Lie) {
             "{lie:?}: a stored chunk does not hash to its digest"
         );
     }
-    let config = format!(
-        "[blobservices.root]\ntype = \"disk\"\npath = \"{}\"\n",
-        near.display()
-    );
-    let disk = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
-        .await
-        .unwrap();
+    let disk = near_alone(near).await;
     if let Ok(got) = read_blob(&disk.tcp_addr(), digest).await {
         assert!(got == blob(), "{lie:?}: the near tier holds a wrong blob");
     }
@@ -362,11 +376,8 @@ async fn liars_fall_through_to_the_honest_peer_and_poison_nothing() {
     for &lie in LIES {
         let liar = FaultPeer::start(lie);
         let near = tempfile::tempdir().unwrap();
-        let config = sidecar_config(near.path(), &liar.addr, Some(&honest.tcp_addr()), "sync");
         let sidecar =
-            tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
-                .await
-                .unwrap();
+            start_sidecar(near.path(), &liar.addr, Some(&honest.tcp_addr()), "sync").await;
         let got = read_blob(&sidecar.tcp_addr(), &digest).await;
         let got = got.unwrap_or_else(|f| panic!("{lie:?}: {f:?}\n{}", sidecar.log_text()));
         assert!(got == blob(), "{lie:?}: wrong bytes");
@@ -461,10 +472,7 @@ async fn with_no_honest_tier_a_liar_gives_an_error_and_only_proven_bytes() {
     ] {
         let liar = FaultPeer::start(lie);
         let near = tempfile::tempdir().unwrap();
-        let config = sidecar_config(near.path(), &liar.addr, None, "sync");
-        let sidecar = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
-            .await
-            .unwrap();
+        let sidecar = start_sidecar(near.path(), &liar.addr, None, "sync").await;
         let digest = B3Digest::of(&blob());
         let failure = read_blob(&sidecar.tcp_addr(), &digest)
             .await
@@ -510,11 +518,8 @@ async fn a_liar_is_passed_over_and_the_near_tier_fills_from_an_honest_tier() {
     for &lie in DATA_LIES {
         let liar = FaultPeer::start(lie);
         let near = tempfile::tempdir().unwrap();
-        let config = sidecar_config(near.path(), &liar.addr, Some(&honest.tcp_addr()), "sync");
         let sidecar =
-            tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
-                .await
-                .unwrap();
+            start_sidecar(near.path(), &liar.addr, Some(&honest.tcp_addr()), "sync").await;
         for read in 0..2 {
             let got = read_blob(&sidecar.tcp_addr(), &digest).await;
             let got = got.unwrap_or_else(|f| panic!("{lie:?}, read {read}: {f:?}"));
@@ -539,13 +544,7 @@ async fn a_liar_is_passed_over_and_the_near_tier_fills_from_an_honest_tier() {
         );
         drop(sidecar);
         assert_near_tier_clean(near.path(), &digest, lie).await;
-        let config = format!(
-            "[blobservices.root]\ntype = \"disk\"\npath = \"{}\"\n",
-            near.path().display()
-        );
-        let disk = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
-            .await
-            .unwrap();
+        let disk = near_alone(near.path()).await;
         let filled = read_blob(&disk.tcp_addr(), &digest).await;
         let filled =
             filled.unwrap_or_else(|f| panic!("{lie:?}: the near tier was not filled: {f:?}"));
@@ -562,10 +561,7 @@ async fn direct_reads_switch_tiers_part_way() {
     for &lie in &[Lie::FlipLast, Lie::DieLast, Lie::FlipByte, Lie::Stall] {
         let liar = FaultPeer::start(lie);
         let near = tempfile::tempdir().unwrap();
-        let config = sidecar_config(near.path(), &liar.addr, Some(&honest.tcp_addr()), "off");
-        let sidecar = tokio::task::spawn_blocking(move || Daemon::start(Some(&config)))
-            .await
-            .unwrap();
+        let sidecar = start_sidecar(near.path(), &liar.addr, Some(&honest.tcp_addr()), "off").await;
         let got = read_blob(&sidecar.tcp_addr(), &digest).await;
         let got = got.unwrap_or_else(|f| panic!("{lie:?}: {f:?}\n{}", sidecar.log_text()));
         assert!(got == blob(), "{lie:?}: wrong bytes");
