@@ -431,6 +431,52 @@ async fn a_nested_engine_as_a_source_moves_a_cold_blob_in_one_read() {
     assert_eq!(peer.calls(), (stats, reads), "the peer was asked again");
 }
 
+/// When the outer near cache already holds some of a blob's chunks (another
+/// blob brought them), the outer fill asks a nested engine for the missing
+/// chunks one by one: the nested engine asks its tiers for each chunk
+/// directly, a Read of the peer per chunk and no Stat, and keeps them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nested_engine_serves_single_chunks_without_a_stat_each() {
+    // About 32 chunks; the other blob shares the first half of them.
+    let blob = test_data(8 << 20, 94);
+    let mut other = blob[..4 << 20].to_vec();
+    other.extend_from_slice(&test_data(4 << 20, 95));
+    let origin = memory_origin().await;
+    let digest = put_blob(&origin.tcp_addr(), &blob).await;
+    let other_digest = put_blob(&origin.tcp_addr(), &other).await;
+    let peer = InlineFront::new(Inline::Forward);
+    let peer_addr = serve_front(&origin.tcp_addr(), peer.clone()).await;
+    let config = format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"outer\", \"site\"]\n\n\
+         [blobservices.outer]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
+         [blobservices.site]\ntype = \"combined\"\nnear = \"inner\"\nfar = \"peer\"\n\n\
+         [blobservices.inner]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
+         [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer_addr}\"\n"
+    );
+    let sidecar = start_daemon(config).await;
+    let got = read_blob(&sidecar.tcp_addr(), &other_digest).await.unwrap();
+    assert!(got == other, "wrong bytes of the other blob");
+    let before = peer.calls();
+
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(got == blob, "wrong bytes");
+    let (stats, reads) = peer.calls();
+    let (stats, reads) = (stats - before.0, reads - before.1);
+    // The shared half came from the outer cache: a Read for each chunk of
+    // the other half, a few Stats to locate the blob and its outboard.
+    assert!((8..=24).contains(&reads), "{reads} Reads of the peer");
+    assert!(stats <= 4, "{stats} Stats of the peer for {reads} Reads");
+
+    // The near tiers kept it: the peer is not asked again.
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(got == blob, "wrong bytes from the near tiers");
+    assert_eq!(
+        peer.calls(),
+        (stats + before.0, reads + before.1),
+        "the peer was asked again"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_peer_that_lies_inline_is_passed_over() {
     let blob = test_data(100_000, 91);

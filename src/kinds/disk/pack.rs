@@ -305,10 +305,11 @@ pub fn read_at(file: &File, offset: u64, len: u32) -> std::io::Result<Bytes> {
 
 /// The `len` bytes at `offset` of a pack if the page cache holds all of
 /// them, read without waiting for the disk, so that an async task may call
-/// it: `Ok(None)` if any page would have to come from the disk. An error
-/// if the kernel cannot read without waiting: `RWF_NOWAIT` is Linux 4.14
-/// and later, and not every file system has it (tmpfs has not). The caller
-/// reads in a blocking task instead.
+/// it: `Ok(None)` if any page would have to come from the disk, or the
+/// read failed otherwise. An error only if the kernel cannot read without
+/// waiting: `RWF_NOWAIT` is Linux 4.14 and later, and not every file
+/// system has it (tmpfs has not). The caller reads in a blocking task
+/// instead.
 ///
 /// Calls `preadv2` through libc, not rustix: rustix's takes initialised
 /// buffers, and zeroing each chunk's buffer first was 6% of a warm read's
@@ -329,9 +330,12 @@ pub fn read_cached(file: &File, offset: u64, len: u32) -> std::io::Result<Option
     let read = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
     let Ok(read) = usize::try_from(read) else {
         let e = std::io::Error::last_os_error();
-        return match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(None),
-            _ => Err(e),
+        return match e.raw_os_error() {
+            // The kernel or the file system cannot read without waiting.
+            Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => Err(e),
+            // `EAGAIN`: not all cached. Anything else, a failing disk say,
+            // the blocking read meets again and reports.
+            _ => Ok(None),
         };
     };
     // A short read: some of it is not cached (or the pack was cut short).
@@ -518,5 +522,9 @@ mod tests {
             }
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}"),
         }
+        // Any other failure (here `EBADF`: a handle not open for reading)
+        // is left to the blocking read, which reports it.
+        let write_only = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        assert_eq!(read_cached(&write_only, beta.offset, beta.len).unwrap(), None);
     }
 }

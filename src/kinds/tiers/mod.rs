@@ -45,6 +45,11 @@
 //!
 //! Concurrent reads of one blob share one fetch (single-flight).
 //!
+//! Asked for a single chunk (an outer engine's fill, going chunk by chunk),
+//! a `tiers` asks each tier for it directly, nearest first, and writes it
+//! into the fill tiers before the one that had it, without a Stat per
+//! chunk.
+//!
 //! A tier whose data for a blob failed verification (a lie, or rot) is
 //! passed over for that blob for ten minutes, in Stats and reads alike, so
 //! the next read fills the near tiers from an honest tier instead of
@@ -841,6 +846,28 @@ impl Inner {
         Ok(())
     }
 
+    /// Writes chunk `chunk` (`data`, verified), found in tier `k`, into the
+    /// fill tiers before `k`, as a blob of its own: before returning with
+    /// `fill = "sync"`, in the background with `"async"`.
+    async fn fill_chunk(self: &Arc<Self>, k: usize, chunk: &ChunkMeta, data: &Bytes) {
+        if self.fill == Fill::Off || self.fill_targets(k, chunk.size).is_empty() {
+            return;
+        }
+        let (this, chunk, data) = (self.clone(), *chunk, data.clone());
+        let fill = async move {
+            for m in this.fill_targets(k, chunk.size) {
+                if let Err(e) = store_chunk(&*m.svc, &chunk, data.clone()).await {
+                    m.record_failure("chunk fill", &chunk.digest, &e);
+                }
+            }
+        }
+        .instrument(info_span!("chunk fill", digest = %chunk.digest));
+        match self.fill {
+            Fill::Async => drop(tokio::spawn(fill)),
+            _ => fill.await,
+        }
+    }
+
     /// Fetches the blob found in tier `k` into a verified spool and queues a
     /// background fill of the tiers before `k` from it.
     async fn fill_async(
@@ -932,6 +959,53 @@ impl BlobService for TiersService {
         };
         let pieces = Pieces::new(reader, PIECE).map(|piece| piece.map_err(Error::from_io));
         Ok(Some(cut_chunks(*digest, chunks.to_vec(), pieces)))
+    }
+
+    /// The chunk from the nearest tier that has it, each asked for it
+    /// directly (a peer answers with one Read, no Stat), and written into
+    /// the fill tiers before that one, as a read of it as a blob would
+    /// (a chunk is a blob of one chunk).
+    async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+        let inner = &self.inner;
+        let mut failures = Vec::new();
+        for (k, m) in inner.members.iter().enumerate() {
+            if m.distrusts(&chunk.digest) {
+                failures.push(m.distrust_note());
+                continue;
+            }
+            match m.svc.read_chunk(chunk).await {
+                Ok(Some(data)) => {
+                    inner.fill_chunk(k, chunk, &data).await;
+                    return Ok(Some(data));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    m.record_failure("chunk read", &chunk.digest, &e);
+                    failures.push(format!("{}: {e}", m.name));
+                }
+            }
+        }
+        absent_unless_failed(failures)
+    }
+
+    /// Held if any tier says it holds it.
+    async fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Result<Vec<bool>> {
+        let mut held = vec![false; chunks.len()];
+        for m in &self.inner.members {
+            if held.iter().all(|&h| h) {
+                break;
+            }
+            match m.svc.holds_chunks(chunks).await {
+                Ok(answer) => {
+                    for (held, answer) in held.iter_mut().zip(answer) {
+                        *held |= answer;
+                    }
+                }
+                // "Not known to be held" is always a safe answer.
+                Err(e) => debug!(tier = %m.name, error = %e, "holds_chunks failed"),
+            }
+        }
+        Ok(held)
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
@@ -1026,6 +1100,23 @@ impl TiersService {
         }
         inner.read_direct(&digest, k).await
     }
+}
+
+/// Stores `data`, the whole of chunk `chunk` (verified), in `target` as a
+/// blob, checking the digest the target computed.
+async fn store_chunk(target: &dyn BlobService, chunk: &ChunkMeta, data: Bytes) -> Result<()> {
+    let mut writer = target.open_write().await?;
+    writer.write(data).await?;
+    let put = writer.close().await?;
+    if put.digest != chunk.digest {
+        return Err(VerifyError::DigestMismatch {
+            what: "chunk",
+            expected: chunk.digest,
+            actual: put.digest,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Writes one blob into several tiers.
