@@ -525,6 +525,9 @@ mod tests {
         // Any other failure (here `EBADF`: a handle not open for reading)
         // is left to the blocking read, which reports it.
         let write_only = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        assert_eq!(read_cached(&write_only, beta.offset, beta.len).unwrap(), None);
+        assert_eq!(
+            read_cached(&write_only, beta.offset, beta.len).unwrap(),
+            None
+        );
     }
 }
