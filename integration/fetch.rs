@@ -399,6 +399,18 @@ async fn a_race_or_a_shard_of_peers_brings_a_cold_small_blob_with_its_stat() {
     }
 }
 
+/// An outer `tiers` (a memory tier, then a `combined` of another memory
+/// tier and the peer at `peer_addr`).
+fn nested_config(peer_addr: &str) -> String {
+    format!(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"outer\", \"site\"]\n\n\
+         [blobservices.outer]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
+         [blobservices.site]\ntype = \"combined\"\nnear = \"inner\"\nfar = \"peer\"\n\n\
+         [blobservices.inner]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
+         [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer_addr}\"\n"
+    )
+}
+
 /// A `combined` (near memory, far peer) that is itself the source of an
 /// outer `tiers`: the outer fill takes the cold blob through it in one Read
 /// of the peer, not with a Stat and a Read per chunk, and the next read
@@ -411,14 +423,7 @@ async fn a_nested_engine_as_a_source_moves_a_cold_blob_in_one_read() {
     let digest = put_blob(&origin.tcp_addr(), &blob).await;
     let peer = InlineFront::new(Inline::Forward);
     let peer_addr = serve_front(&origin.tcp_addr(), peer.clone()).await;
-    let config = format!(
-        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"outer\", \"site\"]\n\n\
-         [blobservices.outer]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
-         [blobservices.site]\ntype = \"combined\"\nnear = \"inner\"\nfar = \"peer\"\n\n\
-         [blobservices.inner]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
-         [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer_addr}\"\n"
-    );
-    let sidecar = start_daemon(config).await;
+    let sidecar = start_daemon(nested_config(&peer_addr)).await;
     let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
     assert!(got == blob, "wrong bytes");
     let (stats, reads) = peer.calls();
@@ -446,14 +451,7 @@ async fn a_nested_engine_serves_single_chunks_without_a_stat_each() {
     let other_digest = put_blob(&origin.tcp_addr(), &other).await;
     let peer = InlineFront::new(Inline::Forward);
     let peer_addr = serve_front(&origin.tcp_addr(), peer.clone()).await;
-    let config = format!(
-        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"outer\", \"site\"]\n\n\
-         [blobservices.outer]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
-         [blobservices.site]\ntype = \"combined\"\nnear = \"inner\"\nfar = \"peer\"\n\n\
-         [blobservices.inner]\ntype = \"memory\"\nmax_size = \"64MiB\"\n\n\
-         [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer_addr}\"\n"
-    );
-    let sidecar = start_daemon(config).await;
+    let sidecar = start_daemon(nested_config(&peer_addr)).await;
     let got = read_blob(&sidecar.tcp_addr(), &other_digest).await.unwrap();
     assert!(got == other, "wrong bytes of the other blob");
     let before = peer.calls();
