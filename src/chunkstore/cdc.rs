@@ -136,27 +136,13 @@ impl Cutter {
     /// Length of the chunk that starts at `data[0]`. `data` must hold at
     /// least a maximum chunk, or be the end of the blob.
     pub fn cut(&self, data: &[u8]) -> usize {
-        if data.len() <= self.min {
-            return data.len();
-        }
-        let remaining = min(data.len(), self.max);
-        let center = min(self.avg, remaining);
-        // The scan walks pairs of bytes from an even offset, as the
-        // crate's does: an odd minimum starts one byte early, and an odd
-        // end leaves its last byte unexamined.
-        let origin = self.min / 2 * 2;
-        let middle = center / 2 * 2;
-        let end = remaining / 2 * 2;
-        let data = &data[..end];
-        self.first_match(data, origin, origin, middle, self.mask_s)
-            .or_else(|| self.first_match(data, origin, middle, end, self.mask_l))
-            .unwrap_or(remaining)
+        self.cut_split(data, &[])
     }
 
     /// [`Cutter::cut`] of `head` followed by `tail`, without joining them:
     /// a writer holding the start of a chunk from an earlier piece learns
     /// how much of the next piece the chunk takes before it copies any of
-    /// it. `head` must be shorter than a maximum chunk.
+    /// it. A whole input is a `head` with an empty `tail`.
     pub fn cut_split(&self, head: &[u8], tail: &[u8]) -> usize {
         let len = head.len() + tail.len();
         if len <= self.min {
@@ -164,6 +150,9 @@ impl Cutter {
         }
         let remaining = min(len, self.max);
         let center = min(self.avg, remaining);
+        // The scan walks pairs of bytes from an even offset, as the
+        // crate's does: an odd minimum starts one byte early, and an odd
+        // end leaves its last byte unexamined.
         let origin = self.min / 2 * 2;
         let middle = center / 2 * 2;
         let end = remaining / 2 * 2;
@@ -311,7 +300,7 @@ impl Cutter {
     }
 }
 
-/// Input in two parts, the first shorter than a maximum chunk.
+/// Input in two parts, cut to the scan's end.
 #[derive(Clone, Copy)]
 struct Split<'a> {
     head: &'a [u8],

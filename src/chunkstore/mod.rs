@@ -86,9 +86,10 @@ pub trait ChunkStore: Send + Sync + 'static {
 
     /// Whether [`ChunkStore::get_chunk`] hands out the bytes that were given
     /// to [`ChunkStore::put_chunk`], kept immutable in this process's memory
-    /// (as given, or as a copy made then). Every `put_chunk` caller hashed those bytes under their
-    /// digest (a Put's writer computes it, a fill checked it), so reading
-    /// them back crosses no trust boundary and they are not hashed again.
+    /// (as given, or as a copy made then). Every `put_chunk` caller hashed
+    /// those bytes under their digest (a Put's writer computes it, a fill
+    /// checked it), so reading them back crosses no trust boundary and they
+    /// are not hashed again.
     /// Anything kept on a disk or another machine can change under the
     /// store and answers `false` (the default).
     fn keeps_verified_chunks(&self) -> bool {
