@@ -130,6 +130,13 @@ pub struct BenchReport {
     /// Read of that blob through a second sidecar with `fill = "off"`:
     /// verified on the way, stored nowhere.
     pub direct_read_mbps: f64,
+    /// CPU time (user and system) the sidecar process spent on the Put,
+    /// per GiB: steadier than the throughput on a busy machine.
+    pub put_cpu_s_per_gib: f64,
+    /// The same for the warm read.
+    pub warm_cpu_s_per_gib: f64,
+    /// The same for the cold read (the peer's share not included).
+    pub cold_cpu_s_per_gib: f64,
     /// A 1 MiB range of a cold blob: Stat with chunks, then the covering
     /// chunks, each verified. The median of [`RANGE_SAMPLES`] reads, each
     /// through a fresh sidecar.
@@ -199,23 +206,35 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     // The digest the Put must answer with, known before the clock starts:
     // the bench's own check is not part of the Put.
     let digest = B3Digest::of(&main);
+    let cpu = sidecar.cpu_seconds()?;
     let started = Instant::now();
     put(&sidecar_client, &main, digest).await?;
     let put_mbps = mbps(opts.size, started.elapsed());
-    progress(&format!("put: {put_mbps:.0} MB/s"));
+    let put_cpu_s_per_gib = per_gib(opts.size, sidecar.cpu_seconds()? - cpu);
+    progress(&format!(
+        "put: {put_mbps:.0} MB/s (sidecar: {put_cpu_s_per_gib:.2} CPU-s per GiB)"
+    ));
 
+    let cpu = sidecar.cpu_seconds()?;
     let started = Instant::now();
     read_checked(&sidecar_client, &digest, &main).await?;
     let warm_read_mbps = mbps(opts.size, started.elapsed());
-    progress(&format!("warm read: {warm_read_mbps:.0} MB/s"));
+    let warm_cpu_s_per_gib = per_gib(opts.size, sidecar.cpu_seconds()? - cpu);
+    progress(&format!(
+        "warm read: {warm_read_mbps:.0} MB/s (sidecar: {warm_cpu_s_per_gib:.2} CPU-s per GiB)"
+    ));
 
     let cold = Bytes::from(pseudo_random(opts.size, 2));
     let cold_digest = B3Digest::of(&cold);
     put(&peer_client, &cold, cold_digest).await?;
+    let cpu = sidecar.cpu_seconds()?;
     let started = Instant::now();
     read_checked(&sidecar_client, &cold_digest, &cold).await?;
     let cold_read_mbps = mbps(opts.size, started.elapsed());
-    progress(&format!("cold read: {cold_read_mbps:.0} MB/s"));
+    let cold_cpu_s_per_gib = per_gib(opts.size, sidecar.cpu_seconds()? - cpu);
+    progress(&format!(
+        "cold read: {cold_read_mbps:.0} MB/s (sidecar: {cold_cpu_s_per_gib:.2} CPU-s per GiB)"
+    ));
 
     // The same blob through a sidecar that does not fill: a verified read
     // passed through from the peer.
@@ -340,6 +359,9 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         warm_read_mbps,
         cold_read_mbps,
         direct_read_mbps,
+        put_cpu_s_per_gib,
+        warm_cpu_s_per_gib,
+        cold_cpu_s_per_gib,
         range_read_ms,
         range_read_max_ms,
         range_upstream_bytes,
@@ -469,6 +491,11 @@ fn time<T>(f: impl FnOnce() -> T) -> Duration {
 
 fn mbps(bytes: usize, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64() / 1e6
+}
+
+/// `seconds` spent on `bytes`, scaled to a GiB.
+fn per_gib(bytes: usize, seconds: f64) -> f64 {
+    seconds * (1u64 << 30) as f64 / bytes as f64
 }
 
 fn client(addr: &str) -> anyhow::Result<BlobServiceClient<Channel>> {
@@ -735,6 +762,27 @@ impl Server {
             anyhow::ensure!(Instant::now() < deadline, "{name} server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// CPU time (user and system, all threads) the process has used so
+    /// far, from /proc, in seconds.
+    fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // The fields after the command name, which may hold spaces and
+        // parentheses itself: the state first, utime and stime 12th and
+        // 13th (fields 14 and 15 of proc(5)).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| anyhow::anyhow!("no CPU times in /proc stat"))
+        };
+        let per_second = rustix::param::clock_ticks_per_second();
+        Ok((ticks(11)? + ticks(12)?) as f64 / per_second as f64)
     }
 
     /// VmHWM of the process, from /proc.
