@@ -11,6 +11,8 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use super::ChunkStore;
 use crate::blobservice::{BlobReader, BlobService, ChunkMeta, poll_read_by_piece, seek_target};
@@ -199,7 +201,7 @@ impl<C: ChunkSource> ChunkedReader<C> {
         loop {
             while self.inflight.len() < self.window && self.next_fetch < self.chunks.len() {
                 let fut = self.source.fetch(self.blob, self.chunks[self.next_fetch]);
-                self.inflight.push_back(fut);
+                self.inflight.push_back(spawned(fut));
                 self.next_fetch += 1;
             }
             let mut data = match ready!(self.inflight.poll_next_unpin(cx)) {
@@ -235,6 +237,20 @@ impl<C: ChunkSource> ChunkedReader<C> {
             }
         }
     }
+}
+
+/// `fetch` run as a task of its own, so the fetches in the read-ahead
+/// window, each of which hashes its chunk, run on as many runtime threads
+/// as are free instead of all on the task that reads, and go on while that
+/// task is busy sending. The task is aborted if the reader drops the fetch
+/// (a seek, a failure, the reader dropped).
+fn spawned(fetch: BoxFuture<'static, Result<Bytes>>) -> BoxFuture<'static, Result<Bytes>> {
+    let task = AbortOnDropHandle::new(tokio::spawn(fetch.in_current_span()));
+    Box::pin(async move {
+        task.await
+            .map_err(|e| Error::Io(io::Error::other(e)))
+            .and_then(|fetched| fetched)
+    })
 }
 
 impl<C: ChunkSource> BlobReader for ChunkedReader<C> {
@@ -302,5 +318,129 @@ impl<C: ChunkSource> AsyncSeek for ChunkedReader<C> {
 
     fn poll_complete(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
         Poll::Ready(Ok(self.pos))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt;
+    use tokio::sync::watch;
+
+    use super::*;
+
+    /// Eight chunks of 1 KiB; chunk `i` is handed out once `released`
+    /// reaches `i + 1`. Counts the fetches that finished and the fetch
+    /// futures that were dropped.
+    struct Gated {
+        chunks: Vec<(ChunkMeta, Bytes)>,
+        released: watch::Receiver<usize>,
+        finished: Arc<AtomicUsize>,
+        dropped: Arc<AtomicUsize>,
+    }
+
+    struct CountDrop(Arc<AtomicUsize>);
+
+    impl Drop for CountDrop {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl ChunkSource for Gated {
+        fn fetch(&self, _blob: B3Digest, chunk: ChunkMeta) -> BoxFuture<'static, Result<Bytes>> {
+            let i = self.chunks.iter().position(|(c, _)| *c == chunk);
+            let data = i.map(|i| self.chunks[i].1.clone());
+            let mut released = self.released.clone();
+            let finished = self.finished.clone();
+            let guard = CountDrop(self.dropped.clone());
+            Box::pin(async move {
+                let _guard = guard;
+                let i = i.ok_or(Error::MissingChunk {
+                    blob: B3Digest::EMPTY,
+                    chunk: chunk.digest,
+                })?;
+                released
+                    .wait_for(|&n| n > i)
+                    .await
+                    .map_err(|e| Error::Io(io::Error::other(e)))?;
+                finished.fetch_add(1, Ordering::SeqCst);
+                Ok(data.unwrap_or_default())
+            })
+        }
+    }
+
+    fn gated() -> (ChunkedReader<Gated>, watch::Sender<usize>, Arc<Gated>) {
+        let chunks: Vec<(ChunkMeta, Bytes)> = (0..8u8)
+            .map(|i| {
+                let data = Bytes::from(vec![i; 1024]);
+                let meta = ChunkMeta {
+                    digest: B3Digest::of(&data),
+                    size: 1024,
+                };
+                (meta, data)
+            })
+            .collect();
+        let (tx, rx) = watch::channel(0);
+        let source = Arc::new(Gated {
+            chunks: chunks.clone(),
+            released: rx,
+            finished: Arc::default(),
+            dropped: Arc::default(),
+        });
+        let metas = chunks.iter().map(|(m, _)| *m).collect();
+        let reader = ChunkedReader::new(B3Digest::EMPTY, metas, source.clone(), 4, None);
+        (reader, tx, source)
+    }
+
+    /// Waits until `counter` reaches `n`; fails after ten seconds.
+    async fn reaches(counter: &AtomicUsize, n: usize) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while counter.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "counter stayed at {} of {n}",
+            counter.load(Ordering::SeqCst)
+        );
+    }
+
+    #[tokio::test]
+    async fn fetches_in_the_window_finish_while_the_reader_is_not_polled() {
+        let (mut reader, release, source) = gated();
+        release.send_replace(1);
+        let mut buf = vec![0u8; 1024];
+        reader.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, vec![0u8; 1024]);
+        // The window holds chunks 0..4. Released now, 1..4 are fetched
+        // without the reader being polled: each runs as its own task.
+        release.send_replace(8);
+        reaches(&source.finished, 4).await;
+        assert_eq!(
+            source.finished.load(Ordering::SeqCst),
+            4,
+            "beyond the window"
+        );
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).await.unwrap();
+        let want: Vec<u8> = (1..8u8).flat_map(|i| vec![i; 1024]).collect();
+        assert_eq!(rest, want);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_reader_abandons_its_fetches() {
+        let (mut reader, _release, source) = gated();
+        let mut buf = vec![0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_millis(20), reader.read(&mut buf)).await;
+        assert!(read.is_err(), "nothing was released");
+        drop(reader);
+        // Every fetch of the window is dropped, not left waiting.
+        reaches(&source.dropped, 4).await;
+        assert_eq!(source.finished.load(Ordering::SeqCst), 0);
     }
 }
