@@ -4,8 +4,12 @@
 //! that whatever else loads the machine falls on both.
 //!
 //! ```sh
-//! cargo run --release --example read_loop -- DIGEST ROUNDS ADDR=PID [ADDR=PID...]
+//! cargo run --release --example read_loop -- DIGEST[,DIGEST...] ROUNDS ADDR=PID [ADDR=PID...]
 //! ```
+//!
+//! Round `r` reads the `r`-th digest of the list (cycling), from every
+//! server in turn: with as many digests as rounds, each read is a cold one
+//! for every server that has to fetch its blobs from a peer.
 //!
 //! The client only counts the bytes it receives; the verification being
 //! measured is the server's. Each line is `server round MB/s CPU-s/GiB`;
@@ -39,8 +43,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: read_loop DIGEST ROUNDS ADDR=PID...";
-    let digest: B3Digest = args.next().ok_or(usage)?.parse()?;
+    let usage = "usage: read_loop DIGEST[,DIGEST...] ROUNDS ADDR=PID...";
+    let digests = args
+        .next()
+        .ok_or(usage)?
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<Vec<B3Digest>, _>>()?;
     let rounds: usize = args.next().ok_or(usage)?.parse()?;
     let mut servers = Vec::new();
     for arg in args {
@@ -57,6 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
     for round in 0..rounds {
+        let digest = digests[round % digests.len()];
         for (name, client, pid, rates, cpus) in &mut servers {
             let cpu = cpu_seconds(*pid)?;
             let started = Instant::now();

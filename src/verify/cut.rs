@@ -7,7 +7,10 @@
 //! that are each proven against their digest.
 
 use bytes::{Bytes, BytesMut};
+use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use crate::blobservice::{ChunkMeta, ChunkStream};
 use crate::digest::B3Digest;
@@ -25,6 +28,83 @@ pub fn cut_chunks<S>(blob: B3Digest, chunks: Vec<ChunkMeta>, pieces: S) -> Chunk
 where
     S: Stream<Item = Result<Bytes>> + Send + 'static,
 {
+    checked_ahead(cut_unchecked(blob, chunks, pieces))
+}
+
+/// How many cut chunks may be checked at once, ahead of the one yielded.
+const CHECKS_IN_FLIGHT: usize = 4;
+
+/// The chunks of `cut`, each checked against its digest and length on a
+/// task of its own, yielded in order once checked.
+///
+/// Whoever takes the chunks checks them again against the blob (a fill's
+/// `BlobCheck`), so checking them here, on the task that takes them, put
+/// both passes over every byte on one core. With up to
+/// [`CHECKS_IN_FLIGHT`] chunks checked on their own tasks, the chunk
+/// digests are hashed on whichever cores are free while that task does
+/// the blob's pass, and cutting goes on meanwhile. A chunk that fails its
+/// check ends the stream (the checks behind it are aborted); an error from
+/// the cut is yielded after the chunks cut before it, so a caller that
+/// resumes after the chunks it got loses none.
+fn checked_ahead(
+    cut: impl Stream<Item = Result<(ChunkMeta, Bytes)>> + Send + 'static,
+) -> ChunkStream {
+    Box::pin(async_stream::stream! {
+        let mut cut = std::pin::pin!(cut);
+        let mut checks = FuturesOrdered::new();
+        let mut cut_done = false;
+        let mut cut_error = None;
+        while !(cut_done && checks.is_empty()) {
+            tokio::select! {
+                biased;
+                Some(checked) = checks.next(), if !checks.is_empty() => match checked {
+                    Ok(data) => yield Ok(data),
+                    Err(e) => {
+                        yield Err(e);
+                        return;
+                    }
+                },
+                next = cut.next(), if !cut_done && checks.len() < CHECKS_IN_FLIGHT => match next {
+                    Some(Ok((meta, data))) => checks.push_back(check_on_task(meta, data)),
+                    Some(Err(e)) => {
+                        cut_error = Some(e);
+                        cut_done = true;
+                    }
+                    None => cut_done = true,
+                },
+            }
+        }
+        if let Some(e) = cut_error {
+            yield Err(e);
+        }
+    })
+}
+
+/// `data` checked against `meta` on a task of its own, aborted if dropped.
+fn check_on_task(meta: ChunkMeta, data: Bytes) -> impl Future<Output = Result<Bytes>> {
+    let task = AbortOnDropHandle::new(tokio::spawn(
+        async move {
+            verify_chunk_meta(&meta, &data)?;
+            Ok(data)
+        }
+        .in_current_span(),
+    ));
+    async move {
+        task.await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))
+            .and_then(|checked| checked)
+    }
+}
+
+/// The chunks `chunks` cut from `pieces`, unchecked.
+fn cut_unchecked<S>(
+    blob: B3Digest,
+    chunks: Vec<ChunkMeta>,
+    pieces: S,
+) -> impl Stream<Item = Result<(ChunkMeta, Bytes)>> + Send + 'static
+where
+    S: Stream<Item = Result<Bytes>> + Send + 'static,
+{
     let listed: u64 = chunks.iter().map(|c| c.size).sum();
     let mismatch = move |actual_len: u64| -> Error {
         VerifyError::LengthMismatch {
@@ -35,7 +115,7 @@ where
         }
         .into()
     };
-    Box::pin(async_stream::try_stream! {
+    async_stream::try_stream! {
         let mut pieces = std::pin::pin!(pieces);
         // What is left of the last piece taken, and all bytes received.
         let mut rest = Bytes::new();
@@ -72,8 +152,7 @@ where
                 }
                 whole.freeze()
             };
-            verify_chunk_meta(&chunk, &data)?;
-            yield data;
+            yield (chunk, data);
         }
         // Nothing may follow the last chunk.
         let mut extra = rest.len() as u64;
@@ -83,7 +162,7 @@ where
         if extra > 0 {
             Err(mismatch(listed + extra))?;
         }
-    })
+    }
 }
 
 #[cfg(test)]
@@ -207,5 +286,42 @@ mod tests {
         let err = stream.next().await.unwrap().unwrap_err();
         assert!(err.to_string().contains("peer went away"), "{err}");
         assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn chunks_being_checked_when_the_source_fails_come_before_its_error() {
+        // Six chunks in one piece are all cut, and their checks started,
+        // before the error arrives.
+        let data = blob(6_000);
+        let chunks = listed(&data, &[1000; 6]);
+        let source = pieces(&data, 6000).chain(futures::stream::once(async {
+            Err(Error::AllTiersFailed(vec!["peer went away".into()]))
+        }));
+        let got: Vec<Result<Bytes>> = cut_chunks(B3Digest::of(&data), chunks, source)
+            .collect()
+            .await;
+        assert_eq!(got.len(), 7);
+        for (i, chunk) in got[..6].iter().enumerate() {
+            assert_eq!(chunk.as_ref().unwrap()[..], data[i * 1000..(i + 1) * 1000]);
+        }
+        let err = got[6].as_ref().unwrap_err();
+        assert!(err.to_string().contains("peer went away"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_chunk_ends_the_stream_after_the_good_ones_before_it() {
+        let data = blob(6_000);
+        let mut chunks = listed(&data, &[1000; 6]);
+        chunks[2].digest = B3Digest::of(b"something else");
+        let got: Vec<Result<Bytes>> = cut_chunks(B3Digest::of(&data), chunks, pieces(&data, 6000))
+            .collect()
+            .await;
+        assert_eq!(got.len(), 3, "nothing after the wrong chunk");
+        assert_eq!(got[0].as_ref().unwrap()[..], data[..1000]);
+        assert_eq!(got[1].as_ref().unwrap()[..], data[1000..2000]);
+        assert!(matches!(
+            got[2].as_ref().unwrap_err().root(),
+            Error::Verification(_)
+        ));
     }
 }
