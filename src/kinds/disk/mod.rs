@@ -582,8 +582,9 @@ impl DiskStore {
     /// blocking task), and the hop to a blocking thread and back cost more
     /// than that. Without it a warm 1 GiB read cost the sidecar 0.59–0.64
     /// CPU-seconds instead of 0.74–0.95 and ran 7–11% faster: the thread
-    /// wake-ups go, and the chunk stays on one core from the read to the
-    /// socket (see `docs/benchmarks.md`). A read that must wait for the
+    /// wake-ups go (see `docs/benchmarks.md`). A reader's read-ahead runs
+    /// each fetch as a task of its own, so chunks read this way are still
+    /// hashed on several cores at once. A read that must wait for the
     /// disk still waits, and hashes, on a blocking thread.
     async fn read_chunk(&self, digest: B3Digest, meta: Option<ChunkMeta>) -> Result<Option<Bytes>> {
         let at = if let Some(at) = self.packs.locate(&digest) {
