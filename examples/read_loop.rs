@@ -22,18 +22,7 @@ use strata::B3Digest;
 use strata::addr::PeerAddr;
 use strata::proto::snix::ReadBlobRequest;
 use strata::proto::snix::blob_service_client::BlobServiceClient;
-
-fn cpu_seconds(pid: u32) -> Result<f64, Box<dyn std::error::Error>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let tick = |i: usize| -> Result<u64, Box<dyn std::error::Error>> {
-        Ok(fields.get(i).ok_or("short /proc stat")?.parse()?)
-    };
-    Ok((tick(11)? + tick(12)?) as f64 / rustix::param::clock_ticks_per_second() as f64)
-}
+use strata::testkit::cpu_seconds;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod singleflight;
+mod task;
 pub mod testkit;
 pub mod verify;
 

@@ -1,6 +1,7 @@
-//! Helpers shared by `strata bench` and the tests: reproducible
-//! incompressible data, a proxy that counts the bytes a peer serves, and a
-//! TCP proxy that breaks the first connections made through it.
+//! Helpers shared by `strata bench`, the examples and the tests:
+//! reproducible incompressible data, a process's CPU time, a proxy that
+//! counts the bytes a peer serves, and a TCP proxy that breaks the first
+//! connections made through it.
 
 use prost::Message;
 use std::sync::Arc;
@@ -28,6 +29,27 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// CPU time (user and system, all threads) process `pid` has used so far,
+/// in seconds, from `/proc/PID/stat`.
+pub fn cpu_seconds(pid: u32) -> std::io::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name, which may hold spaces and
+    // parentheses itself: the state first, utime and stime 12th and 13th
+    // (fields 14 and 15 of proc(5)).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| std::io::Error::other("no CPU times in /proc stat"))
+    };
+    let per_second = rustix::param::clock_ticks_per_second();
+    Ok((ticks(11)? + ticks(12)?) as f64 / per_second as f64)
 }
 
 /// A read-only BlobService that forwards Stat and Read to an upstream and

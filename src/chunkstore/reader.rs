@@ -11,13 +11,12 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
-use tokio_util::task::AbortOnDropHandle;
-use tracing::Instrument;
 
 use super::ChunkStore;
 use crate::blobservice::{BlobReader, BlobService, ChunkMeta, poll_read_by_piece, seek_target};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
+use crate::task::spawn_owned;
 use crate::verify::{GroupVerifier, Outboard};
 
 /// Where a [`ChunkedReader`] gets chunks from. A source returns a chunk only
@@ -200,8 +199,11 @@ impl<C: ChunkSource> ChunkedReader<C> {
     fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         loop {
             while self.inflight.len() < self.window && self.next_fetch < self.chunks.len() {
-                let fut = self.source.fetch(self.blob, self.chunks[self.next_fetch]);
-                self.inflight.push_back(spawned(fut));
+                // Each fetch, which checks its chunk, is a task of its own:
+                // the window's checks run on as many cores as are free, and
+                // go on while this task is busy sending.
+                let fetch = self.source.fetch(self.blob, self.chunks[self.next_fetch]);
+                self.inflight.push_back(Box::pin(spawn_owned(fetch)));
                 self.next_fetch += 1;
             }
             let mut data = match ready!(self.inflight.poll_next_unpin(cx)) {
@@ -237,20 +239,6 @@ impl<C: ChunkSource> ChunkedReader<C> {
             }
         }
     }
-}
-
-/// `fetch` run as a task of its own, so the fetches in the read-ahead
-/// window, each of which hashes its chunk, run on as many runtime threads
-/// as are free instead of all on the task that reads, and go on while that
-/// task is busy sending. The task is aborted if the reader drops the fetch
-/// (a seek, a failure, the reader dropped).
-fn spawned(fetch: BoxFuture<'static, Result<Bytes>>) -> BoxFuture<'static, Result<Bytes>> {
-    let task = AbortOnDropHandle::new(tokio::spawn(fetch.in_current_span()));
-    Box::pin(async move {
-        task.await
-            .map_err(|e| Error::Io(io::Error::other(e)))
-            .and_then(|fetched| fetched)
-    })
 }
 
 impl<C: ChunkSource> BlobReader for ChunkedReader<C> {

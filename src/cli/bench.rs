@@ -27,7 +27,7 @@ use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
 use strata::proto::snix::{
     BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
 };
-use strata::testkit::{CountingProxy, pseudo_random};
+use strata::testkit::{CountingProxy, cpu_seconds, pseudo_random};
 
 /// Cold range reads timed; the median is reported.
 const RANGE_SAMPLES: usize = 5;
@@ -765,24 +765,9 @@ impl Server {
     }
 
     /// CPU time (user and system, all threads) the process has used so
-    /// far, from /proc, in seconds.
+    /// far, in seconds.
     fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        // The fields after the command name, which may hold spaces and
-        // parentheses itself: the state first, utime and stime 12th and
-        // 13th (fields 14 and 15 of proc(5)).
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or_else(|| anyhow::anyhow!("no CPU times in /proc stat"))
-        };
-        let per_second = rustix::param::clock_ticks_per_second();
-        Ok((ticks(11)? + ticks(12)?) as f64 / per_second as f64)
+        Ok(cpu_seconds(self.child.id())?)
     }
 
     /// VmHWM of the process, from /proc.

@@ -9,12 +9,11 @@
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
-use tokio_util::task::AbortOnDropHandle;
-use tracing::Instrument;
 
 use crate::blobservice::{ChunkMeta, ChunkStream};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError};
+use crate::task::spawn_owned;
 use crate::verify::verify_chunk_meta;
 
 /// The chunks `chunks` of blob `blob`, cut from `pieces` (the blob's bytes
@@ -65,7 +64,10 @@ fn checked_ahead(
                     }
                 },
                 next = cut.next(), if !cut_done && checks.len() < CHECKS_IN_FLIGHT => match next {
-                    Some(Ok((meta, data))) => checks.push_back(check_on_task(meta, data)),
+                    Some(Ok((meta, data))) => checks.push_back(spawn_owned(async move {
+                        verify_chunk_meta(&meta, &data)?;
+                        Ok(data)
+                    })),
                     Some(Err(e)) => {
                         cut_error = Some(e);
                         cut_done = true;
@@ -78,22 +80,6 @@ fn checked_ahead(
             yield Err(e);
         }
     })
-}
-
-/// `data` checked against `meta` on a task of its own, aborted if dropped.
-fn check_on_task(meta: ChunkMeta, data: Bytes) -> impl Future<Output = Result<Bytes>> {
-    let task = AbortOnDropHandle::new(tokio::spawn(
-        async move {
-            verify_chunk_meta(&meta, &data)?;
-            Ok(data)
-        }
-        .in_current_span(),
-    ));
-    async move {
-        task.await
-            .map_err(|e| Error::Io(std::io::Error::other(e)))
-            .and_then(|checked| checked)
-    }
 }
 
 /// The chunks `chunks` cut from `pieces`, unchecked.
