@@ -99,7 +99,7 @@ const LANES: usize = 4;
 /// between the two.
 const STRETCH: usize = 4096;
 // Lanes step two positions at a time and never past a stretch's end.
-const _: () = assert!(STRETCH % 2 == 0);
+const _: () = assert!(STRETCH.is_multiple_of(2));
 /// Bytes after which a byte no longer affects the gear hash.
 const WINDOW: usize = 64;
 
