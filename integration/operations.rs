@@ -17,7 +17,7 @@ use strata::proto::snix::{
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::front::{FrontHooks, ReadStream, serve, serve_front};
-use crate::harness::{Daemon, metric, put_blob, read_blob, start_daemon, test_data};
+use crate::harness::{Daemon, metric, put_blob, read_blob, start_daemon, strata_bin, test_data};
 
 const MEMORY: &str = "[blobservices.root]\ntype = \"memory\"\nmax_size = \"64MiB\"\n";
 
@@ -306,4 +306,46 @@ async fn fill_drain_bounds_a_shutdown_with_hung_fills() {
         .find(|l| l.contains("fill_drain is over"))
         .unwrap_or_else(|| panic!("no warning about abandoned fills:\n{log}"));
     assert!(line.contains("abandoned=3"), "{line}");
+}
+
+/// `strata get` of a stored blob with `RUST_LOG=strata=debug` and the
+/// span setting given: its stderr.
+fn get_logging(addr: &str, digest: &B3Digest, spans: Option<&str>) -> String {
+    let mut cmd = std::process::Command::new(strata_bin());
+    // A ranged get reads through a `grpc` tier, whose calls have spans.
+    cmd.args(["get", "--range", "0..", "--addr", addr, &digest.to_hex()])
+        .args(["-o", "/dev/null"])
+        .env("RUST_LOG", "strata=debug")
+        .env_remove("STRATA_LOG_SPANS");
+    if let Some(spans) = spans {
+        cmd.env("STRATA_LOG_SPANS", spans);
+    }
+    let out = cmd.output().expect("run strata get");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn span_close_lines_time_each_call_when_asked() {
+    let daemon = start_daemon(MEMORY.to_string()).await;
+    let addr = daemon.tcp_addr();
+    let digest = put_blob(&addr, &test_data(10_000, 64)).await;
+    let (timed, plain) = tokio::task::spawn_blocking(move || {
+        (
+            get_logging(&addr, &digest, Some("close")),
+            get_logging(&addr, &digest, None),
+        )
+    })
+    .await
+    .unwrap();
+    // The client's read through its `grpc` tier runs in a span of its own.
+    let line = timed
+        .lines()
+        .find(|l| l.contains("open_read{") && l.contains("close"))
+        .unwrap_or_else(|| panic!("no closed open_read span in:\n{timed}"));
+    assert!(
+        line.contains("time.busy=") && line.contains("time.idle="),
+        "{line}"
+    );
+    assert!(!plain.contains("time.busy"), "{plain}");
 }

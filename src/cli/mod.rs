@@ -86,11 +86,20 @@ impl AddrArg {
 }
 
 /// Sets up `tracing` on stderr, filtered by `RUST_LOG` (default `level`).
+/// With `STRATA_LOG_SPANS=close`, every span the filter lets through also
+/// logs a line when it closes, with the time it was busy and idle: where a
+/// slow request spent its time, tier call by tier call.
 pub fn init_tracing(level: &str, json: bool) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::fmt::format::FmtSpan;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let spans = match std::env::var("STRATA_LOG_SPANS").as_deref() {
+        Ok("close") => FmtSpan::CLOSE,
+        _ => FmtSpan::NONE,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_span_events(spans)
         // Colour codes only for a person at a terminal, not in log files.
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
