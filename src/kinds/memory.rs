@@ -19,6 +19,7 @@
 //! ([`ChunkStore::keeps_verified_chunks`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -81,7 +82,15 @@ impl TierConfig for MemoryConfig {
 #[derive(Clone)]
 enum Entry {
     Chunk(Bytes),
-    Index(Arc<BlobIndex>),
+    Index(Arc<StoredIndex>),
+}
+
+/// A blob's index, with what the last look at its chunks found.
+struct StoredIndex {
+    index: BlobIndex,
+    /// The value of [`MemoryStore`]'s `chunk_losses` read before the latest
+    /// check that found every chunk of `index` present; 0 if none did.
+    complete_as_of: AtomicU64,
 }
 
 impl Entry {
@@ -90,9 +99,13 @@ impl Entry {
         const OVERHEAD: usize = 64;
         let bytes = match self {
             Entry::Chunk(data) => data.len(),
-            Entry::Index(index) => {
-                index.chunks.len() * size_of::<ChunkMeta>()
-                    + index.bao.as_ref().map_or(0, |(_, outboard)| outboard.len())
+            Entry::Index(stored) => {
+                stored.index.chunks.len() * size_of::<ChunkMeta>()
+                    + stored
+                        .index
+                        .bao
+                        .as_ref()
+                        .map_or(0, |(_, outboard)| outboard.len())
             }
         };
         u32::try_from(bytes + OVERHEAD).unwrap_or(u32::MAX)
@@ -102,6 +115,11 @@ impl Entry {
 /// The [`ChunkStore`] behind a `memory` tier.
 pub struct MemoryStore {
     cache: moka::sync::Cache<ObjectKey, Entry>,
+    /// Chunks that left the cache, counted from 1: a blob found complete
+    /// when this was `n` is still complete while it is `n`, which answers
+    /// the Stat of a large blob without a lookup per chunk (thousands for a
+    /// GiB).
+    chunk_losses: Arc<AtomicU64>,
     metrics: TierMetrics,
 }
 
@@ -115,18 +133,25 @@ impl MemoryStore {
     /// `metrics`.
     pub fn with_metrics(max_size: u64, metrics: TierMetrics) -> Self {
         let gone = metrics.clone();
+        let chunk_losses = Arc::new(AtomicU64::new(1));
+        let lost = chunk_losses.clone();
         MemoryStore {
             cache: moka::sync::Cache::builder()
                 .max_capacity(max_size)
                 .weigher(|_, entry: &Entry| entry.weight())
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
+                // Called for every way out: evicted, replaced or removed.
                 .eviction_listener(move |_, entry: Entry, cause| {
+                    if matches!(entry, Entry::Chunk(_)) {
+                        lost.fetch_add(1, Ordering::SeqCst);
+                    }
                     gone.occupancy_bytes.dec_by(entry.weight().into());
                     if cause.was_evicted() {
                         gone.evictions.inc();
                     }
                 })
                 .build(),
+            chunk_losses,
             metrics,
         }
     }
@@ -180,7 +205,7 @@ impl ChunkStore for MemoryStore {
 
     async fn get_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
         Ok(match self.cache.get(&ObjectKey::Index(*digest)) {
-            Some(Entry::Index(index)) => Some((*index).clone()),
+            Some(Entry::Index(stored)) => Some(stored.index.clone()),
             _ => None,
         })
     }
@@ -188,24 +213,46 @@ impl ChunkStore for MemoryStore {
     /// The chunk list alone: the outboard is not even reference-counted.
     async fn get_index_meta(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
         Ok(match self.cache.get(&ObjectKey::Index(*digest)) {
-            Some(Entry::Index(index)) => Some(BlobIndex {
-                size: index.size,
-                chunks: index.chunks.clone(),
+            Some(Entry::Index(stored)) => Some(BlobIndex {
+                size: stored.index.size,
+                chunks: stored.index.chunks.clone(),
                 bao: None,
             }),
             _ => None,
         })
     }
 
-    /// One lookup per chunk, without a future each.
-    async fn has_chunks(&self, _digest: &B3Digest, chunks: &[ChunkMeta]) -> Result<bool> {
-        Ok(chunks
+    /// Answered without a lookup per chunk when the stored index of
+    /// `digest` lists `chunks`, was found complete, and no chunk has left
+    /// since; else one lookup per chunk, without a future each.
+    async fn has_chunks(&self, digest: &B3Digest, chunks: &[ChunkMeta]) -> Result<bool> {
+        // Read before the lookups: a chunk that leaves during them moves
+        // the count past what a complete result is recorded with.
+        let losses = self.chunk_losses.load(Ordering::SeqCst);
+        let stored = match self.cache.get(&ObjectKey::Index(*digest)) {
+            Some(Entry::Index(stored)) if stored.index.chunks == chunks => Some(stored),
+            _ => None,
+        };
+        if let Some(stored) = &stored
+            && stored.complete_as_of.load(Ordering::SeqCst) == losses
+        {
+            return Ok(true);
+        }
+        let complete = chunks
             .iter()
-            .all(|c| self.cache.contains_key(&ObjectKey::Chunk(c.digest))))
+            .all(|c| self.cache.contains_key(&ObjectKey::Chunk(c.digest)));
+        if complete && let Some(stored) = stored {
+            stored.complete_as_of.fetch_max(losses, Ordering::SeqCst);
+        }
+        Ok(complete)
     }
 
     async fn put_index(&self, digest: B3Digest, index: BlobIndex) -> Result<()> {
-        self.insert(ObjectKey::Index(digest), Entry::Index(Arc::new(index)));
+        let stored = StoredIndex {
+            index,
+            complete_as_of: AtomicU64::new(0),
+        };
+        self.insert(ObjectKey::Index(digest), Entry::Index(Arc::new(stored)));
         Ok(())
     }
 
@@ -217,5 +264,61 @@ impl ChunkStore for MemoryStore {
     /// immutable), so a read hands out exactly what was hashed.
     fn keeps_verified_chunks(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blobservice::BlobWriter;
+
+    /// Distinct for distinct odd seeds.
+    fn data(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    async fn put(svc: &ChunkedBlobService<MemoryStore>, blob: &[u8]) -> B3Digest {
+        let mut w = svc.open_write().await.unwrap();
+        w.write(Bytes::copy_from_slice(blob)).await.unwrap();
+        w.close().await.unwrap().digest
+    }
+
+    #[tokio::test]
+    async fn a_blob_found_complete_is_absent_once_a_chunk_is_removed() {
+        let svc = ChunkedBlobService::new(MemoryStore::new(64 << 20));
+        let digest = put(&svc, &data(3 << 20, 1)).await;
+        let stat = svc.stat(&digest).await.unwrap().expect("stored");
+        assert!(stat.chunks.len() > 2);
+        // Twice: the second answer comes from the recorded check.
+        assert!(svc.stat(&digest).await.unwrap().is_some());
+        svc.store()
+            .cache
+            .invalidate(&ObjectKey::Chunk(stat.chunks[1].digest));
+        assert!(svc.stat(&digest).await.unwrap().is_none());
+        assert!(svc.open_read(&digest).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_blob_found_complete_is_absent_once_a_chunk_is_evicted() {
+        let svc = ChunkedBlobService::new(MemoryStore::new(3 << 20));
+        let digest = put(&svc, &data(2 << 20, 7)).await;
+        let chunks = svc.stat(&digest).await.unwrap().expect("stored").chunks;
+        // The Stat used the index after its chunks: the oldest chunks go
+        // first when the next blob needs room, the index stays.
+        put(&svc, &data(3 << 19, 5)).await;
+        let store = svc.store();
+        assert!(store.weighted_size() <= 3 << 20);
+        assert!(store.get_index_meta(&digest).await.unwrap().is_some());
+        assert!(!store.holds_chunks(&chunks).iter().all(|&held| held));
+        assert!(!store.has_chunks(&digest, &chunks).await.unwrap());
+        assert!(svc.stat(&digest).await.unwrap().is_none());
     }
 }
