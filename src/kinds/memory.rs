@@ -270,7 +270,6 @@ impl ChunkStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blobservice::BlobWriter;
 
     /// Distinct for distinct odd seeds.
     fn data(len: usize, seed: u64) -> Vec<u8> {
