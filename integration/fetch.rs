@@ -365,6 +365,66 @@ async fn a_cold_small_blob_comes_with_its_stat() {
     assert_eq!(front.calls(), (1, 1), "(Stats, Reads) of the peer");
 }
 
+/// Test data of `len` bytes that the default chunking cuts into `pieces`
+/// chunks: the first seed from `seed` on that does.
+fn cut_into(len: usize, pieces: usize, seed: u64) -> Vec<u8> {
+    let chunking = strata::chunkstore::Chunking::default();
+    (seed..seed + 1000)
+        .map(|seed| test_data(len, seed))
+        .find(|data| {
+            let cuts =
+                fastcdc::v2020::FastCDC::new(data, chunking.min(), chunking.avg, chunking.max());
+            cuts.count() == pieces
+        })
+        .expect("a seed that cuts so")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_chunk_of_the_largest_size_comes_with_its_stat() {
+    // Larger than the average chunk, one chunk still.
+    let blob = cut_into(500_000, 1, 93);
+    let origin = memory_origin().await;
+    let digest = put_blob(&origin.tcp_addr(), &blob).await;
+    assert!(chunks_of(&origin.tcp_addr(), &digest).await.len() <= 1);
+    let front = InlineFront::new(Inline::Forward);
+    let addr = serve_front(&origin.tcp_addr(), front.clone()).await;
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = disk_sidecar(near.path(), &addr, "sync").await;
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(got == blob, "wrong bytes");
+    assert_eq!(front.calls(), (1, 0), "(Stats, Reads) of the peer");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_small_blob_of_two_chunks_needs_no_read() {
+    let blob = cut_into(500_000, 2, 94);
+    let origin = memory_origin().await;
+    let digest = put_blob(&origin.tcp_addr(), &blob).await;
+    let chunks = chunks_of(&origin.tcp_addr(), &digest).await;
+    assert_eq!(chunks.len(), 2);
+    let front = InlineFront::new(Inline::Forward);
+    let addr = serve_front(&origin.tcp_addr(), front.clone()).await;
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = disk_sidecar(near.path(), &addr, "sync").await;
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
+    assert!(got == blob, "wrong bytes");
+    // The Stat that locates it brings both chunks; the fill asks for the
+    // outboard with another Stat. No Read.
+    let (_, reads) = front.calls();
+    assert_eq!(reads, 0, "Reads of the peer");
+    wait_for_fill(&sidecar).await;
+    let stored: Vec<B3Digest> = strata::kinds::disk::stored_chunks(near.path())
+        .unwrap()
+        .into_iter()
+        .map(|c| c.digest)
+        .collect();
+    for chunk in &chunks {
+        assert!(stored.contains(chunk), "chunk {chunk} was not filled");
+    }
+    assert!(read_blob(&sidecar.tcp_addr(), &digest).await.unwrap() == blob);
+    assert_eq!(front.calls().1, 0, "the second read was not local");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_race_or_a_shard_of_peers_brings_a_cold_small_blob_with_its_stat() {
     let blob = test_data(100_000, 92);

@@ -9,9 +9,13 @@
 //! that comes next takes them instead of sending a Read. Stock snix and
 //! tvix peers ignore the request field, and the read goes out as before.
 //!
+//! A blob of several chunks that came inline is kept chunk by chunk, each
+//! checked against its listed digest: the read that follows goes along the
+//! list and takes them, where it would have sent a Read of the whole blob.
+//!
 //! Only verified bytes are kept, each entry is taken by the first read of
-//! its blob, and whatever no read takes leaves by size or age: this is a
-//! hand-over between two calls, not a cache.
+//! its blob or chunk, and whatever no read takes leaves by size or age:
+//! this is a hand-over between two calls, not a cache.
 //!
 //! [`BlobService::stat_before_read`]: crate::blobservice::BlobService::stat_before_read
 
@@ -20,13 +24,16 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::blobservice::ChunkMeta;
+use crate::chunkstore::MAX_CHUNK_SIZE;
 use crate::digest::B3Digest;
 use crate::error::VerifyError;
 use crate::verify::verify_chunk_meta;
 
-/// Largest blob asked for inline: the average chunk size, which covers
-/// most files of a store path while keeping a Stat answer small.
-pub const INLINE_MAX: u64 = 256 << 10;
+/// Largest blob asked for inline: the largest chunk FastCDC cuts at the
+/// default sizes (strata's and snix's), so a client that reads a blob
+/// chunk by chunk, as stock clients do, costs the peer one round trip per
+/// cold chunk, not two; and most files of a store path come whole.
+pub const INLINE_MAX: u64 = MAX_CHUNK_SIZE as u64;
 
 /// Bytes kept for reads that have not come yet.
 const KEPT_BYTES: u64 = 16 << 20;
@@ -71,9 +78,58 @@ impl Inlined {
         Ok(())
     }
 
+    /// Checks that `data` is made of `chunks`, each matching its digest,
+    /// and keeps each chunk for the next read of it. Bytes that do not
+    /// match are the peer lying: an error, and nothing is kept. Whether
+    /// the chunks make up the blob they were listed for is for the read of
+    /// that blob to prove, as for chunks that come by Read.
+    pub fn check_and_keep_chunks(
+        &self,
+        blob: &B3Digest,
+        chunks: &[ChunkMeta],
+        data: Bytes,
+    ) -> Result<(), VerifyError> {
+        let listed: u64 = chunks.iter().map(|c| c.size).sum();
+        if listed != data.len() as u64 {
+            return Err(VerifyError::LengthMismatch {
+                what: "inline blob",
+                expected: *blob,
+                expected_len: listed,
+                actual_len: data.len() as u64,
+            });
+        }
+        let mut at = 0;
+        let mut pieces = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            // Within `data`: the sizes add up to its length.
+            let piece = data.slice(at..at + chunk.size as usize);
+            at += chunk.size as usize;
+            verify_chunk_meta(chunk, &piece)?;
+            pieces.push((chunk.digest, piece));
+        }
+        for (digest, piece) in pieces {
+            self.kept.insert(digest, piece);
+        }
+        Ok(())
+    }
+
     /// The kept bytes of blob `digest`, taken out: each serves one read.
     pub fn take(&self, digest: &B3Digest) -> Option<Bytes> {
         self.kept.remove(digest)
+    }
+
+    /// Every chunk of `chunks`, taken out, if all of them are kept; else
+    /// none is taken.
+    pub fn take_all(&self, chunks: &[ChunkMeta]) -> Option<Vec<Bytes>> {
+        if !chunks.iter().all(|c| self.kept.contains_key(&c.digest)) {
+            return None;
+        }
+        // One may leave by age between the look and the take: then the
+        // read goes out as if none had been kept.
+        chunks
+            .iter()
+            .map(|c| self.take(&c.digest).filter(|d| d.len() as u64 == c.size))
+            .collect()
     }
 }
 
@@ -98,5 +154,59 @@ mod tests {
         let short = Some(data.len() as u64 - 1);
         assert!(inlined.check_and_keep(&digest, short, data).is_err());
         assert_eq!(inlined.take(&digest), None);
+    }
+
+    fn listed(parts: &[&'static [u8]]) -> (B3Digest, Vec<ChunkMeta>, Bytes) {
+        let chunks = parts
+            .iter()
+            .map(|p| ChunkMeta {
+                digest: B3Digest::of(p),
+                size: p.len() as u64,
+            })
+            .collect();
+        let data = Bytes::from(parts.concat());
+        (B3Digest::of(&data), chunks, data)
+    }
+
+    #[test]
+    fn a_blob_of_several_chunks_is_kept_by_chunk() {
+        let inlined = Inlined::default();
+        let (blob, chunks, data) = listed(&[b"first chunk", b"second", b"third one"]);
+        inlined
+            .check_and_keep_chunks(&blob, &chunks, data.clone())
+            .unwrap();
+        assert_eq!(inlined.take(&blob), None, "kept by chunk, not whole");
+        let taken = inlined.take_all(&chunks).expect("every chunk kept");
+        assert_eq!(taken.concat(), data.to_vec());
+        assert_eq!(inlined.take_all(&chunks), None, "each is taken once");
+
+        // One chunk missing: none is taken.
+        inlined.check_and_keep_chunks(&blob, &chunks, data).unwrap();
+        assert!(inlined.take(&chunks[1].digest).is_some());
+        assert_eq!(inlined.take_all(&chunks), None);
+        assert!(inlined.take(&chunks[0].digest).is_some(), "left in place");
+    }
+
+    #[test]
+    fn chunks_that_do_not_match_their_list_keep_nothing() {
+        let inlined = Inlined::default();
+        let (blob, chunks, data) = listed(&[b"first chunk", b"second", b"third one"]);
+        // A flipped byte in the last chunk.
+        let mut lie = data.to_vec();
+        *lie.last_mut().unwrap() ^= 1;
+        assert!(
+            inlined
+                .check_and_keep_chunks(&blob, &chunks, lie.into())
+                .is_err()
+        );
+        // Bytes that do not add up to the list.
+        assert!(
+            inlined
+                .check_and_keep_chunks(&blob, &chunks, data.slice(1..))
+                .is_err()
+        );
+        for chunk in &chunks {
+            assert_eq!(inlined.take(&chunk.digest), None, "a lie was kept");
+        }
     }
 }

@@ -607,21 +607,27 @@ impl GrpcBlobService {
     }
 
     /// The peer's Stat, asking for a blob of up to `inline_max` bytes
-    /// inline. A single-piece blob that came inline is checked and kept in
-    /// [`Inlined`] for the read that follows; bytes that do not match are
-    /// the peer lying (an error).
+    /// inline. A blob that came inline is checked and kept in [`Inlined`]
+    /// for the read that follows: whole if it is one piece, else by its
+    /// listed chunks. Bytes that do not match are the peer lying (an
+    /// error).
     async fn stat_inlining(&self, digest: &B3Digest, inline_max: u64) -> Result<Option<BlobStat>> {
         self.by_deadline(self.request_deadline(), async {
             let Some(stat) = self.stat_raw(digest, false, inline_max).await? else {
                 return Ok(None);
             };
-            // Only what was asked for; a multi-chunk blob is read along its
-            // list, not from here.
+            // Only what was asked for.
             let mut size = stat.size;
             let asked = (1..=inline_max).contains(&(stat.inline.len() as u64));
-            if asked && stat.chunks.len() < 2 {
+            if asked {
                 let len = stat.inline.len() as u64;
-                if let Err(e) = self.inlined.check_and_keep(digest, size, stat.inline) {
+                let kept = if stat.chunks.len() < 2 {
+                    self.inlined.check_and_keep(digest, size, stat.inline)
+                } else {
+                    self.inlined
+                        .check_and_keep_chunks(digest, &stat.chunks, stat.inline)
+                };
+                if let Err(e) = kept {
                     warn!(peer = %self.addr, %digest, error = %e, "peer sent bad inline data");
                     return Err(e.into());
                 }
@@ -757,8 +763,8 @@ impl BlobService for GrpcBlobService {
         self.stat_inlining(digest, 0).await
     }
 
-    /// Asks for a blob of up to `INLINE_MAX` (256 KiB) bytes inline, and keeps it
-    /// (checked) for the read that follows.
+    /// Asks for a blob of up to `INLINE_MAX` (512 KiB) bytes inline, and
+    /// keeps it (checked) for the read that follows.
     #[instrument(skip(self), fields(peer = %self.addr, %digest), err)]
     async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
         self.stat_inlining(digest, INLINE_MAX).await
@@ -901,6 +907,13 @@ impl BlobService for GrpcBlobService {
         digest: &B3Digest,
         chunks: &[ChunkMeta],
     ) -> Result<Option<ChunkStream>> {
+        // Chunks that came inline with the Stat before this read were
+        // each checked as they were kept.
+        if let Some(kept) = self.inlined.take_all(chunks) {
+            return Ok(Some(
+                futures::stream::iter(kept.into_iter().map(Ok)).boxed(),
+            ));
+        }
         let deadline = self.request_deadline();
         let pieces = self.read_payload(digest, deadline).await?;
         Ok(pieces.map(|pieces| cut_chunks(*digest, chunks.to_vec(), pieces)))
