@@ -11,18 +11,7 @@ use super::*;
 use crate::Error;
 use crate::blobservice::ChunkMeta;
 use crate::kinds::memory::MemoryStore;
-
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
+use crate::testkit::pseudo_random as data;
 
 async fn put(svc: &dyn BlobService, data: &[u8], piece: usize) -> crate::blobservice::PutResult {
     let mut w = svc.open_write().await.unwrap();

@@ -270,19 +270,7 @@ impl ChunkStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Distinct for distinct odd seeds.
-    fn data(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
-    }
+    use crate::testkit::pseudo_random as data;
 
     async fn put(svc: &ChunkedBlobService<MemoryStore>, blob: &[u8]) -> B3Digest {
         let mut w = svc.open_write().await.unwrap();
