@@ -336,6 +336,19 @@ impl FrontHooks for InlineFront {
     }
 }
 
+/// A `disk` sidecar (sync fill, its disk tier in the returned directory)
+/// whose peer is `origin` behind an [`InlineFront`] in `mode`.
+async fn disk_sidecar_behind(
+    origin: &Daemon,
+    mode: Inline,
+) -> (InlineFront, Daemon, tempfile::TempDir) {
+    let front = InlineFront::new(mode);
+    let addr = serve_front(&origin.tcp_addr(), front.clone()).await;
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = disk_sidecar(near.path(), &addr, "sync").await;
+    (front, sidecar, near)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cold_small_blob_comes_with_its_stat() {
     let blob = test_data(100_000, 90);
@@ -344,10 +357,7 @@ async fn a_cold_small_blob_comes_with_its_stat() {
 
     // Through a strata peer: one Stat that brings the blob, no Read; then
     // the blob is local.
-    let front = InlineFront::new(Inline::Forward);
-    let addr = serve_front(&origin.tcp_addr(), front.clone()).await;
-    let near = tempfile::tempdir().unwrap();
-    let sidecar = disk_sidecar(near.path(), &addr, "sync").await;
+    let (front, sidecar, _near) = disk_sidecar_behind(&origin, Inline::Forward).await;
     let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
     assert!(got == blob, "wrong bytes");
     assert_eq!(front.calls(), (1, 0), "(Stats, Reads) of the peer");
@@ -356,10 +366,7 @@ async fn a_cold_small_blob_comes_with_its_stat() {
     assert_eq!(front.calls(), (1, 0), "the second read was not local");
 
     // Through a peer that sends nothing inline: a Stat, then a Read.
-    let front = InlineFront::new(Inline::Strip);
-    let addr = serve_front(&origin.tcp_addr(), front.clone()).await;
-    let near = tempfile::tempdir().unwrap();
-    let sidecar = disk_sidecar(near.path(), &addr, "sync").await;
+    let (front, sidecar, _near) = disk_sidecar_behind(&origin, Inline::Strip).await;
     let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
     assert!(got == blob, "wrong bytes");
     assert_eq!(front.calls(), (1, 1), "(Stats, Reads) of the peer");
@@ -386,10 +393,7 @@ async fn a_cold_chunk_of_the_largest_size_comes_with_its_stat() {
     let origin = memory_origin().await;
     let digest = put_blob(&origin.tcp_addr(), &blob).await;
     assert!(chunks_of(&origin.tcp_addr(), &digest).await.len() <= 1);
-    let front = InlineFront::new(Inline::Forward);
-    let addr = serve_front(&origin.tcp_addr(), front.clone()).await;
-    let near = tempfile::tempdir().unwrap();
-    let sidecar = disk_sidecar(near.path(), &addr, "sync").await;
+    let (front, sidecar, _near) = disk_sidecar_behind(&origin, Inline::Forward).await;
     let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
     assert!(got == blob, "wrong bytes");
     assert_eq!(front.calls(), (1, 0), "(Stats, Reads) of the peer");
@@ -402,10 +406,7 @@ async fn a_cold_small_blob_of_two_chunks_needs_no_read() {
     let digest = put_blob(&origin.tcp_addr(), &blob).await;
     let chunks = chunks_of(&origin.tcp_addr(), &digest).await;
     assert_eq!(chunks.len(), 2);
-    let front = InlineFront::new(Inline::Forward);
-    let addr = serve_front(&origin.tcp_addr(), front.clone()).await;
-    let near = tempfile::tempdir().unwrap();
-    let sidecar = disk_sidecar(near.path(), &addr, "sync").await;
+    let (front, sidecar, near) = disk_sidecar_behind(&origin, Inline::Forward).await;
     let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
     assert!(got == blob, "wrong bytes");
     // The Stat that locates it brings both chunks; the fill asks for the
