@@ -151,11 +151,13 @@ pub trait BlobService: Send + Sync + 'static {
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>>;
 
     /// Starts storing a blob known in advance by its digest, size and
-    /// chunk list (`stat`, with two or more chunks): a fill from another
-    /// tier. The caller writes the listed chunks in order, one chunk per
-    /// [`BlobWriter::write`], each already verified against its digest,
-    /// checks the whole run with a [`crate::verify::BlobCheck`], and
-    /// finishes with [`BlobWriter::close_verified`].
+    /// chunk list (`stat`): a fill from another tier. The caller writes the
+    /// listed chunks in order, one chunk per [`BlobWriter::write`], each
+    /// already verified against its digest, checks the whole run with a
+    /// [`crate::verify::BlobCheck`], and finishes with
+    /// [`BlobWriter::close_verified`]. A blob of at most one maximum chunk
+    /// listed with fewer than two chunks is written whole, in one write,
+    /// verified against the blob's digest.
     ///
     /// A service that can store chunks as listed skips chunking and hashing
     /// them again. The default is an ordinary [`open_write`](Self::open_write).

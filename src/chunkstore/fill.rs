@@ -22,6 +22,9 @@ use crate::verify::BlobProof;
 /// [`super::ChunkingWriter`] must, would only repeat that work: this writer
 /// stores each chunk under its listed digest and publishes the index only
 /// with the proof, in [`BlobWriter::close_verified`].
+///
+/// A blob of a single chunk comes as one write, verified against the blob's
+/// own digest (which is the chunk's), and is stored as that chunk alone.
 pub struct ListedWriter<S> {
     store: Arc<S>,
     digest: B3Digest,
@@ -92,6 +95,15 @@ impl<S: ChunkStore> BlobWriter for ListedWriter<S> {
             )));
         }
         self.uploads.finish(&mut |_, _| {}).await?;
+        if self.chunks.len() == 1 {
+            // A blob of one chunk is that chunk, as a Put stores it: no
+            // index, no outboard.
+            return Ok(PutResult {
+                digest: self.digest,
+                size: proof.size(),
+                chunks: Vec::new(),
+            });
+        }
         let chunks = std::mem::take(&mut self.chunks);
         // Last: a visible index means every chunk is stored.
         let index = BlobIndex::new(chunks.clone(), Some(proof.outboard()));

@@ -316,15 +316,25 @@ impl<S: ChunkStore> BlobService for ChunkedBlobService<S> {
         Ok(Box::new(ChunkingWriter::new(self.store.clone())))
     }
 
-    /// Stores the chunks as listed: see [`ListedWriter`].
+    /// Stores the chunks as listed: see [`ListedWriter`]. A blob of one
+    /// chunk's worth is stored as that one chunk (its list, empty or just
+    /// itself, is not consulted); a larger blob without a list is chunked
+    /// as a Put would.
     async fn open_fill(&self, digest: &B3Digest, stat: &BlobStat) -> Result<Box<dyn BlobWriter>> {
-        if stat.chunks.len() < 2 {
+        let chunks = if stat.chunks.len() >= 2 {
+            stat.chunks.clone()
+        } else if (1..=u64::from(MAX_CHUNK_SIZE)).contains(&stat.size) {
+            vec![ChunkMeta {
+                digest: *digest,
+                size: stat.size,
+            }]
+        } else {
             return self.open_write().await;
-        }
+        };
         Ok(Box::new(ListedWriter::new(
             self.store.clone(),
             *digest,
-            stat.chunks.clone(),
+            chunks,
         )))
     }
 }

@@ -473,6 +473,42 @@ async fn a_fill_stores_the_listed_chunks_and_the_proven_outboard() {
 }
 
 #[tokio::test]
+async fn a_fill_of_one_chunk_stores_that_chunk_as_a_put_would() {
+    let source = ChunkedBlobService::new(MemoryStore::new(64 << 20));
+    let target = ChunkedBlobService::new(MemoryStore::new(64 << 20));
+    let blob = Bytes::from(data(300_000, 33));
+    let put = put(&source, &blob, 1 << 20).await;
+    assert!(put.chunks.is_empty(), "one chunk: no list");
+    let stat = source.stat(&put.digest).await.unwrap().unwrap();
+    let whole = ChunkMeta {
+        digest: put.digest,
+        size: blob.len() as u64,
+    };
+    let mut check = crate::verify::BlobCheck::new(put.digest, Some(stat.size), None);
+    check.push(blob.clone()).unwrap();
+    let proof = check.finish().unwrap();
+
+    // Written in pieces, it is refused and nothing is published.
+    let mut w = target.open_fill(&put.digest, &stat).await.unwrap();
+    assert!(w.write(blob.slice(..100_000)).await.is_err());
+    drop(w);
+    assert_eq!(target.stat(&put.digest).await.unwrap(), None);
+
+    let mut w = target.open_fill(&put.digest, &stat).await.unwrap();
+    w.write(blob.clone()).await.unwrap();
+    assert_eq!(w.close_verified(&proof).await.unwrap(), put);
+    assert_eq!(
+        target.stat(&put.digest).await.unwrap(),
+        source.stat(&put.digest).await.unwrap()
+    );
+    assert_eq!(target.read_chunk(&whole).await.unwrap(), Some(blob.clone()));
+    let mut r = target.open_read(&put.digest).await.unwrap().unwrap();
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    assert!(back == blob);
+}
+
+#[tokio::test]
 async fn a_fill_writer_publishes_nothing_without_a_matching_proof() {
     let source = ChunkedBlobService::new(MemoryStore::new(64 << 20));
     let target = ChunkedBlobService::new(MemoryStore::new(64 << 20));

@@ -83,7 +83,7 @@ use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError, absent_unless_failed};
 use crate::metrics::{Metrics, TierMetrics};
 use crate::singleflight::SingleFlight;
-use crate::verify::{BlobCheck, Outboard, cut_chunks, spool_verified_shared};
+use crate::verify::{BlobCheck, BlobProof, Outboard, cut_chunks, spool_verified_shared};
 use tap::{Tap, TapReader};
 
 /// No chunk is larger than this (FastCDC v2020's maximum).
@@ -107,6 +107,21 @@ const HOLD_LIMIT: u64 = crate::blobservice::SPOOL_IN_MEMORY as u64;
 /// Any honest FastCDC list qualifies; a list of tiny chunks, which would
 /// cost a file or an object per few bytes, is cut afresh instead.
 const MIN_KEPT_CHUNK: u64 = 16 * 1024;
+
+/// Whether a fill hands the fill tiers the blob in pieces they may store as
+/// they come, without cutting and hashing them again
+/// ([`BlobService::open_fill`]): the chunks of a list it keeps, or a small
+/// blob fetched whole as one chunk.
+fn fills_as_fetched(stat: &BlobStat) -> bool {
+    keeps_chunk_list(stat) || fetched_whole(stat)
+}
+
+/// Whether a fill fetches the blob as one chunk, one verified read of the
+/// blob's own digest: it lists fewer than two chunks and is no larger than
+/// a chunk may be.
+fn fetched_whole(stat: &BlobStat) -> bool {
+    stat.chunks.len() < 2 && stat.size <= MAX_CHUNK_SIZE
+}
 
 /// Whether a fill may store the blob as `stat` lists it: two or more
 /// chunks, none too large (those fail their fetch anyway) and none but the
@@ -602,7 +617,7 @@ impl Inner {
             }
             return Ok(self.chunk_by_chunk(digest, k, stat.chunks.clone()));
         }
-        if stat.size <= MAX_CHUNK_SIZE {
+        if fetched_whole(stat) {
             // One chunk's worth with its length known: a single verified
             // read (for a peer, no Stat before it).
             let this = self.clone();
@@ -751,8 +766,8 @@ impl Inner {
     /// When tier `k` lists chunks of sane sizes, each arrives verified
     /// against its digest and the fill tiers store them as listed
     /// ([`BlobService::open_fill`]): the check is the only other pass over
-    /// the bytes. Otherwise the fill tiers chunk and hash the stream
-    /// themselves.
+    /// the bytes. So does a blob of one chunk, fetched whole. Otherwise the
+    /// fill tiers chunk and hash the stream themselves.
     ///
     /// Proven bytes also go to `tap`, the reader that started the fill, as
     /// they arrive.
@@ -763,7 +778,7 @@ impl Inner {
         stat: BlobStat,
         mut tap: Tap,
     ) -> Result<()> {
-        let listed = keeps_chunk_list(&stat);
+        let listed = fills_as_fetched(&stat);
         let mut writers = Vec::new();
         for m in self.fill_targets(k, stat.size) {
             let opened = if listed {
@@ -855,8 +870,19 @@ impl Inner {
         }
         let (this, chunk, data) = (self.clone(), *chunk, data.clone());
         let fill = async move {
+            // The fill tiers publish it only with a proof, which also
+            // yields its outboard: one pass, however many tiers take it.
+            let mut check = BlobCheck::new(chunk.digest, Some(chunk.size), None);
+            let proof = match check.push(data.clone()).and_then(|_| check.finish()) {
+                Ok(proof) => proof,
+                Err(e) => {
+                    // The tier that gave it checked it; this is a bug.
+                    warn!(digest = %chunk.digest, error = %e, "verified chunk failed its proof");
+                    return;
+                }
+            };
             for m in this.fill_targets(k, chunk.size) {
-                if let Err(e) = store_chunk(&*m.svc, &chunk, data.clone()).await {
+                if let Err(e) = store_chunk(&*m.svc, &chunk, data.clone(), &proof).await {
                     m.record_failure("chunk fill", &chunk.digest, &e);
                 }
             }
@@ -1102,20 +1128,23 @@ impl TiersService {
     }
 }
 
-/// Stores `data`, the whole of chunk `chunk` (verified), in `target` as a
-/// blob, checking the digest the target computed.
-async fn store_chunk(target: &dyn BlobService, chunk: &ChunkMeta, data: Bytes) -> Result<()> {
-    let mut writer = target.open_write().await?;
+/// Stores `data`, the whole of chunk `chunk` (verified against its digest by
+/// the tier it came from, and proven by `proof`), in `target` as a blob of
+/// its own: a fill of one chunk, which a chunk store keeps without cutting
+/// or hashing it again ([`BlobService::open_fill`]).
+async fn store_chunk(
+    target: &dyn BlobService,
+    chunk: &ChunkMeta,
+    data: Bytes,
+    proof: &BlobProof,
+) -> Result<()> {
+    let stat = BlobStat {
+        size: chunk.size,
+        chunks: Vec::new(),
+    };
+    let mut writer = target.open_fill(&chunk.digest, &stat).await?;
     writer.write(data).await?;
-    let put = writer.close().await?;
-    if put.digest != chunk.digest {
-        return Err(VerifyError::DigestMismatch {
-            what: "chunk",
-            expected: chunk.digest,
-            actual: put.digest,
-        }
-        .into());
-    }
+    writer.close_verified(proof).await?;
     Ok(())
 }
 
