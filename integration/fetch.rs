@@ -409,10 +409,9 @@ async fn a_cold_small_blob_of_two_chunks_needs_no_read() {
     let (front, sidecar, near) = disk_sidecar_behind(&origin, Inline::Forward).await;
     let got = read_blob(&sidecar.tcp_addr(), &digest).await.unwrap();
     assert!(got == blob, "wrong bytes");
-    // The Stat that locates it brings both chunks; the fill asks for the
-    // outboard with another Stat. No Read.
-    let (_, reads) = front.calls();
-    assert_eq!(reads, 0, "Reads of the peer");
+    // The Stat that locates it brings both chunks; the fill hashes them
+    // whole rather than ask for the outboard. No other call.
+    assert_eq!(front.calls(), (1, 0), "(Stats, Reads) of the peer");
     wait_for_fill(&sidecar).await;
     let stored: Vec<B3Digest> = strata::kinds::disk::stored_chunks(near.path())
         .unwrap()

@@ -88,6 +88,12 @@ use tap::{Tap, TapReader};
 
 /// No chunk is larger than this (FastCDC v2020's maximum).
 const MAX_CHUNK_SIZE: u64 = fastcdc::v2020::MAXIMUM_MAX as u64;
+/// Blobs up to this size are proven by hashing them whole, not against
+/// their source's outboard: asking for it would cost a round trip (a peer
+/// sends a blob this small inline with the Stat that located it), and
+/// releasing its first groups early gains little, as the whole blob is held
+/// until proven anyway ([`HOLD_LIMIT`]). The hash computes its outboard.
+const CHECKED_WHOLE_MAX: u64 = crate::chunkstore::MAX_CHUNK_SIZE as u64;
 /// Default number of chunks fetched concurrently during a fill.
 const DEFAULT_READ_AHEAD: usize = 8;
 /// How long a tier that lied about a blob is passed over for it: long
@@ -562,15 +568,18 @@ impl Inner {
     /// The outboard a fetch of the blob from tier `k` is checked against
     /// ([`BlobCheck`]), so a chunk list that does not make up the blob fails
     /// at its first bad group; without one the blob is hashed whole. A blob
-    /// of one chunk goes without: asking the source for its outboard would
-    /// cost a round trip more than the hashing saves, and no index keeps an
-    /// outboard for it.
+    /// of one chunk, or of no more than a maximum chunk's worth
+    /// ([`CHECKED_WHOLE_MAX`]), goes without: asking the source for its
+    /// outboard would cost a round trip more than the hashing saves.
     async fn fetch_outboard(
         &self,
         digest: &B3Digest,
         k: usize,
         stat: &BlobStat,
     ) -> Result<Option<Outboard>> {
+        if stat.size <= CHECKED_WHOLE_MAX {
+            return Ok(None);
+        }
         if stat.chunks.len() >= 2 || stat.size > MAX_CHUNK_SIZE {
             self.source_outboard(digest, k).await
         } else {
