@@ -221,9 +221,10 @@ impl Watcher {
                             Err(e) => bad.push(format!("index {name}: {e}")),
                             Ok(index) => {
                                 // Every blob here is large enough to have
-                                // one, and nothing is evicted.
+                                // one, inside the index if small, and
+                                // nothing is evicted.
                                 let outboard = dir.join("outboards").join(&name[..2]).join(&name);
-                                if !outboard.exists() {
+                                if index.bao.is_none() && !outboard.exists() {
                                     bad.push(format!("index {name} before its outboard"));
                                 }
                                 let stored: HashMap<_, _> = pack_records(&dir)

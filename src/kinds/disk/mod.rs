@@ -177,33 +177,67 @@ pub struct DiskStore {
 /// chunks, the lists of some 100 GiB of blobs.
 pub const LIST_CACHE_BYTES: u64 = 16 << 20;
 
-/// The decoded index of a blob, without its outboard.
+/// Largest outboard kept inside its blob's index file rather than in a
+/// file of its own: that of a blob of up to 4 MiB at the stored shift. A
+/// small blob thus costs one file (one create, one fsync, one rename), and
+/// a Stat that reads its index reads at most a few pages.
+const INLINE_OUTBOARD_MAX: usize = 16 << 10;
+
+/// The decoded index of a blob, without its outboard unless that is small.
 struct CachedList {
     index: BlobIndex,
     /// The file it was decoded from: a hit is used only while the file
     /// there is still this one, so a file replaced or damaged behind the
     /// store's back is read again.
     file: FileId,
-    /// The index file holds the outboard itself (written by an older
-    /// version).
-    inline_outboard: bool,
+    /// What the index file holds of the outboard.
+    inline: InlineOutboard,
     /// The value of `chunk_losses` read before the latest check that found
     /// every chunk of `index` present; 0 if none did.
     complete_as_of: AtomicU64,
 }
 
+/// The outboard an index file holds.
+enum InlineOutboard {
+    /// None: it is in its own file, if anywhere.
+    None,
+    /// A small one (up to [`INLINE_OUTBOARD_MAX`]), kept with the list:
+    /// (shift, outboard).
+    Kept(u8, Bytes),
+    /// A large one, from an index file written by an older version: read
+    /// from the file again when asked for.
+    Large,
+}
+
 impl CachedList {
-    fn new(index: BlobIndex, file: FileId, inline_outboard: bool) -> Self {
+    /// The cached form of `index`, decoded from `file`.
+    fn new(index: BlobIndex, file: FileId) -> Self {
+        let BlobIndex { size, chunks, bao } = index;
+        let inline = match bao {
+            None => InlineOutboard::None,
+            Some((shift, outboard)) if outboard.len() <= INLINE_OUTBOARD_MAX => {
+                InlineOutboard::Kept(shift, outboard)
+            }
+            Some(_) => InlineOutboard::Large,
+        };
         CachedList {
-            index,
+            index: BlobIndex {
+                size,
+                chunks,
+                bao: None,
+            },
             file,
-            inline_outboard,
+            inline,
             complete_as_of: AtomicU64::new(0),
         }
     }
 
     fn weight(&self) -> u32 {
-        let bytes = self.index.chunks.len() * size_of::<ChunkMeta>() + 64;
+        let kept = match &self.inline {
+            InlineOutboard::Kept(_, outboard) => outboard.len(),
+            _ => 0,
+        };
+        let bytes = self.index.chunks.len() * size_of::<ChunkMeta>() + kept + 64;
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 }
@@ -717,12 +751,7 @@ impl DiskStore {
         };
         match BlobIndex::decode_shared(digest, data) {
             Ok(index) => {
-                let inline_outboard = index.bao.is_some();
-                let list = Arc::new(CachedList::new(
-                    BlobIndex { bao: None, ..index },
-                    file,
-                    inline_outboard,
-                ));
+                let list = Arc::new(CachedList::new(index, file));
                 self.lists.insert(*digest, list.clone());
                 Ok(Some(list))
             }
@@ -887,13 +916,20 @@ impl ChunkStore for DiskStore {
         self.append(None, data).await
     }
 
-    /// The chunk list, then the outboard from its own file, or else from
-    /// inside an index file written by an older version.
+    /// The chunk list, then the outboard: kept with the list when small,
+    /// else from its own file, or else from inside an index file written by
+    /// an older version.
     #[instrument(skip(self), fields(%digest), err)]
     async fn get_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
         let Some(list) = self.chunk_list(digest).await? else {
             return Ok(None);
         };
+        if let InlineOutboard::Kept(shift, outboard) = &list.inline {
+            return Ok(Some(BlobIndex {
+                bao: Some((*shift, outboard.clone())),
+                ..list.index.clone()
+            }));
+        }
         let key = ObjectKey::Outboard(*digest);
         if let Some(data) = self.read(key).await? {
             match decode_outboard(digest, data) {
@@ -909,7 +945,7 @@ impl ChunkStore for DiskStore {
                 }
             }
         }
-        if list.inline_outboard
+        if matches!(list.inline, InlineOutboard::Large)
             && let Some(data) = self.read_file(ObjectKey::Index(*digest)).await?
             && let Ok(index) = BlobIndex::decode_shared(digest, data)
         {
@@ -952,26 +988,26 @@ impl ChunkStore for DiskStore {
         Ok(complete)
     }
 
-    /// The outboard goes to a file of its own, written before the index
-    /// that makes the blob visible; the index file holds the chunk list.
+    /// A large outboard goes to a file of its own, written before the
+    /// index that makes the blob visible; the index file holds the chunk
+    /// list, and a small outboard ([`INLINE_OUTBOARD_MAX`]).
     #[instrument(skip(self, index), fields(%digest), err)]
     async fn put_index(&self, digest: B3Digest, index: BlobIndex) -> Result<()> {
         let BlobIndex { size, chunks, bao } = index;
-        if let Some((shift, outboard)) = bao
-            && !outboard.is_empty()
-        {
-            self.write(
-                ObjectKey::Outboard(digest),
-                encode_outboard(shift, &outboard),
-                true,
-            )
-            .await?;
-        }
-        let index = BlobIndex {
-            size,
-            chunks,
-            bao: None,
+        let bao = match bao {
+            Some((_, outboard)) if outboard.is_empty() => None,
+            Some((shift, outboard)) if outboard.len() > INLINE_OUTBOARD_MAX => {
+                self.write(
+                    ObjectKey::Outboard(digest),
+                    encode_outboard(shift, &outboard),
+                    true,
+                )
+                .await?;
+                None
+            }
+            small => small,
         };
+        let index = BlobIndex { size, chunks, bao };
         // A cached list of the file this replaces is refused by its file
         // id on its next use.
         self.write(ObjectKey::Index(digest), index.encode(), true)

@@ -30,6 +30,9 @@ async fn read_all(svc: &ChunkedBlobService<DiskStore>, digest: &B3Digest) -> Vec
     out
 }
 
+/// A blob whose outboard is too large to be kept in its index file.
+const LARGE: usize = 6 << 20;
+
 fn file(dir: &Path, key: ObjectKey) -> PathBuf {
     dir.join(relative_path(&key))
 }
@@ -54,7 +57,7 @@ fn du(dir: &Path) -> u64 {
 async fn the_outboard_is_stored_apart_from_the_chunk_list() {
     let dir = tempfile::tempdir().unwrap();
     let svc = open(dir.path(), 1 << 30).await;
-    let blob = pseudo_random(3 << 20, 1);
+    let blob = pseudo_random(LARGE, 1);
     let digest = put(&svc, &blob).await;
 
     let stored = std::fs::read(file(dir.path(), ObjectKey::Index(digest))).unwrap();
@@ -71,10 +74,36 @@ async fn the_outboard_is_stored_apart_from_the_chunk_list() {
 }
 
 #[tokio::test]
+async fn a_small_outboard_is_kept_in_the_index_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open(dir.path(), 1 << 30).await;
+    let blob = pseudo_random(1 << 20, 20);
+    let digest = put(&svc, &blob).await;
+    let expected = outboard_of(&blob, STORED_SHIFT).1;
+    assert!(expected.data().len() <= INLINE_OUTBOARD_MAX);
+
+    assert!(!file(dir.path(), ObjectKey::Outboard(digest)).exists());
+    let stored = std::fs::read(file(dir.path(), ObjectKey::Index(digest))).unwrap();
+    let index = BlobIndex::decode(&digest, &stored).unwrap();
+    assert!(index.chunks.len() >= 2);
+    assert_eq!(index.bao, Some((STORED_SHIFT, expected.data().clone())));
+    assert_eq!(svc.outboard(&digest).await.unwrap(), Some(expected.clone()));
+    assert_eq!(svc.store().used_bytes(), du(dir.path()));
+
+    // After a restart it comes with the chunk list the Stat read.
+    assert!(svc.stat(&digest).await.unwrap().is_some());
+    drop(svc);
+    let svc = open(dir.path(), 1 << 30).await;
+    assert!(svc.stat(&digest).await.unwrap().is_some());
+    assert_eq!(svc.outboard(&digest).await.unwrap(), Some(expected));
+    assert!(read_all(&svc, &digest).await == blob);
+}
+
+#[tokio::test]
 async fn stat_and_read_leave_the_outboard_file_unread() {
     let dir = tempfile::tempdir().unwrap();
     let svc = open(dir.path(), 1 << 30).await;
-    let blob = pseudo_random(3 << 20, 2);
+    let blob = pseudo_random(LARGE, 2);
     let digest = put(&svc, &blob).await;
     // A file that cannot be read: a directory in its place.
     let ob = file(dir.path(), ObjectKey::Outboard(digest));
@@ -96,7 +125,7 @@ async fn stat_and_read_leave_the_outboard_file_unread() {
 async fn an_index_without_its_outboard_file_serves_the_blob_without_one() {
     let dir = tempfile::tempdir().unwrap();
     let svc = open(dir.path(), 1 << 30).await;
-    let blob = pseudo_random(3 << 20, 3);
+    let blob = pseudo_random(LARGE, 3);
     let digest = put(&svc, &blob).await;
     std::fs::remove_file(file(dir.path(), ObjectKey::Outboard(digest))).unwrap();
 
@@ -110,7 +139,7 @@ async fn an_index_without_its_outboard_file_serves_the_blob_without_one() {
     assert!(read_all(&svc, &digest).await == blob);
 
     // A damaged one is ignored and removed.
-    let digest = put(&svc, &pseudo_random(3 << 20, 4)).await;
+    let digest = put(&svc, &pseudo_random(LARGE, 4)).await;
     let ob = file(dir.path(), ObjectKey::Outboard(digest));
     std::fs::write(&ob, b"\x07\x04 not an outboard").unwrap();
     assert_eq!(svc.outboard(&digest).await.unwrap(), None);
@@ -121,7 +150,7 @@ async fn an_index_without_its_outboard_file_serves_the_blob_without_one() {
 #[tokio::test]
 async fn an_index_with_the_outboard_inside_still_yields_it() {
     let dir = tempfile::tempdir().unwrap();
-    let blob = pseudo_random(3 << 20, 5);
+    let blob = pseudo_random(LARGE, 5);
     let (digest, outboard) = outboard_of(&blob, STORED_SHIFT);
     let chunks = {
         let svc = open(dir.path(), 1 << 30).await;
@@ -143,7 +172,7 @@ async fn an_index_with_the_outboard_inside_still_yields_it() {
 #[tokio::test]
 async fn the_rebuild_finds_outboard_files_and_drops_half_written_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let blob = pseudo_random(3 << 20, 6);
+    let blob = pseudo_random(LARGE, 6);
     let digest = {
         let svc = open(dir.path(), 1 << 30).await;
         put(&svc, &blob).await
