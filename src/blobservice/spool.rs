@@ -7,8 +7,11 @@ use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 
-use super::{BlobReader, BufferedReader, SpooledReader};
-use crate::error::Result;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+use super::{BlobReader, BufferedReader, Pieces, SpooledReader};
+use crate::error::{Error, Result};
 
 /// Blobs up to this size are spooled in memory; larger ones go to a
 /// temporary file, so memory stays bounded whatever the blob size.
@@ -122,6 +125,20 @@ impl SharedSpool {
     /// Whether the spooled blob is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The blob from the start as a stream of pieces: a blob in memory as
+    /// one piece (which consumers can slice without copying), a file in
+    /// pieces of up to `max` bytes.
+    pub async fn pieces(&self, max: usize) -> Result<BoxStream<'static, Result<Bytes>>> {
+        Ok(match self {
+            SharedSpool::Memory(b) => {
+                futures::stream::once(std::future::ready(Ok(b.clone()))).boxed()
+            }
+            SharedSpool::File { .. } => Pieces::new(self.open().await?, max)
+                .map(|piece| piece.map_err(Error::from_io))
+                .boxed(),
+        })
     }
 
     /// A new reader from the start of the blob.

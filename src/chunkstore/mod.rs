@@ -365,9 +365,9 @@ impl<S: ChunkStore> ChunkedBlobService<S> {
         }
         let pieces = Pieces::new(Box::new(reader), MAX_CHUNK_SIZE as usize)
             .map(|r| r.map_err(Error::from_io));
-        let (spool, outboard) =
+        let (spool, proof) =
             spool_verified_shared(*digest, Some(index.size), None, None, pieces).await?;
-        let index = BlobIndex::new(index.chunks, Some(&outboard));
+        let index = BlobIndex::new(index.chunks, Some(proof.outboard()));
         if let Err(e) = self.store.put_index(*digest, index).await {
             tracing::warn!(%digest, error = %e, "could not store the computed outboard");
         }

@@ -30,6 +30,18 @@ where
     checked_ahead(cut_unchecked(blob, chunks, pieces))
 }
 
+/// The chunks `chunks` of blob `blob` cut from `pieces` without checking
+/// them: for bytes already proven, each chunk against its digest and the
+/// run against the blob (a verified spool of a fill that kept its source's
+/// chunk list), which a writer of listed chunks stores as they are cut.
+/// Lengths are still checked, as [`cut_chunks`] does.
+pub fn cut_proven<S>(blob: B3Digest, chunks: Vec<ChunkMeta>, pieces: S) -> ChunkStream
+where
+    S: Stream<Item = Result<Bytes>> + Send + 'static,
+{
+    Box::pin(cut_unchecked(blob, chunks, pieces).map(|cut| cut.map(|(_, data)| data)))
+}
+
 /// How many cut chunks may be checked at once, ahead of the one yielded.
 const CHECKS_IN_FLIGHT: usize = 4;
 

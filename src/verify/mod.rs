@@ -21,6 +21,8 @@
 //! `memory` tier keeps an immutable copy, made when it was stored) crosses
 //! no trust boundary when it is read back: [`check_kept_chunk`] compares
 //! only its length with the index.
+//! Likewise a verified spool: [`cut_proven`] cuts it back into the chunks
+//! it was proven as, checking lengths only, for a background fill.
 
 pub mod bao;
 mod check;
@@ -30,7 +32,7 @@ mod pipelined;
 
 pub use bao::{Outboard, OutboardHasher, STORED_SHIFT};
 pub use check::{BlobCheck, BlobProof};
-pub use cut::cut_chunks;
+pub use cut::{cut_chunks, cut_proven};
 pub use groups::GroupVerifier;
 pub use pipelined::PipelinedHasher;
 
@@ -178,15 +180,15 @@ where
 }
 
 /// Like [`spool_verified`], but returns the spool itself, which several
-/// readers can open, and the blob's outboard (the one it was checked
-/// against, or the one computed on the way).
+/// readers can open, and the proof of its bytes (with the outboard they
+/// were checked against, or the one computed on the way).
 pub async fn spool_verified_shared<S>(
     expected: B3Digest,
     expected_len: Option<u64>,
     outboard: Option<Outboard>,
     spool_dir: Option<PathBuf>,
     mut pieces: S,
-) -> Result<(SharedSpool, Outboard)>
+) -> Result<(SharedSpool, BlobProof)>
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
@@ -198,7 +200,7 @@ where
         spool.push(piece).await?;
     }
     let proof = check.finish()?;
-    Ok((spool.into_shared().await?, proof.outboard().clone()))
+    Ok((spool.into_shared().await?, proof))
 }
 
 #[cfg(test)]

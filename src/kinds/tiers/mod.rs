@@ -83,7 +83,9 @@ use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError, absent_unless_failed};
 use crate::metrics::{Metrics, TierMetrics};
 use crate::singleflight::SingleFlight;
-use crate::verify::{BlobCheck, BlobProof, Outboard, cut_chunks, spool_verified_shared};
+use crate::verify::{
+    BlobCheck, BlobProof, Outboard, cut_chunks, cut_proven, spool_verified_shared,
+};
 use tap::{Tap, TapReader};
 
 /// No chunk is larger than this (FastCDC v2020's maximum).
@@ -915,8 +917,8 @@ impl Inner {
         let outboard = self.fetch_outboard(&digest, k, &stat).await?;
         let pieces = self.unchecked_pieces(digest, k, &stat).await?;
         let spooled = spool_verified_shared(digest, Some(stat.size), outboard, None, pieces).await;
-        let spool = match spooled {
-            Ok((spool, _)) => spool,
+        let (spool, proof) = match spooled {
+            Ok(spooled) => spooled,
             Err(e) => {
                 self.members[k].record_failure("fetch", &digest, &e);
                 return Err(e);
@@ -930,7 +932,9 @@ impl Inner {
                 .collect();
             filler.enqueue(FillJob {
                 digest,
+                stat,
                 spool: spool.clone(),
+                proof,
                 targets,
             });
         }
@@ -1192,7 +1196,12 @@ impl BlobWriter for TeeWriter {
 /// A queued background fill.
 struct FillJob {
     digest: B3Digest,
+    /// The Stat of the tier the blob came from.
+    stat: BlobStat,
+    /// The blob, verified.
     spool: SharedSpool,
+    /// What verified it.
+    proof: BlobProof,
     targets: Vec<Member>,
 }
 
@@ -1241,7 +1250,7 @@ impl AsyncFiller {
                 let copied = tokio::select! {
                     biased;
                     () = stop.cancelled() => None,
-                    copied = copy_into(&job.spool, m.svc.as_ref()) => Some(copied),
+                    copied = copy_into(&job, m.svc.as_ref()) => Some(copied),
                 };
                 match copied {
                     Some(Ok(put)) if put.digest == job.digest => {
@@ -1310,20 +1319,41 @@ impl AsyncFiller {
     }
 }
 
-/// Writes a spooled blob into `target`.
-async fn copy_into(spool: &SharedSpool, target: &dyn BlobService) -> Result<PutResult> {
-    let reader = spool.open().await?;
-    let mut writer = target.open_write().await?;
-    let mut pieces = Pieces::new(reader, PIECE);
+/// Writes the spooled blob of `job` into `target`. As in
+/// [`Inner::fill_sync`], a blob fetched as listed chunks (or whole, as one)
+/// is handed over in those chunks, cut from the spool, for the target to
+/// store as they are ([`BlobService::open_fill`]); any other is chunked and
+/// hashed by the target. Either way the target publishes it only with the
+/// spool's proof.
+async fn copy_into(job: &FillJob, target: &dyn BlobService) -> Result<PutResult> {
+    let pieces = job.spool.pieces(PIECE).await?;
+    let (mut writer, mut pieces) = if fills_as_fetched(&job.stat) {
+        let chunks = if job.stat.chunks.len() >= 2 {
+            job.stat.chunks.clone()
+        } else {
+            vec![ChunkMeta {
+                digest: job.digest,
+                size: job.stat.size,
+            }]
+        };
+        (
+            target.open_fill(&job.digest, &job.stat).await?,
+            cut_proven(job.digest, chunks, pieces),
+        )
+    } else {
+        (target.open_write().await?, pieces)
+    };
     while let Some(piece) = pieces.next().await {
         writer.write(piece?).await?;
     }
-    writer.close().await
+    writer.close_verified(&job.proof).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunkstore::ChunkedBlobService;
+    use crate::kinds::memory::MemoryStore;
 
     fn stat_of(sizes: &[u64]) -> BlobStat {
         let chunks: Vec<ChunkMeta> = sizes
@@ -1338,6 +1368,112 @@ mod tests {
             size: sizes.iter().sum(),
             chunks,
         }
+    }
+
+    /// A `memory` service holding `blob` as `chunks` of `size` bytes each
+    /// (the last shorter): a listing its own chunking would not produce.
+    async fn listed_as(
+        blob: &[u8],
+        size: usize,
+    ) -> (Arc<ChunkedBlobService<MemoryStore>>, B3Digest) {
+        let svc = Arc::new(ChunkedBlobService::new(MemoryStore::new(64 << 20)));
+        let digest = B3Digest::of(blob);
+        let chunks: Vec<ChunkMeta> = blob
+            .chunks(size)
+            .map(|c| ChunkMeta {
+                digest: B3Digest::of(c),
+                size: c.len() as u64,
+            })
+            .collect();
+        let stat = BlobStat {
+            size: blob.len() as u64,
+            chunks,
+        };
+        let mut check = BlobCheck::new(digest, Some(stat.size), None);
+        let mut w = svc.open_fill(&digest, &stat).await.unwrap();
+        for c in blob.chunks(size) {
+            let c = Bytes::copy_from_slice(c);
+            check.push(c.clone()).unwrap();
+            w.write(c).await.unwrap();
+        }
+        w.close_verified(&check.finish().unwrap()).await.unwrap();
+        (svc, digest)
+    }
+
+    async fn read_all(svc: &dyn BlobService, digest: &B3Digest) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut r = svc.open_read(digest).await.unwrap().unwrap();
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).await.unwrap();
+        back
+    }
+
+    /// Reads `blob` through `tiers` of an empty `memory` tier before `far`,
+    /// with `fill = "async"`, and returns that tier once the fill is drained.
+    async fn read_through_async_fill(
+        far: Arc<ChunkedBlobService<MemoryStore>>,
+        digest: &B3Digest,
+        blob: &[u8],
+    ) -> Arc<ChunkedBlobService<MemoryStore>> {
+        let near = Arc::new(ChunkedBlobService::new(MemoryStore::new(64 << 20)));
+        let metrics = Metrics::new();
+        let members = vec![
+            Member::new(
+                "near".into(),
+                near.clone(),
+                true,
+                Some(64 << 20),
+                metrics.tier("near"),
+            ),
+            Member::new("far".into(), far, false, None, metrics.tier("far")),
+        ];
+        let write_to = vec![members[0].clone()];
+        let tiers = TiersService::new(members, write_to, Fill::Async, 4, 8, metrics);
+        assert!(read_all(&tiers, digest).await == blob);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        tiers.shutdown(deadline).await.unwrap();
+        near
+    }
+
+    #[tokio::test]
+    async fn an_async_fill_stores_the_chunks_its_source_listed() {
+        // Spooled in memory, and in a file (pieces that straddle chunks).
+        for (len, seed) in [(1_300_000, 1), (6 << 20, 2)] {
+            let blob = crate::testkit::pseudo_random(len, seed);
+            let (far, digest) = listed_as(&blob, 100 * 1024).await;
+            let near = read_through_async_fill(far.clone(), &digest, &blob).await;
+
+            let listed = far.stat(&digest).await.unwrap().unwrap();
+            assert_eq!(
+                near.stat(&digest).await.unwrap(),
+                Some(listed),
+                "{len} bytes"
+            );
+            assert_eq!(
+                near.outboard(&digest).await.unwrap(),
+                far.outboard(&digest).await.unwrap()
+            );
+            assert!(read_all(&*near, &digest).await == blob);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_async_fill_of_one_chunk_stores_that_chunk() {
+        let blob = crate::testkit::pseudo_random(300_000, 3);
+        let far = Arc::new(ChunkedBlobService::new(MemoryStore::new(64 << 20)));
+        let mut w = far.open_write().await.unwrap();
+        w.write(Bytes::from(blob.clone())).await.unwrap();
+        let digest = w.close().await.unwrap().digest;
+        let near = read_through_async_fill(far, &digest, &blob).await;
+        let chunk = ChunkMeta {
+            digest,
+            size: blob.len() as u64,
+        };
+        assert_eq!(
+            near.read_chunk(&chunk).await.unwrap().as_deref(),
+            Some(&blob[..])
+        );
+        assert!(read_all(&*near, &digest).await == blob);
     }
 
     #[test]
