@@ -131,6 +131,15 @@ fn fetched_whole(stat: &BlobStat) -> bool {
     stat.chunks.len() < 2 && stat.size <= MAX_CHUNK_SIZE
 }
 
+/// Blob `digest` of `stat` as the one chunk a fill fetches it as when
+/// [`fetched_whole`].
+fn whole_chunk(digest: B3Digest, stat: &BlobStat) -> ChunkMeta {
+    ChunkMeta {
+        digest,
+        size: stat.size,
+    }
+}
+
 /// Whether a fill may store the blob as `stat` lists it: two or more
 /// chunks, none too large (those fail their fetch anyway) and none but the
 /// last too small.
@@ -632,10 +641,7 @@ impl Inner {
             // One chunk's worth with its length known: a single verified
             // read (for a peer, no Stat before it).
             let this = self.clone();
-            let whole = ChunkMeta {
-                digest,
-                size: stat.size,
-            };
+            let whole = whole_chunk(digest, stat);
             return Ok(
                 stream::once(async move { this.fetch_chunk(&digest, whole, k).await }).boxed(),
             );
@@ -931,7 +937,6 @@ impl Inner {
                 .cloned()
                 .collect();
             filler.enqueue(FillJob {
-                digest,
                 stat,
                 spool: spool.clone(),
                 proof,
@@ -1195,12 +1200,11 @@ impl BlobWriter for TeeWriter {
 
 /// A queued background fill.
 struct FillJob {
-    digest: B3Digest,
     /// The Stat of the tier the blob came from.
     stat: BlobStat,
     /// The blob, verified.
     spool: SharedSpool,
-    /// What verified it.
+    /// What verified it, and as which blob.
     proof: BlobProof,
     targets: Vec<Member>,
 }
@@ -1252,15 +1256,13 @@ impl AsyncFiller {
                     () = stop.cancelled() => None,
                     copied = copy_into(&job, m.svc.as_ref()) => Some(copied),
                 };
+                // The target publishes the blob only under the proof's
+                // digest: any other outcome is an error.
                 match copied {
-                    Some(Ok(put)) if put.digest == job.digest => {
+                    Some(Ok(_)) => {
                         m.metrics.fills.inc();
                     }
-                    Some(Ok(put)) => {
-                        warn!(tier = %m.name, expected = %job.digest, got = %put.digest,
-                        "async fill produced another digest")
-                    }
-                    Some(Err(e)) => m.record_failure("async fill", &job.digest, &e),
+                    Some(Err(e)) => m.record_failure("async fill", job.proof.digest(), &e),
                     None => {
                         abandoned += Self::abandon(&job.targets[i..]);
                         break;
@@ -1295,7 +1297,7 @@ impl AsyncFiller {
                 }
             };
             Self::abandon(&job.targets);
-            warn!(digest = %job.digest, "async fill queue full; fill dropped");
+            warn!(digest = %job.proof.digest(), "async fill queue full; fill dropped");
         }
     }
 
@@ -1326,19 +1328,17 @@ impl AsyncFiller {
 /// hashed by the target. Either way the target publishes it only with the
 /// spool's proof.
 async fn copy_into(job: &FillJob, target: &dyn BlobService) -> Result<PutResult> {
+    let digest = *job.proof.digest();
     let pieces = job.spool.pieces(PIECE).await?;
     let (mut writer, mut pieces) = if fills_as_fetched(&job.stat) {
         let chunks = if job.stat.chunks.len() >= 2 {
             job.stat.chunks.clone()
         } else {
-            vec![ChunkMeta {
-                digest: job.digest,
-                size: job.stat.size,
-            }]
+            vec![whole_chunk(digest, &job.stat)]
         };
         (
-            target.open_fill(&job.digest, &job.stat).await?,
-            cut_proven(job.digest, chunks, pieces),
+            target.open_fill(&digest, &job.stat).await?,
+            cut_proven(digest, chunks, pieces),
         )
     } else {
         (target.open_write().await?, pieces)
