@@ -101,17 +101,20 @@ async fn index_is_rebuilt_on_open() {
     // at the end of a pack.
     let torn = dir.path().join("blobs/ab/.tmp-4242-7");
     std::fs::write(&torn, b"half an index").unwrap();
+    // (The open pack's file runs on past its last record, with zeros to the
+    // next 4 KiB: the record goes where the next append would have.)
     let last = stored_chunks(dir.path()).unwrap().pop().unwrap();
-    let pack_len = std::fs::metadata(&last.file).unwrap().len();
+    let pack_len = last.offset + last.data.len() as u64;
     {
-        use std::io::Write;
-        let mut pack = std::fs::OpenOptions::new()
-            .append(true)
+        use std::os::unix::fs::FileExt;
+        let pack = std::fs::OpenOptions::new()
+            .write(true)
             .open(&last.file)
             .unwrap();
         let cut_short = strata::kinds::disk::pack::record_header(&B3Digest::of(b"x"), 1 << 17);
-        pack.write_all(&cut_short).unwrap();
-        pack.write_all(&[7; 1000]).unwrap();
+        pack.write_all_at(&cut_short, pack_len).unwrap();
+        pack.write_all_at(&[7; 5000], pack_len + cut_short.len() as u64)
+            .unwrap();
     }
     let svc = ChunkedBlobService::new(DiskStore::open(dir.path().into(), 1 << 30).await.unwrap());
     assert!(!torn.exists(), "leftover temporary file kept");

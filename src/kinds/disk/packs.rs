@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -19,6 +18,7 @@ use bytes::Bytes;
 
 use crate::digest::B3Digest;
 
+use super::direct::{self, BufPool, Tail};
 use super::pack::{self, MAGIC, MAGIC_LEN, RECORD_HEADER_LEN};
 
 /// Where a chunk is.
@@ -73,9 +73,18 @@ pub(super) struct Packs {
     /// until then.
     readers: moka::sync::Cache<u64, Arc<File>>,
     /// Whether the file system reads without waiting (`RWF_NOWAIT`); false
-    /// once it said it cannot.
+    /// once it said it cannot, and with direct I/O (nothing is cached).
     nowait: AtomicBool,
+    /// Whether packs are written and read with direct I/O (see
+    /// [`direct`]).
+    direct: bool,
+    /// Buffers for direct reads.
+    buffers: Arc<BufPool>,
 }
+
+/// Direct-read buffers kept for reuse: enough for the read-ahead of two
+/// readers (about 17 MiB).
+const BUFFERS: usize = 32;
 
 /// Most read handles kept open.
 const READERS: u64 = 64;
@@ -96,6 +105,8 @@ struct Writer {
 struct OpenPack {
     id: u64,
     file: File,
+    /// Its last bytes: every write to the pack goes through it.
+    tail: Tail,
     len: u64,
     /// Every record appended, for its table of contents; `None` once
     /// there are more than a table lists.
@@ -106,10 +117,25 @@ impl OpenPack {
     /// Ends the pack with its table of contents (if it can have one) and
     /// seals it.
     fn seal(self) -> Sealed {
-        let toc = match &self.records {
-            Some(records) => pack::append_toc(&self.file, records, self.len),
+        let table = self
+            .records
+            .as_ref()
+            .map(|records| pack::toc(records, self.len));
+        let toc = match table {
+            Some(table) => match self.tail.finish(&self.file, &table) {
+                Ok(()) => table.len() as u64,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no table of contents for a pack");
+                    0
+                }
+            },
             None => 0,
         };
+        if toc == 0 {
+            // Without the padding after the last record (a scan would stop
+            // at it anyway).
+            let _ = self.file.set_len(self.len);
+        }
         Sealed {
             id: self.id,
             len: self.len + toc,
@@ -122,7 +148,11 @@ impl Packs {
     /// contents, or else by scanning it: then it is cut back to its last
     /// whole record and given a table. One without any record is deleted.
     /// Appends go to a new pack, never to one found here.
-    pub fn open(dir: PathBuf, target: u64) -> std::io::Result<(Packs, Vec<FoundPack>)> {
+    pub fn open(
+        dir: PathBuf,
+        target: u64,
+        direct: bool,
+    ) -> std::io::Result<(Packs, Vec<FoundPack>)> {
         std::fs::create_dir_all(&dir)?;
         let mut ids = Vec::new();
         for entry in std::fs::read_dir(&dir)? {
@@ -185,7 +215,9 @@ impl Packs {
                 open: None,
             }),
             readers: moka::sync::Cache::new(READERS),
-            nowait: AtomicBool::new(true),
+            nowait: AtomicBool::new(!direct),
+            direct,
+            buffers: BufPool::new(BUFFERS),
         };
         Ok((packs, found))
     }
@@ -213,6 +245,12 @@ impl Packs {
         }
     }
 
+    /// Whether packs are read with direct I/O: each read waits for the
+    /// disk.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
     /// Whether [`Packs::read_cached`] can find chunks (false once the file
     /// system said it cannot read without waiting).
     pub fn reads_without_waiting(&self) -> bool {
@@ -228,7 +266,10 @@ impl Packs {
                 // One open per pack, however many reads miss at once.
                 let file = self
                     .readers
-                    .try_get_with(at.pack, || File::open(self.path(at.pack)).map(Arc::new))
+                    .try_get_with(at.pack, || {
+                        direct::open(&self.path(at.pack), direct::Open::Read, self.direct)
+                            .map(|(file, _)| Arc::new(file))
+                    })
                     .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
                 // Forgotten meanwhile (evicted, say): keep no handle that
                 // would hold its deleted file's space.
@@ -238,7 +279,11 @@ impl Packs {
                 file
             }
         };
-        pack::read_at(&file, at.offset, at.len)
+        if self.direct {
+            direct::read_at(&file, at.offset, at.len, &self.buffers)
+        } else {
+            pack::read_at(&file, at.offset, at.len)
+        }
     }
 
     /// Whether a read handle of pack `id` is open.
@@ -316,8 +361,9 @@ impl Packs {
         let open = match &mut writer.open {
             Some(open) => open,
             None => {
-                let (id, path, mut file) = self.create(writer)?;
-                if let Err(e) = file.write_all(&MAGIC) {
+                let (id, path, file) = self.create(writer)?;
+                let mut tail = Tail::new();
+                if let Err(e) = tail.append(&file, &[&MAGIC]) {
                     drop(file);
                     let _ = std::fs::remove_file(&path);
                     return Err(e);
@@ -326,24 +372,19 @@ impl Packs {
                 writer.open.insert(OpenPack {
                     id,
                     file,
+                    tail,
                     len: MAGIC_LEN,
                     records: Some(Vec::new()),
                 })
             }
         };
         let start = open.len;
-        let written = open
-            .file
-            .write_all(&pack::record_header(&digest, len))
-            .and_then(|()| open.file.write_all(data));
-        if let Err(e) = written {
+        let header = pack::record_header(&digest, len);
+        if let Err(e) = open.tail.append(&open.file, &[&header, data]) {
             // Cut the partial record off and append on at its start. If
             // that fails too the pack's end is unknown: seal it as it was
             // accounted (scan cuts it back at the next start-up).
-            let rewound = open
-                .file
-                .set_len(start)
-                .and_then(|()| open.file.seek(SeekFrom::Start(start)).map(drop));
+            let rewound = open.tail.rewind(&open.file, start);
             if rewound.is_err()
                 && let Some(open) = writer.open.take()
             {
@@ -385,13 +426,8 @@ impl Packs {
             let id = writer.next_id;
             writer.next_id += 1;
             let path = self.path(id);
-            match OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(file) => return Ok((id, path, file)),
+            match direct::open(&path, direct::Open::CreateNew, self.direct) {
+                Ok((file, _)) => return Ok((id, path, file)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 64 => {
                     tries += 1;
                 }

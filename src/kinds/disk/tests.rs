@@ -15,6 +15,13 @@ async fn open(dir: &Path, max_size: u64) -> ChunkedBlobService<DiskStore> {
     ChunkedBlobService::new(DiskStore::open(dir.into(), max_size).await.unwrap())
 }
 
+/// A store with direct I/O for packs only if `direct_io`.
+async fn open_with(dir: &Path, max_size: u64, direct_io: bool) -> ChunkedBlobService<DiskStore> {
+    let metrics = TierMetrics::detached("disk");
+    let store = DiskStore::open_with_metrics(dir.into(), max_size, direct_io, metrics);
+    ChunkedBlobService::new(store.await.unwrap())
+}
+
 async fn put(svc: &ChunkedBlobService<DiskStore>, data: &[u8]) -> B3Digest {
     let mut w = svc.open_write().await.unwrap();
     for piece in data.chunks(1 << 20) {
@@ -53,6 +60,26 @@ fn du(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Bytes of the files under `dir`, the store's directory, as the store
+/// accounts them: the open pack up to its last record, without the zeros
+/// that pad its file to the next block.
+fn stored_bytes(store: &DiskStore, dir: &Path) -> u64 {
+    let padding = match store.packs.open_pack() {
+        Some((id, len)) => {
+            let on_disk = std::fs::metadata(store.packs.path(id)).unwrap().len();
+            assert_eq!(on_disk, padded(len), "pack {id}");
+            on_disk - len
+        }
+        None => 0,
+    };
+    du(dir) - padding
+}
+
+/// The length of the open pack's file when the pack is `len` bytes long.
+fn padded(len: u64) -> u64 {
+    len.next_multiple_of(direct::ALIGN as u64)
+}
+
 #[tokio::test]
 async fn the_outboard_is_stored_apart_from_the_chunk_list() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,7 +97,10 @@ async fn the_outboard_is_stored_apart_from_the_chunk_list() {
     assert_eq!(ob[..2], [OUTBOARD_FORMAT, STORED_SHIFT]);
     assert_eq!(ob[2..], expected.data()[..]);
     assert_eq!(svc.outboard(&digest).await.unwrap(), Some(expected));
-    assert_eq!(svc.store().used_bytes(), du(dir.path()));
+    assert_eq!(
+        svc.store().used_bytes(),
+        stored_bytes(svc.store(), dir.path())
+    );
 }
 
 #[tokio::test]
@@ -88,7 +118,10 @@ async fn a_small_outboard_is_kept_in_the_index_file() {
     assert!(index.chunks.len() >= 2);
     assert_eq!(index.bao, Some((STORED_SHIFT, expected.data().clone())));
     assert_eq!(svc.outboard(&digest).await.unwrap(), Some(expected.clone()));
-    assert_eq!(svc.store().used_bytes(), du(dir.path()));
+    assert_eq!(
+        svc.store().used_bytes(),
+        stored_bytes(svc.store(), dir.path())
+    );
 
     // After a restart it comes with the chunk list the Stat read.
     assert!(svc.stat(&digest).await.unwrap().is_some());
@@ -191,7 +224,10 @@ async fn the_rebuild_finds_outboard_files_and_drops_half_written_ones() {
 
     let svc = open(dir.path(), 1 << 30).await;
     assert!(!torn.exists(), "leftover temporary file kept");
-    assert_eq!(svc.store().used_bytes(), du(dir.path()));
+    assert_eq!(
+        svc.store().used_bytes(),
+        stored_bytes(svc.store(), dir.path())
+    );
     assert!(
         svc.store()
             .index
@@ -315,8 +351,12 @@ async fn chunks_go_to_packs_sealed_at_their_target() {
         let len = std::fs::metadata(path).unwrap().len();
         let id = pack::parse_name(path.file_name().unwrap().to_str().unwrap()).unwrap();
         if id == open_id {
-            assert_eq!(len, open_len);
-            assert!(len <= target, "{} holds {len} bytes", path.display());
+            assert_eq!(len, padded(open_len));
+            assert!(
+                open_len <= target,
+                "{} holds {open_len} bytes",
+                path.display()
+            );
         } else {
             // Records up to the target, then the table of contents.
             let records_end = toc_offset(path).expect("a sealed pack has a table of contents");
@@ -333,7 +373,10 @@ async fn chunks_go_to_packs_sealed_at_their_target() {
         assert_eq!(B3Digest::of(&c.data), c.digest);
         assert!(svc.store().holds(&c.digest));
     }
-    assert_eq!(svc.store().used_bytes(), du(dir.path()));
+    assert_eq!(
+        svc.store().used_bytes(),
+        stored_bytes(svc.store(), dir.path())
+    );
 
     // The same after a restart, which gives the pack that was open its
     // table of contents, and appends to a new pack.
@@ -349,7 +392,10 @@ async fn chunks_go_to_packs_sealed_at_their_target() {
     put(&svc, &pseudo_random(1 << 20, 43)).await;
     let (new_id, _) = svc.store().packs.open_pack().unwrap();
     assert!(new_id > open_id);
-    assert_eq!(svc.store().used_bytes(), du(dir.path()));
+    assert_eq!(
+        svc.store().used_bytes(),
+        stored_bytes(svc.store(), dir.path())
+    );
 }
 
 #[tokio::test]
@@ -413,7 +459,7 @@ async fn a_chunk_is_stored_once_however_often_it_is_put() {
         let got = store.get_chunk(&B3Digest::of(c)).await.unwrap();
         assert_eq!(got.as_ref(), Some(c));
     }
-    assert_eq!(store.used_bytes(), du(dir.path()));
+    assert_eq!(store.used_bytes(), stored_bytes(store, dir.path()));
 }
 
 /// Descriptors this process holds open on deleted files under `dir`.
@@ -428,9 +474,15 @@ fn open_deleted_files(dir: &Path) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn a_chunk_damaged_in_a_cached_pack_is_caught_and_forgotten() {
+async fn a_chunk_damaged_in_a_pack_is_caught_and_forgotten() {
+    for direct_io in [true, false] {
+        a_chunk_damaged_in_a_pack_is_caught(direct_io).await;
+    }
+}
+
+async fn a_chunk_damaged_in_a_pack_is_caught(direct_io: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let svc = open(dir.path(), 1 << 30).await;
+    let svc = open_with(dir.path(), 1 << 30, direct_io).await;
     let blob = pseudo_random(3 << 20, 65);
     let digest = put(&svc, &blob).await;
     // The first read opens the pack's read handle.
@@ -438,11 +490,14 @@ async fn a_chunk_damaged_in_a_cached_pack_is_caught_and_forgotten() {
     let chunks = svc.stat(&digest).await.unwrap().unwrap().chunks;
     let (good, victim) = (chunks[0], chunks[1]);
     let at = svc.store().packs.locate(&victim.digest).unwrap();
-    // So the next reads take the path that reads without waiting, from
-    // the page cache, and hashes on the async task (where the file system
-    // has it: not tmpfs).
+    // Without direct I/O, the next reads take the path that reads without
+    // waiting, from the page cache, and hashes on the async task (where
+    // the file system has it: not tmpfs). With it, nothing is cached.
     let fast = svc.store().packs.read_cached(&at).is_some();
     assert_eq!(fast, svc.store().packs.reads_without_waiting());
+    if direct_io {
+        assert!(!fast);
+    }
 
     // One bit flipped in place, through the page cache.
     let file = std::fs::OpenOptions::new()
@@ -464,6 +519,63 @@ async fn a_chunk_damaged_in_a_cached_pack_is_caught_and_forgotten() {
     );
     let read = svc.read_chunk(&good).await.unwrap().unwrap();
     assert!(read[..] == blob[..good.size as usize]);
+}
+
+#[tokio::test]
+async fn without_direct_io_packs_are_the_same_and_read_through_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open_with(dir.path(), 64 << 20, false).await;
+    let blob = pseudo_random(5 << 20, 66);
+    let digest = put(&svc, &blob).await;
+    assert!(read_all(&svc, &digest).await == blob);
+    let (id, len) = svc.store().packs.open_pack().unwrap();
+    let path = svc.store().packs.path(id);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), padded(len));
+    assert_eq!(
+        svc.store().used_bytes(),
+        stored_bytes(svc.store(), dir.path())
+    );
+    // Fresh writes through the page cache are found there (where the
+    // file system reads without waiting).
+    let chunk = svc.stat(&digest).await.unwrap().unwrap().chunks[0];
+    let at = svc.store().packs.locate(&chunk.digest).unwrap();
+    assert_eq!(
+        svc.store().packs.read_cached(&at).is_some(),
+        svc.store().packs.reads_without_waiting()
+    );
+
+    // The same directory serves a store with direct I/O, and back.
+    drop(svc);
+    let svc = open_with(dir.path(), 64 << 20, true).await;
+    assert!(read_all(&svc, &digest).await == blob);
+    drop(svc);
+    let svc = open_with(dir.path(), 64 << 20, false).await;
+    assert!(read_all(&svc, &digest).await == blob);
+}
+
+#[tokio::test]
+async fn an_open_pack_left_padded_by_a_crash_is_cut_back_to_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open(dir.path(), 64 << 20).await;
+    let blob = pseudo_random(3 << 20, 67);
+    let digest = put(&svc, &blob).await;
+    let (id, len) = svc.store().packs.open_pack().unwrap();
+    let path = svc.store().packs.path(id);
+    // What a kill -9 leaves: the open pack's file without a table of
+    // contents, its last block padded with zeros.
+    let crashed = std::fs::read(&path).unwrap();
+    drop(svc);
+    std::fs::write(&path, &crashed).unwrap();
+    assert_eq!(crashed.len() as u64, padded(len));
+    assert!(toc_offset(&path).is_none());
+
+    let svc = open(dir.path(), 64 << 20).await;
+    assert_eq!(toc_offset(&path), Some(len), "cut back to its last record");
+    assert!(read_all(&svc, &digest).await == blob);
+    assert_eq!(
+        svc.store().used_bytes(),
+        stored_bytes(svc.store(), dir.path())
+    );
 }
 
 #[tokio::test]
@@ -526,7 +638,10 @@ async fn an_evicted_pack_takes_its_chunks_and_their_blobs_with_it() {
         .contains_each(stored.iter().map(|c| &c.digest));
     assert!(known.iter().all(|&k| k));
     assert!(svc.store().used_bytes() <= max);
-    assert_eq!(svc.store().used_bytes(), du(dir.path()));
+    assert_eq!(
+        svc.store().used_bytes(),
+        stored_bytes(svc.store(), dir.path())
+    );
 }
 
 #[tokio::test]
@@ -589,7 +704,10 @@ async fn chunk_files_of_older_versions_are_read_and_evicted() {
     let first = file(dir.path(), ObjectKey::Chunk(chunks[0].digest));
     assert!(!first.exists(), "an old chunk file outlived the bound");
     assert!(!svc.store().holds(&chunks[0].digest));
-    assert_eq!(svc.store().used_bytes(), du(dir.path()));
+    assert_eq!(
+        svc.store().used_bytes(),
+        stored_bytes(svc.store(), dir.path())
+    );
 }
 
 #[tokio::test]
