@@ -67,6 +67,23 @@ fn bad_size() {
 }
 
 #[test]
+fn direct_io_takes_a_boolean() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"disk\"\npath = \"/tmp/x\"\ndirect_io = \"yes\"\n",
+        4,
+        &["tier `root`", "invalid type", "expected a boolean"],
+    );
+    let (ok, stdout, stderr, _) =
+        check("[blobservices.root]\ntype = \"disk\"\npath = \"/tmp/x\"\ndirect_io = false\n");
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("direct_io = false"), "{stdout}");
+    let (ok, stdout, stderr, _) =
+        check("[blobservices.root]\ntype = \"disk\"\npath = \"/tmp/x\"\n");
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("direct_io = true"), "the default: {stdout}");
+}
+
+#[test]
 fn bad_peer_url() {
     assert_rejected(
         "[blobservices.root]\ntype = \"grpc\"\n\nurl = \"http://nope:1\"\n",
