@@ -13,9 +13,12 @@
 //! gigabytes of cold blobs would push everything else out of it.
 //!
 //! Direct transfers must start, end and sit in memory on block
-//! boundaries. Appends therefore go through a [`Tail`]: the bytes since the
-//! pack's last [`ALIGN`] boundary stay in an aligned buffer and are written
-//! again, padded with zeros up to the next boundary, with each append. Every
+//! boundaries. Appends therefore go through a [`Tail`]: each appended byte
+//! is copied once into an aligned buffer (a chunk's bytes arrive wherever
+//! the network put them; the copy costs a fraction of a fresh page), and
+//! the bytes since the pack's last [`ALIGN`] boundary stay there and are
+//! written again, padded with zeros up to the next boundary, with the next
+//! append. Every
 //! append is on disk (and readable) when it returns, so readers never look
 //! at unwritten bytes; the padding is cut off when the pack is sealed, and
 //! a scan after a crash stops at it (a record of length 0 cannot be one).
@@ -54,8 +57,8 @@ pub enum Open {
 }
 
 /// Opens `path` for direct I/O if `direct` and the file system allows it,
-/// else buffered. Returns whether the file is direct.
-pub fn open(path: &Path, how: Open, direct: bool) -> std::io::Result<(File, bool)> {
+/// else buffered (the same aligned transfers work either way).
+pub fn open(path: &Path, how: Open, direct: bool) -> std::io::Result<File> {
     let options = |flags| {
         let mut options = OpenOptions::new();
         options.read(true).custom_flags(flags);
@@ -66,7 +69,7 @@ pub fn open(path: &Path, how: Open, direct: bool) -> std::io::Result<(File, bool
     };
     if direct {
         match options(libc::O_DIRECT).open(path) {
-            Ok(file) => return Ok((file, true)),
+            Ok(file) => return Ok(file),
             // The file system has no direct I/O (EINVAL is what Linux
             // answers): buffered, with the same aligned transfers.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -75,12 +78,14 @@ pub fn open(path: &Path, how: Open, direct: bool) -> std::io::Result<(File, bool
             Err(e) => return Err(e),
         }
     }
-    Ok((options(0).open(path)?, false))
+    options(0).open(path)
 }
 
 /// A heap buffer on an [`ALIGN`] boundary, of which the first `len` bytes
 /// are initialised. `Vec` cannot be asked for an alignment, so this holds
-/// its own allocation.
+/// its own allocation; written here rather than taken from an aligned-vector
+/// crate because it also tracks the initialised prefix a read fills (so
+/// pooled buffers are never zeroed again) and goes back to a [`BufPool`].
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     cap: usize,
@@ -373,14 +378,14 @@ mod tests {
             .collect()
     }
 
-    fn new_pack(dir: &Path) -> (File, bool) {
+    fn new_pack(dir: &Path) -> File {
         open(&dir.join("p"), Open::CreateNew, true).unwrap()
     }
 
     #[test]
     fn appends_of_any_length_read_back_and_the_file_ends_on_a_block() {
         let dir = tempfile::tempdir().unwrap();
-        let (file, _) = new_pack(dir.path());
+        let file = new_pack(dir.path());
         let pool = BufPool::new(4);
         let mut tail = Tail::new();
         let mut want = Vec::new();
@@ -397,14 +402,14 @@ mod tests {
             assert_eq!(tail.end(), want.len() as u64);
             let on_disk = file.metadata().unwrap().len();
             assert_eq!(on_disk, (want.len() as u64).next_multiple_of(ALIGN as u64));
-            let (reader, _) = open(&dir.path().join("p"), Open::Read, true).unwrap();
+            let reader = open(&dir.path().join("p"), Open::Read, true).unwrap();
             let start = (want.len() - len) as u64;
             assert_eq!(
                 read_at(&reader, start, len as u32, &pool).unwrap(),
                 &part[..]
             );
         }
-        let (reader, _) = open(&dir.path().join("p"), Open::Read, true).unwrap();
+        let reader = open(&dir.path().join("p"), Open::Read, true).unwrap();
         assert_eq!(
             read_at(&reader, 0, want.len() as u32, &pool).unwrap(),
             &want[..]
@@ -419,7 +424,7 @@ mod tests {
     #[test]
     fn finish_cuts_the_padding_off() {
         let dir = tempfile::tempdir().unwrap();
-        let (file, _) = new_pack(dir.path());
+        let file = new_pack(dir.path());
         let mut tail = Tail::new();
         tail.append(&file, &[b"strpack\x01"]).unwrap();
         tail.finish(&file, b"the end").unwrap();
@@ -432,7 +437,7 @@ mod tests {
     #[test]
     fn a_rewind_appends_on_from_where_it_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let (file, _) = new_pack(dir.path());
+        let file = new_pack(dir.path());
         let mut tail = Tail::new();
         let first = bytes(5000, 1);
         tail.append(&file, &[&first]).unwrap();
@@ -449,11 +454,11 @@ mod tests {
     #[test]
     fn a_read_past_the_end_is_cut_short() {
         let dir = tempfile::tempdir().unwrap();
-        let (file, _) = new_pack(dir.path());
+        let file = new_pack(dir.path());
         let tail = Tail::new();
         tail.finish(&file, &bytes(6000, 3)).unwrap();
         let pool = BufPool::new(4);
-        let (reader, _) = open(&dir.path().join("p"), Open::Read, true).unwrap();
+        let reader = open(&dir.path().join("p"), Open::Read, true).unwrap();
         assert_eq!(
             read_at(&reader, 5000, 1000, &pool).unwrap(),
             &bytes(6000, 3)[5000..]
@@ -468,10 +473,10 @@ mod tests {
     #[test]
     fn read_buffers_go_back_to_the_pool_up_to_its_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let (file, _) = new_pack(dir.path());
+        let file = new_pack(dir.path());
         let data = bytes(3 * POOLED, 4);
         Tail::new().finish(&file, &data).unwrap();
-        let (reader, _) = open(&dir.path().join("p"), Open::Read, true).unwrap();
+        let reader = open(&dir.path().join("p"), Open::Read, true).unwrap();
         let pool = BufPool::new(2);
         let reads: Vec<Bytes> = (0..3)
             .map(|i| read_at(&reader, 100 + i * 1000, 256 << 10, &pool).unwrap())

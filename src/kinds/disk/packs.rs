@@ -268,7 +268,7 @@ impl Packs {
                     .readers
                     .try_get_with(at.pack, || {
                         direct::open(&self.path(at.pack), direct::Open::Read, self.direct)
-                            .map(|(file, _)| Arc::new(file))
+                            .map(Arc::new)
                     })
                     .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
                 // Forgotten meanwhile (evicted, say): keep no handle that
@@ -427,7 +427,7 @@ impl Packs {
             writer.next_id += 1;
             let path = self.path(id);
             match direct::open(&path, direct::Open::CreateNew, self.direct) {
-                Ok((file, _)) => return Ok((id, path, file)),
+                Ok(file) => return Ok((id, path, file)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 64 => {
                     tries += 1;
                 }
