@@ -912,8 +912,9 @@ impl ChunkStore for DiskStore {
     }
 
     /// With direct I/O every chunk read waits for the disk, so more are
-    /// kept in flight: 4 chunks of 256 KiB read 600–650 MB/s here, 16 the
-    /// 900–1100 MB/s the disk gives (`docs/benchmarks.md`).
+    /// kept in flight: warm 1 GiB reads ran 593 and 665 MB/s with 4, 723 to
+    /// 1143 with 16, about what the disk gives with that many reads at once
+    /// (`docs/benchmarks.md`, "Packs with direct I/O").
     fn read_ahead(&self) -> usize {
         if self.packs.direct() { 16 } else { 4 }
     }
