@@ -287,7 +287,7 @@ impl Tail {
     /// The tail of an empty pack.
     pub fn new() -> Tail {
         Tail {
-            buf: AlignedBuf::zeroed(STAGE + ALIGN),
+            buf: AlignedBuf::zeroed(STAGE),
             fill: 0,
             at: 0,
         }
@@ -338,10 +338,13 @@ impl Tail {
         let at = end - end % ALIGN as u64;
         let fill = (end - at) as usize;
         if fill > 0 {
-            let mut block = AlignedBuf::with_capacity(ALIGN);
+            // Into the buffer's first block, which is aligned, as a direct
+            // read must be. (Should this fail, the caller seals the pack
+            // and the buffer goes with it.)
+            let block = &mut self.buf.as_mut_slice()[..ALIGN];
             let read = loop {
-                match rustix::io::pread(file, block.spare(), at) {
-                    Ok((init, _)) => break init.len(),
+                match rustix::io::pread(file, &mut *block, at) {
+                    Ok(read) => break read,
                     Err(rustix::io::Errno::INTR) => continue,
                     Err(e) => return Err(e.into()),
                 }
@@ -352,8 +355,6 @@ impl Tail {
                     format!("{read} of the last block's {fill} bytes read back"),
                 ));
             }
-            block.len = fill;
-            self.buf.as_mut_slice()[..fill].copy_from_slice(block.as_ref());
         }
         self.at = at;
         self.fill = fill;
