@@ -381,11 +381,19 @@ async fn liars_fall_through_to_the_honest_peer_and_poison_nothing() {
         let got = read_blob(&sidecar.tcp_addr(), &digest).await;
         let got = got.unwrap_or_else(|f| panic!("{lie:?}: {f:?}\n{}", sidecar.log_text()));
         assert!(got == blob(), "{lie:?}: wrong bytes");
-        let log = sidecar.log_text();
-        assert!(
-            log.contains("liar") && log.contains("trying the next tier"),
-            "{lie:?}: the liar's failure is not logged:\n{log}"
-        );
+        // The client of a sync fill gets each proven byte as it arrives,
+        // so a lie past the blob's last byte (Append) is caught by the
+        // fill after the client has its answer.
+        let logged = |log: &str| log.contains("liar") && log.contains("trying the next tier");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !logged(&sidecar.log_text()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{lie:?}: the liar's failure is not logged:\n{}",
+                sidecar.log_text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let page = sidecar.metrics();
         let lies = metric(
             &page,
@@ -553,12 +561,19 @@ async fn a_liar_is_passed_over_and_the_near_tier_fills_from_an_honest_tier() {
 }
 
 /// With `fill = "off"` the client's stream comes straight from the liar's
-/// verifying reader; a lie caught part-way (or a stall, or a death) makes
-/// the sidecar continue the same stream from the honest peer.
+/// verifying reader; a lie caught part-way (or a stall, or a death, or
+/// bytes past the blob's end) makes the sidecar continue the same stream
+/// from the honest peer.
 #[tokio::test(flavor = "multi_thread")]
 async fn direct_reads_switch_tiers_part_way() {
     let (honest, digest) = honest_peer().await;
-    for &lie in &[Lie::FlipLast, Lie::DieLast, Lie::FlipByte, Lie::Stall] {
+    for &lie in &[
+        Lie::FlipLast,
+        Lie::DieLast,
+        Lie::FlipByte,
+        Lie::Stall,
+        Lie::Append,
+    ] {
         let liar = FaultPeer::start(lie);
         let near = tempfile::tempdir().unwrap();
         let sidecar = start_sidecar(near.path(), &liar.addr, Some(&honest.tcp_addr()), "off").await;
@@ -579,6 +594,13 @@ async fn direct_reads_switch_tiers_part_way() {
                 .and_then(|p| p.parse().ok())
                 .unwrap_or_else(|| panic!("{lie:?}: no position in {switch}"));
             assert!(position > 0, "{lie:?}: switched before any byte: {switch}");
+        }
+        if lie == Lie::Append {
+            // Every byte was proven; the bytes after them are the lie.
+            assert!(
+                switch.contains(&format!("position={SIZE}")),
+                "{lie:?}: not caught at the blob's end: {switch}"
+            );
         }
         assert!(
             log.contains("resuming the read from this tier"),

@@ -77,6 +77,38 @@ impl<C: ChunkSource> StreamedReader<C> {
         err
     }
 
+    /// At the blob's end: a stream still open must end there too. A peer
+    /// that sends bytes past the end, or an error status after the last
+    /// byte, is lying or failing even though every byte handed out was
+    /// proven, and its tier must hear of it (to log and count it) rather
+    /// than the read ending as if all went well. On a sound peer the end
+    /// of the stream is already on its way with the last bytes.
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        let State::Streaming {
+            pieces, verifier, ..
+        } = &mut self.state
+        else {
+            return Poll::Ready(Ok(Bytes::new()));
+        };
+        loop {
+            let err = match ready!(pieces.poll_next_unpin(cx)) {
+                Some(Ok(piece)) => match verifier.push(piece) {
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(blob = %self.outboard.blob(), error = %e, "stream runs past the blob's end");
+                        Error::from(e).into_io()
+                    }
+                },
+                Some(Err(e)) => e.into_io(),
+                None => {
+                    self.state = State::Idle(None);
+                    return Poll::Ready(Ok(Bytes::new()));
+                }
+            };
+            return Poll::Ready(Err(self.failed(err)));
+        }
+    }
+
     /// The stream ended after `received` bytes, short of the blob.
     fn ended_early(&self, received: u64) -> io::Error {
         Error::from(VerifyError::LengthMismatch {
@@ -100,8 +132,11 @@ impl<C: ChunkSource> BlobReader for StreamedReader<C> {
         scratch: &mut BytesMut,
         max: usize,
     ) -> Poll<io::Result<Bytes>> {
-        if self.pos >= self.len() || max == 0 {
+        if max == 0 {
             return Poll::Ready(Ok(Bytes::new()));
+        }
+        if self.pos >= self.len() {
+            return self.poll_end(cx);
         }
         loop {
             match &mut self.state {
@@ -352,5 +387,27 @@ mod tests {
             r.read_to_end(&mut got).await.unwrap();
             assert!(got == f.data, "{what}: the read did not carry on");
         }
+    }
+
+    #[tokio::test]
+    async fn bytes_past_the_end_fail_the_read_after_the_proven_blob() {
+        let f = fixture();
+        let mut sent = f.data.to_vec();
+        sent.extend_from_slice(b"trailing");
+        let mut r = reader(&f, Bytes::from(sent));
+        let mut got = Vec::new();
+        let mut buf = vec![0; 64 * 1024];
+        let err = loop {
+            match r.read(&mut buf).await {
+                Ok(0) => panic!("the overrun went unnoticed"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break e,
+            }
+        };
+        assert!(got == f.data, "the proven blob was not handed out whole");
+        assert!(err.to_string().contains("3000008"), "{err}");
+        // The read is over: tried again, it ends without another fetch.
+        assert_eq!(r.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(f.chunks.fetches.load(Ordering::SeqCst), 0);
     }
 }
