@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -28,7 +29,7 @@ use tokio::io::AsyncReadExt;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::harness::{Daemon, memory_origin, metric, put_blob, read_blob, test_data};
+use crate::harness::{Daemon, eventually, memory_origin, metric, put_blob, read_blob, test_data};
 
 const SIZE: usize = 3 << 20;
 const SEED: u64 = 77;
@@ -384,16 +385,15 @@ async fn liars_fall_through_to_the_honest_peer_and_poison_nothing() {
         // The client of a sync fill gets each proven byte as it arrives,
         // so a lie past the blob's last byte (Append) is caught by the
         // fill after the client has its answer.
-        let logged = |log: &str| log.contains("liar") && log.contains("trying the next tier");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !logged(&sidecar.log_text()) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{lie:?}: the liar's failure is not logged:\n{}",
-                sidecar.log_text()
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        let logged = || {
+            let log = sidecar.log_text();
+            log.contains("liar") && log.contains("trying the next tier")
+        };
+        assert!(
+            eventually(Duration::from_secs(20), logged).await,
+            "{lie:?}: the liar's failure is not logged:\n{}",
+            sidecar.log_text()
+        );
         let page = sidecar.metrics();
         let lies = metric(
             &page,
@@ -535,15 +535,15 @@ async fn a_liar_is_passed_over_and_the_near_tier_fills_from_an_honest_tier() {
         }
         // The client has every byte before the fill has stored the index.
         let fills = "strata_tier_fills_total{tier=\"near\"}";
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while metric(&sidecar.metrics(), fills) < 1.0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{lie:?}: no fill of the near tier:\n{}",
-                sidecar.log_text()
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        assert!(
+            eventually(Duration::from_secs(20), || metric(
+                &sidecar.metrics(),
+                fills
+            ) >= 1.0)
+            .await,
+            "{lie:?}: no fill of the near tier:\n{}",
+            sidecar.log_text()
+        );
         let log = sidecar.log_text();
         assert_eq!(
             log.matches("passed over for it").count(),

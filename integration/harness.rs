@@ -437,11 +437,24 @@ pub async fn disk_sidecar(disk: &Path, peer: &str, fill: &str) -> Daemon {
 /// client of a sync fill gets its last bytes before the near tier has
 /// stored them.
 pub async fn wait_for_fill(sidecar: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&sidecar.metrics(), "strata_tier_fills_total{tier=\"near\"}") < 1.0 {
-        assert!(Instant::now() < deadline, "the fill never completed");
+    let filled = || metric(&sidecar.metrics(), "strata_tier_fills_total{tier=\"near\"}") >= 1.0;
+    assert!(
+        eventually(Duration::from_secs(30), filled).await,
+        "the fill never completed"
+    );
+}
+
+/// Polls `ready` every 20 ms until it holds (true) or `limit` has passed
+/// (false): for what a daemon does after its answer.
+pub async fn eventually(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        if Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    true
 }
 
 /// Puts `data` through the snix package in 1 MiB messages; returns the

@@ -77,38 +77,6 @@ impl<C: ChunkSource> StreamedReader<C> {
         err
     }
 
-    /// At the blob's end: a stream still open must end there too. A peer
-    /// that sends bytes past the end, or an error status after the last
-    /// byte, is lying or failing even though every byte handed out was
-    /// proven, and its tier must hear of it (to log and count it) rather
-    /// than the read ending as if all went well. On a sound peer the end
-    /// of the stream is already on its way with the last bytes.
-    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
-        let State::Streaming {
-            pieces, verifier, ..
-        } = &mut self.state
-        else {
-            return Poll::Ready(Ok(Bytes::new()));
-        };
-        loop {
-            let err = match ready!(pieces.poll_next_unpin(cx)) {
-                Some(Ok(piece)) => match verifier.push(piece) {
-                    Ok(_) => continue,
-                    Err(e) => {
-                        tracing::warn!(blob = %self.outboard.blob(), error = %e, "stream runs past the blob's end");
-                        Error::from(e).into_io()
-                    }
-                },
-                Some(Err(e)) => e.into_io(),
-                None => {
-                    self.state = State::Idle(None);
-                    return Poll::Ready(Ok(Bytes::new()));
-                }
-            };
-            return Poll::Ready(Err(self.failed(err)));
-        }
-    }
-
     /// The stream ended after `received` bytes, short of the blob.
     fn ended_early(&self, received: u64) -> io::Error {
         Error::from(VerifyError::LengthMismatch {
@@ -132,11 +100,15 @@ impl<C: ChunkSource> BlobReader for StreamedReader<C> {
         scratch: &mut BytesMut,
         max: usize,
     ) -> Poll<io::Result<Bytes>> {
-        if max == 0 {
+        // At the blob's end a stream still open is read on to its end
+        // (below): a peer that sends bytes past the end, or an error status
+        // after the last byte, is lying or failing even though every byte
+        // handed out was proven, and its tier must hear of it (to log and
+        // count it). On a sound peer the end is on its way with the last
+        // bytes.
+        let streaming = matches!(self.state, State::Streaming { .. });
+        if max == 0 || (self.pos >= self.len() && !streaming) {
             return Poll::Ready(Ok(Bytes::new()));
-        }
-        if self.pos >= self.len() {
-            return self.poll_end(cx);
         }
         loop {
             match &mut self.state {
@@ -180,6 +152,10 @@ impl<C: ChunkSource> BlobReader for StreamedReader<C> {
                             }
                         },
                         Some(Err(e)) => e.into_io(),
+                        None if self.pos >= self.outboard.size() => {
+                            self.state = State::Idle(None);
+                            return Poll::Ready(Ok(Bytes::new()));
+                        }
                         None => {
                             let received = verifier.position();
                             self.ended_early(received)
@@ -354,6 +330,19 @@ mod tests {
         assert_eq!(f.chunks.fetches.load(Ordering::SeqCst), 1);
     }
 
+    /// Reads `r` until it fails: the bytes it handed out, and the error.
+    async fn read_to_error(r: &mut StreamedReader<Chunks>, what: &str) -> (Vec<u8>, io::Error) {
+        let mut got = Vec::new();
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => panic!("{what}: the stream read to its end"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, e),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_lying_or_short_stream_fails_after_only_proven_bytes() {
         let f = fixture();
@@ -365,15 +354,7 @@ mod tests {
             (f.data.slice(..2_000_000), "short"),
         ] {
             let mut r = reader(&f, sent);
-            let mut got = Vec::new();
-            let mut buf = vec![0; 64 * 1024];
-            let err = loop {
-                match r.read(&mut buf).await {
-                    Ok(0) => panic!("{what}: the stream read to its end"),
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                    Err(e) => break e,
-                }
-            };
+            let (mut got, err) = read_to_error(&mut r, what).await;
             assert!(got[..] == f.data[..got.len()], "{what}: unproven bytes");
             let proven = got.len();
             if what == "flipped" {
@@ -395,19 +376,11 @@ mod tests {
         let mut sent = f.data.to_vec();
         sent.extend_from_slice(b"trailing");
         let mut r = reader(&f, Bytes::from(sent));
-        let mut got = Vec::new();
-        let mut buf = vec![0; 64 * 1024];
-        let err = loop {
-            match r.read(&mut buf).await {
-                Ok(0) => panic!("the overrun went unnoticed"),
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) => break e,
-            }
-        };
+        let (got, err) = read_to_error(&mut r, "overrun").await;
         assert!(got == f.data, "the proven blob was not handed out whole");
         assert!(err.to_string().contains("3000008"), "{err}");
         // The read is over: tried again, it ends without another fetch.
-        assert_eq!(r.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(r.read(&mut [0; 16]).await.unwrap(), 0);
         assert_eq!(f.chunks.fetches.load(Ordering::SeqCst), 0);
     }
 }
