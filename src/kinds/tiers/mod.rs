@@ -401,9 +401,10 @@ impl Member {
     fn distrust_if_lie(&self, digest: &B3Digest, err: &Error) {
         if let Some(distrusted) = &self.distrusted
             && matches!(err.root(), Error::Verification(_))
-            && !distrusted.contains_key(digest)
+            // One entry, and one warning, however many reads caught the
+            // same lie at once.
+            && distrusted.entry(*digest).or_insert(()).is_fresh()
         {
-            distrusted.insert(*digest, ());
             warn!(tier = %self.name, %digest, for_secs = DISTRUST_FOR.as_secs(),
                 "the tier lied about this digest: passed over for it");
         }
