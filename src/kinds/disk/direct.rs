@@ -18,10 +18,10 @@
 //! the network put them; the copy costs a fraction of a fresh page), and
 //! the bytes since the pack's last [`ALIGN`] boundary stay there and are
 //! written again, padded with zeros up to the next boundary, with the next
-//! append. Every
-//! append is on disk (and readable) when it returns, so readers never look
-//! at unwritten bytes; the padding is cut off when the pack is sealed, and
-//! a scan after a crash stops at it (a record of length 0 cannot be one).
+//! write. A chunk is mapped (readable) only once the write that holds it
+//! is done, so readers never look at unwritten bytes; the padding is cut
+//! off when the pack is sealed, and a scan after a crash stops at it (a
+//! record of length 0 cannot be one).
 //! [`read_at`] reads the blocks that cover a record into a buffer from a
 //! [`BufPool`] and hands out the record's bytes without a copy.
 //!
@@ -43,9 +43,11 @@ use bytes::Bytes;
 /// suits disks with 512-byte and with 4 KiB logical blocks alike.
 pub const ALIGN: usize = 4096;
 
-/// Most bytes an append gathers before it writes them: a longer append is
-/// written in pieces of this size, so the [`Tail`]'s buffer stays small.
-const STAGE: usize = 1 << 20;
+/// Most bytes a [`Tail`] gathers before they are written: a longer append
+/// is written in pieces of this size, so its buffers stay small. Room for
+/// several chunks of the default chunking, so that the chunks staged while
+/// one batch is written go together in the next.
+const STAGE: usize = 2 << 20;
 
 /// How a pack file is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,15 +274,47 @@ pub fn read_at(file: &File, offset: u64, len: u32, pool: &Arc<BufPool>) -> std::
     Ok(Bytes::from_owner(pooled).slice(skip..want))
 }
 
-/// The end of a pack open for appending. The bytes since the last
-/// [`ALIGN`] boundary are kept here and written again with the next
-/// append, so that every write is of whole aligned blocks.
+/// The end of a pack open for appending: bytes appended but not yet
+/// written, after the bytes since the last [`ALIGN`] boundary, which are
+/// kept here and written again with the next write, so that every write is
+/// of whole aligned blocks.
+///
+/// Bytes are written either at once ([`Tail::append`]) or staged
+/// ([`Tail::stage`]) and later taken out as a [`Batch`] ([`Tail::take`])
+/// that is written without the tail: while one batch is written, the next
+/// is staged into a second buffer (see `packs` for why).
 pub struct Tail {
     buf: AlignedBuf,
     /// Bytes of `buf` that belong to the pack.
     fill: usize,
     /// The pack offset of `buf`'s first byte, on an [`ALIGN`] boundary.
     at: u64,
+    /// The buffer of the last batch written, back for the next.
+    spare: Option<AlignedBuf>,
+}
+
+/// Bytes taken from a [`Tail`] to be written: whole blocks from an
+/// [`ALIGN`] boundary, the last one padded with zeros.
+pub struct Batch {
+    buf: AlignedBuf,
+    /// The pack offset of `buf`'s first byte.
+    at: u64,
+    /// Bytes to write (whole blocks).
+    len: usize,
+    /// Bytes that belong to the pack.
+    fill: usize,
+}
+
+impl Batch {
+    /// Writes the batch into `file` (blocking).
+    pub fn write(&self, file: &File) -> std::io::Result<()> {
+        file.write_all_at(&self.buf.as_ref()[..self.len], self.at)
+    }
+
+    /// Where the pack ends once the batch is written.
+    pub fn end(&self) -> u64 {
+        self.at + self.fill as u64
+    }
 }
 
 impl Tail {
@@ -290,7 +324,16 @@ impl Tail {
             buf: AlignedBuf::zeroed(STAGE),
             fill: 0,
             at: 0,
+            spare: None,
         }
+    }
+
+    /// The tail of another empty pack, in this one's buffers (fresh pages
+    /// cost more than the bytes they hold: see the module's notes).
+    pub fn reset(mut self) -> Tail {
+        self.fill = 0;
+        self.at = 0;
+        self
     }
 
     /// Where the pack ends.
@@ -298,35 +341,83 @@ impl Tail {
         self.at + self.fill as u64
     }
 
-    /// Appends `parts`, one after another, to `file` (blocking). When it
-    /// returns, every byte appended is in the file, followed by zeros to
-    /// the next block boundary. After an error the file holds anything
-    /// past the old end: [`Tail::rewind`] to it.
+    /// Bytes that can be staged before the tail must be taken.
+    pub fn room(&self) -> usize {
+        self.buf.len - self.fill
+    }
+
+    /// Appends `parts` without writing them, if [`Tail::room`] holds them
+    /// all; else stages nothing and returns false.
+    pub fn stage(&mut self, parts: &[&[u8]]) -> bool {
+        if parts.iter().map(|p| p.len()).sum::<usize>() > self.room() {
+            return false;
+        }
+        for part in parts {
+            self.buf.as_mut_slice()[self.fill..self.fill + part.len()].copy_from_slice(part);
+            self.fill += part.len();
+        }
+        true
+    }
+
+    /// Takes the bytes since the last write for writing, padded to a
+    /// block. The tail goes on from the batch's last block boundary, with
+    /// the bytes of its last, partial block (written again by the next
+    /// batch: so batches must be written in the order they were taken,
+    /// one after another).
+    pub fn take(&mut self) -> Batch {
+        let padded = self.fill.next_multiple_of(ALIGN);
+        let whole = self.fill - self.fill % ALIGN;
+        let mut next = self
+            .spare
+            .take()
+            .unwrap_or_else(|| AlignedBuf::zeroed(self.buf.len));
+        next.as_mut_slice()[..self.fill - whole]
+            .copy_from_slice(&self.buf.as_ref()[whole..self.fill]);
+        self.buf.as_mut_slice()[self.fill..padded].fill(0);
+        let batch = Batch {
+            buf: std::mem::replace(&mut self.buf, next),
+            at: self.at,
+            len: padded,
+            fill: self.fill,
+        };
+        self.at += whole as u64;
+        self.fill -= whole;
+        batch
+    }
+
+    /// Keeps a written batch's buffer for the next [`Tail::take`].
+    pub fn recycle(&mut self, batch: Batch) {
+        if batch.buf.len == self.buf.len {
+            self.spare = Some(batch.buf);
+        }
+    }
+
+    /// Appends `parts`, one after another, to `file` (blocking), after
+    /// anything staged. When it returns, every byte appended is in the
+    /// file, followed by zeros to the next block boundary. After an error
+    /// the file holds anything past the old end: [`Tail::rewind`] to it.
     pub fn append(&mut self, file: &File, parts: &[&[u8]]) -> std::io::Result<()> {
         for part in parts {
             let mut rest = *part;
             while !rest.is_empty() {
-                let n = (STAGE - self.fill).min(rest.len());
-                self.buf.as_mut_slice()[self.fill..self.fill + n].copy_from_slice(&rest[..n]);
-                self.fill += n;
+                let n = self.room().min(rest.len());
+                self.stage(&[&rest[..n]]);
                 rest = &rest[n..];
-                if self.fill == STAGE {
-                    file.write_all_at(&self.buf.as_ref()[..STAGE], self.at)?;
-                    self.at += STAGE as u64;
-                    self.fill = 0;
+                if self.room() == 0 {
+                    self.write_staged(file)?;
                 }
             }
         }
-        let padded = self.fill.next_multiple_of(ALIGN);
-        if padded > 0 {
-            let buf = self.buf.as_mut_slice();
-            buf[self.fill..padded].fill(0);
-            file.write_all_at(&buf[..padded], self.at)?;
-            let whole = self.fill - self.fill % ALIGN;
-            buf.copy_within(whole..self.fill, 0);
-            self.at += whole as u64;
-            self.fill -= whole;
+        if self.fill > 0 {
+            self.write_staged(file)?;
         }
+        Ok(())
+    }
+
+    fn write_staged(&mut self, file: &File) -> std::io::Result<()> {
+        let batch = self.take();
+        batch.write(file)?;
+        self.recycle(batch);
         Ok(())
     }
 
@@ -363,7 +454,7 @@ impl Tail {
 
     /// Writes `last`, the pack's final bytes, and cuts the padding after
     /// them off, so that the file ends where the pack does.
-    pub fn finish(mut self, file: &File, last: &[u8]) -> std::io::Result<()> {
+    pub fn finish(&mut self, file: &File, last: &[u8]) -> std::io::Result<()> {
         self.append(file, &[last])?;
         file.set_len(self.end())
     }
@@ -456,7 +547,7 @@ mod tests {
     fn a_read_past_the_end_is_cut_short() {
         let dir = tempfile::tempdir().unwrap();
         let file = new_pack(dir.path());
-        let tail = Tail::new();
+        let mut tail = Tail::new();
         tail.finish(&file, &bytes(6000, 3)).unwrap();
         let pool = BufPool::new(4);
         let reader = open(&dir.path().join("p"), Open::Read, true).unwrap();

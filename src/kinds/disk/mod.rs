@@ -1052,8 +1052,12 @@ impl ChunkStore for DiskStore {
         true
     }
 
+    /// Enough chunks in flight (4 MiB of the default chunking, 8 MiB at
+    /// most) that while one batch of appends is written the next fills
+    /// (see [`Packs::append`]); with a window of 4, each batch held one
+    /// or two chunks and a Put still waited on nearly every write.
     fn write_concurrency(&self) -> usize {
-        4
+        16
     }
 }
 

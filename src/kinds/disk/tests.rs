@@ -739,3 +739,42 @@ async fn a_directory_serves_one_store_at_a_time() {
     drop(first);
     DiskStore::open(dir.path().into(), 1 << 30).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_are_written_together_and_each_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // Packs of 2 MiB, so that appends racing each other also seal packs.
+    let max = 64 << 20;
+    let svc = open(dir.path(), max).await;
+    let store = svc.store();
+    // Sizes from one byte to more than a batch holds (those are written
+    // at once, between the batches), many at a time.
+    let chunks: Vec<Bytes> = (0..96u32)
+        .map(|i| {
+            let len = match i % 8 {
+                0 => 1,
+                7 if i % 32 == 7 => 3 << 20,
+                n => (n as usize) * 77_777,
+            };
+            pseudo_random(len, u64::from(i) + 500).into()
+        })
+        .collect();
+    futures::future::try_join_all(chunks.iter().map(|c| store.put_chunk_hashing(c.clone())))
+        .await
+        .unwrap();
+    for c in &chunks {
+        let got = store.get_chunk(&B3Digest::of(c)).await.unwrap();
+        assert_eq!(got.as_ref(), Some(c), "a chunk of {} bytes", c.len());
+    }
+    let stored = stored_chunks(dir.path()).unwrap();
+    assert_eq!(stored.len(), chunks.len());
+    assert!(packs_in(dir.path()).len() > 4);
+    assert_eq!(store.used_bytes(), stored_bytes(store, dir.path()));
+    // And the packs scan back to the same chunks after a restart.
+    drop(svc);
+    let svc = open(dir.path(), max).await;
+    for c in &chunks {
+        let got = svc.store().get_chunk(&B3Digest::of(c)).await.unwrap();
+        assert_eq!(got.as_ref(), Some(c));
+    }
+}
