@@ -22,12 +22,15 @@ use tonic::{Request, Response, Status, Streaming};
 
 use strata::B3Digest;
 use strata::addr::{CONNECTION_WINDOW, MAX_FRAME_SIZE, PeerAddr, STREAM_WINDOW};
+use strata::chunkstore::{Chunking, Cutter};
 use strata::proto::snix::blob_service_client::BlobServiceClient;
 use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
 use strata::proto::snix::{
     BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
 };
 use strata::testkit::{CountingProxy, cpu_seconds, pseudo_random};
+use strata::verify::STORED_SHIFT;
+use strata::verify::bao::outboard_of;
 
 /// Cold range reads timed; the median is reported.
 const RANGE_SAMPLES: usize = 5;
@@ -120,6 +123,19 @@ pub struct BenchReport {
     /// The same in the other direction: a raw tonic client stream of the
     /// blob, in the Put's messages, into a server that counts and drops it.
     pub put_limit_mbps: f64,
+    /// CPU time (user and system) both ends of that raw client stream spent,
+    /// per GiB: what moving a Put's bytes costs before any work on them.
+    pub put_limit_cpu_s_per_gib: f64,
+    /// CPU time per GiB of the work every Put must do on its bytes, on one
+    /// thread: the cut scan, each chunk's BLAKE3, and the blob's BLAKE3 with
+    /// its outboard (DESIGN §2 asks for both hashes).
+    pub put_work_cpu_s_per_gib: f64,
+    /// The fastest a Put could run on this machine: the raw client stream's
+    /// CPU (less the copy its server's decoder makes, which strata's Put
+    /// path does not) and the Put's own work, spread without loss over
+    /// every core, with nothing stored, copied or scheduled. An upper bound
+    /// for `put_mbps`, measured in the same run.
+    pub put_bound_mbps: f64,
     /// Put into the sidecar (lands on its disk tier).
     pub put_mbps: f64,
     /// Read of a blob in the sidecar's near tiers, verified by the client.
@@ -189,9 +205,29 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     );
     progress(&format!("blake3 (1 thread): {blake3_mbps:.0} MB/s"));
 
-    let (grpc_limit_mbps, put_limit_mbps) = raw_limits(main.clone()).await?;
+    let limits = raw_limits(main.clone()).await?;
+    let (grpc_limit_mbps, put_limit_mbps) = (limits.read_mbps, limits.put_mbps);
     progress(&format!("raw gRPC stream: {grpc_limit_mbps:.0} MB/s"));
-    progress(&format!("raw gRPC client stream: {put_limit_mbps:.0} MB/s"));
+    let put_limit_cpu_s_per_gib = per_gib(opts.size, limits.put_cpu_s);
+    progress(&format!(
+        "raw gRPC client stream: {put_limit_mbps:.0} MB/s \
+         (both ends: {put_limit_cpu_s_per_gib:.2} CPU-s per GiB)"
+    ));
+    let put_work_s = put_work_seconds(&main);
+    let put_work_cpu_s_per_gib = per_gib(opts.size, put_work_s);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The raw stream's server copies every message out of its frames
+    // (tonic's codec); strata's Put path does not, so that copy is taken
+    // off the transport's cost to keep the bound an upper one.
+    let transport_s = (limits.put_cpu_s - copy_seconds(&main)).max(0.0);
+    let put_bound_mbps = mbps(
+        opts.size,
+        Duration::from_secs_f64((transport_s + put_work_s) / cpus as f64),
+    );
+    progress(&format!(
+        "a Put's own work, 1 thread: {put_work_cpu_s_per_gib:.2} CPU-s per GiB; \
+         with the raw stream on {cpus} cores at best: {put_bound_mbps:.0} MB/s"
+    ));
 
     let peer_mem = opts.size * 3 + opts.coalesce_size + (64 << 20);
     let peer = Server::start(
@@ -368,6 +404,9 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         blake3_mbps,
         grpc_limit_mbps,
         put_limit_mbps,
+        put_limit_cpu_s_per_gib,
+        put_work_cpu_s_per_gib,
+        put_bound_mbps,
         put_mbps,
         warm_read_mbps,
         cold_read_mbps,
@@ -385,7 +424,7 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         page_cache_write_mbps,
         disk_write_mbps,
         disk_read_mbps,
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpus,
     })
 }
 
@@ -742,9 +781,20 @@ impl BlobService for RawStream {
     }
 }
 
+/// What a raw tonic stream over loopback moves: see [`raw_limits`].
+struct RawLimits {
+    /// A Read of the blob from a server holding it in memory.
+    read_mbps: f64,
+    /// A Put of the blob into a server that drops it.
+    put_mbps: f64,
+    /// CPU time this process (both ends) spent on that Put.
+    put_cpu_s: f64,
+}
+
 /// Throughput of a raw tonic stream of `data` over loopback: a Read of it
-/// from a server, then a Put of it into one.
-async fn raw_limits(data: Bytes) -> anyhow::Result<(f64, f64)> {
+/// from a server, then a Put of it into one. Client and server both run in
+/// this process, so its CPU time covers both ends.
+async fn raw_limits(data: Bytes) -> anyhow::Result<RawLimits> {
     let len = data.len();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = format!("grpc+http://{}", listener.local_addr()?);
@@ -773,11 +823,45 @@ async fn raw_limits(data: Bytes) -> anyhow::Result<(f64, f64)> {
     let read = started.elapsed();
     anyhow::ensure!(got == len, "raw stream was cut short");
 
+    let cpu = cpu_seconds(std::process::id())?;
     let started = Instant::now();
     c.clone().put(put_messages(&data)).await?;
     let put = started.elapsed();
+    let put_cpu_s = cpu_seconds(std::process::id())? - cpu;
     server.abort();
-    Ok((mbps(len, read), mbps(len, put)))
+    Ok(RawLimits {
+        read_mbps: mbps(len, read),
+        put_mbps: mbps(len, put),
+        put_cpu_s,
+    })
+}
+
+/// Seconds one thread takes to copy `data`, 1 MiB at a time, into one
+/// reused buffer: the copy a tonic server's decoder makes of each message.
+fn copy_seconds(data: &[u8]) -> f64 {
+    let mut buffer = vec![0u8; 1 << 20];
+    let started = Instant::now();
+    for piece in data.chunks(buffer.len()) {
+        buffer[..piece.len()].copy_from_slice(piece);
+        std::hint::black_box(&mut buffer);
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// Seconds one thread takes for the work a Put must do on `data` besides
+/// moving and storing it: find the FastCDC cuts, hash each chunk, and hash
+/// the whole blob with its outboard, with strata's own code for each.
+fn put_work_seconds(data: &[u8]) -> f64 {
+    let cutter = Cutter::new(Chunking::default());
+    let started = Instant::now();
+    let mut at = 0;
+    while at < data.len() {
+        let len = cutter.cut(&data[at..]);
+        std::hint::black_box(blake3::hash(&data[at..at + len]));
+        at += len;
+    }
+    std::hint::black_box(outboard_of(data, STORED_SHIFT));
+    started.elapsed().as_secs_f64()
 }
 
 /// A `strata serve` child process on a loopback port.
