@@ -34,6 +34,10 @@ use strata::verify::bao::outboard_of;
 
 /// Cold range reads timed; the median is reported.
 const RANGE_SAMPLES: usize = 5;
+/// Runs of the references and of each transfer; the median is reported.
+/// On a shared two-core machine one run of a transfer can be half as fast
+/// as the next, which made a ratio of two single runs say little.
+const SAMPLES: usize = 3;
 
 /// Arguments of `strata bench`.
 #[derive(clap::Args, Debug)]
@@ -85,6 +89,9 @@ pub struct BenchOptions {
     /// Where the work directory is made; the system's temporary directory
     /// if `None`.
     pub dir: Option<PathBuf>,
+    /// Runs of each reference, Put, warm and cold read; the median is
+    /// reported.
+    pub samples: usize,
 }
 
 impl BenchOptions {
@@ -96,6 +103,7 @@ impl BenchOptions {
             readers: 100,
             strata,
             dir: None,
+            samples: SAMPLES,
         }
     }
 
@@ -107,6 +115,7 @@ impl BenchOptions {
             readers: 100,
             strata,
             dir: None,
+            samples: SAMPLES,
         }
     }
 }
@@ -181,6 +190,9 @@ pub struct BenchReport {
     pub disk_read_mbps: f64,
     /// `nproc` of the machine.
     pub cpus: usize,
+    /// Runs behind each median: the references, the Put, the warm and the
+    /// cold read.
+    pub samples: usize,
 }
 
 /// Runs every scenario and returns the figures. `progress` receives one
@@ -195,41 +207,53 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     };
     let main = Bytes::from(pseudo_random(opts.size, 1));
 
-    let blake3_mbps = mbps(
-        opts.size,
-        time(|| {
-            let mut h = blake3::Hasher::new();
-            h.update(&main);
-            h.finalize()
-        }),
-    );
+    let samples = opts.samples.max(1);
+    let blake3_mbps = median((0..samples).map(|_| {
+        mbps(
+            opts.size,
+            time(|| {
+                let mut h = blake3::Hasher::new();
+                h.update(&main);
+                h.finalize()
+            }),
+        )
+    }));
     progress(&format!("blake3 (1 thread): {blake3_mbps:.0} MB/s"));
 
-    let limits = raw_limits(main.clone()).await?;
-    let (grpc_limit_mbps, put_limit_mbps) = (limits.read_mbps, limits.put_mbps);
+    let mut limits = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        limits.push(raw_limits(main.clone()).await?);
+    }
+    let grpc_limit_mbps = median(limits.iter().map(|l| l.read_mbps));
+    let put_limit_mbps = median(limits.iter().map(|l| l.put_mbps));
     progress(&format!("raw gRPC stream: {grpc_limit_mbps:.0} MB/s"));
-    let put_limit_cpu_s_per_gib = per_gib(opts.size, limits.put_cpu_s);
+    let put_limit_cpu_s_per_gib = per_gib(opts.size, median(limits.iter().map(|l| l.put_cpu_s)));
     progress(&format!(
         "raw gRPC client stream: {put_limit_mbps:.0} MB/s \
          (both ends: {put_limit_cpu_s_per_gib:.2} CPU-s per GiB)"
     ));
-    let put_work_s = put_work_seconds(&main);
-    let put_work_cpu_s_per_gib = per_gib(opts.size, put_work_s);
+    let put_work: Vec<f64> = (0..samples).map(|_| put_work_seconds(&main)).collect();
+    let put_work_cpu_s_per_gib = per_gib(opts.size, median(put_work.iter().copied()));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // The raw stream's server copies every message out of its frames
-    // (tonic's codec); strata's Put path does not, so that copy is taken
-    // off the transport's cost to keep the bound an upper one.
-    let transport_s = (limits.put_cpu_s - copy_seconds(&main)).max(0.0);
+    // An upper bound takes the cheapest sample of each part. The raw
+    // stream's server copies every message out of its frames (tonic's
+    // codec); strata's Put path does not, so that copy is taken off the
+    // transport's cost too.
+    let cheapest = |v: &mut dyn Iterator<Item = f64>| v.fold(f64::INFINITY, f64::min);
+    let transport_s = (cheapest(&mut limits.iter().map(|l| l.put_cpu_s))
+        - cheapest(&mut (0..samples).map(|_| copy_seconds(&main))))
+    .max(0.0);
     let put_bound_mbps = mbps(
         opts.size,
-        Duration::from_secs_f64((transport_s + put_work_s) / cpus as f64),
+        Duration::from_secs_f64((transport_s + cheapest(&mut put_work.into_iter())) / cpus as f64),
     );
     progress(&format!(
         "a Put's own work, 1 thread: {put_work_cpu_s_per_gib:.2} CPU-s per GiB; \
          with the raw stream on {cpus} cores at best: {put_bound_mbps:.0} MB/s"
     ));
 
-    let peer_mem = opts.size * 3 + opts.coalesce_size + (64 << 20);
+    // The cold blobs, the ranged one, the coalesced one.
+    let peer_mem = opts.size * (samples + 2) + opts.coalesce_size + (64 << 20);
     let peer = Server::start(
         &opts.strata,
         work.path(),
@@ -240,40 +264,74 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         &opts.strata,
         work.path(),
         "sidecar",
-        &sidecar_config(&work.path().join("sidecar-disk"), &peer.addr, opts.size),
+        &sidecar_config(
+            &work.path().join("sidecar-disk"),
+            &peer.addr,
+            opts.size * samples,
+        ),
     )?;
     let sidecar_client = client(&sidecar.addr)?;
     let peer_client = client(&peer.addr)?;
 
-    // The digest the Put must answer with, known before the clock starts:
-    // the bench's own check is not part of the Put.
+    // Each Put is of a blob new to the sidecar, the first of them the one
+    // read warm afterwards. The digest the Put must answer with is known
+    // before the clock starts: the bench's own check is not part of it.
     let digest = B3Digest::of(&main);
-    let cpu = sidecar.cpu_seconds()?;
-    let started = Instant::now();
-    put(&sidecar_client, &main, digest).await?;
-    let put_mbps = mbps(opts.size, started.elapsed());
-    let put_cpu_s_per_gib = per_gib(opts.size, sidecar.cpu_seconds()? - cpu);
+    let mut puts = Samples::default();
+    for i in 0..samples {
+        let (blob, want) = match i {
+            0 => (main.clone(), digest),
+            _ => {
+                let blob = Bytes::from(pseudo_random(opts.size, 10 + i as u64));
+                let want = B3Digest::of(&blob);
+                (blob, want)
+            }
+        };
+        puts.time(opts.size, &sidecar, put(&sidecar_client, &blob, want))
+            .await?;
+    }
+    let (put_mbps, put_cpu_s_per_gib) = puts.medians();
     progress(&format!(
         "put: {put_mbps:.0} MB/s (sidecar: {put_cpu_s_per_gib:.2} CPU-s per GiB)"
     ));
 
-    let cpu = sidecar.cpu_seconds()?;
-    let started = Instant::now();
-    read_checked(&sidecar_client, &digest, &main).await?;
-    let warm_read_mbps = mbps(opts.size, started.elapsed());
-    let warm_cpu_s_per_gib = per_gib(opts.size, sidecar.cpu_seconds()? - cpu);
+    let mut warm = Samples::default();
+    for _ in 0..samples {
+        warm.time(
+            opts.size,
+            &sidecar,
+            read_checked(&sidecar_client, &digest, &main),
+        )
+        .await?;
+    }
+    let (warm_read_mbps, warm_cpu_s_per_gib) = warm.medians();
     progress(&format!(
         "warm read: {warm_read_mbps:.0} MB/s (sidecar: {warm_cpu_s_per_gib:.2} CPU-s per GiB)"
     ));
 
+    // A new blob for every cold read; the first is read again below.
     let cold = Bytes::from(pseudo_random(opts.size, 2));
     let cold_digest = B3Digest::of(&cold);
-    put(&peer_client, &cold, cold_digest).await?;
-    let cpu = sidecar.cpu_seconds()?;
-    let started = Instant::now();
-    read_checked(&sidecar_client, &cold_digest, &cold).await?;
-    let cold_read_mbps = mbps(opts.size, started.elapsed());
-    let cold_cpu_s_per_gib = per_gib(opts.size, sidecar.cpu_seconds()? - cpu);
+    let mut colds = Samples::default();
+    for i in 0..samples {
+        let (blob, want) = match i {
+            0 => (cold.clone(), cold_digest),
+            _ => {
+                let blob = Bytes::from(pseudo_random(opts.size, 20 + i as u64));
+                let want = B3Digest::of(&blob);
+                (blob, want)
+            }
+        };
+        put(&peer_client, &blob, want).await?;
+        colds
+            .time(
+                opts.size,
+                &sidecar,
+                read_checked(&sidecar_client, &want, &blob),
+            )
+            .await?;
+    }
+    let (cold_read_mbps, cold_cpu_s_per_gib) = colds.medians();
     progress(&format!(
         "cold read: {cold_read_mbps:.0} MB/s (sidecar: {cold_cpu_s_per_gib:.2} CPU-s per GiB)"
     ));
@@ -425,6 +483,7 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         disk_write_mbps,
         disk_read_mbps,
         cpus,
+        samples,
     })
 }
 
@@ -580,6 +639,49 @@ fn direct_write_read(dir: &Path, data: &[u8]) -> anyhow::Result<(Duration, Durat
     drop(file);
     std::fs::remove_file(&path)?;
     Ok((write, read))
+}
+
+/// Timed runs of one scenario: each run's rate and the sidecar's CPU time
+/// per GiB.
+#[derive(Default)]
+struct Samples {
+    mbps: Vec<f64>,
+    cpu_s_per_gib: Vec<f64>,
+}
+
+impl Samples {
+    /// Runs `scenario`, which moves `bytes` through `sidecar`, and keeps
+    /// its rate and the sidecar's CPU time.
+    async fn time(
+        &mut self,
+        bytes: usize,
+        sidecar: &Server,
+        scenario: impl std::future::Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<()> {
+        let cpu = sidecar.cpu_seconds()?;
+        let started = Instant::now();
+        scenario.await?;
+        self.mbps.push(mbps(bytes, started.elapsed()));
+        self.cpu_s_per_gib
+            .push(per_gib(bytes, sidecar.cpu_seconds()? - cpu));
+        Ok(())
+    }
+
+    /// The median rate and the median CPU time (of the runs, each on its
+    /// own: not necessarily the same run's).
+    fn medians(&self) -> (f64, f64) {
+        (
+            median(self.mbps.iter().copied()),
+            median(self.cpu_s_per_gib.iter().copied()),
+        )
+    }
+}
+
+/// The median of `values` (the upper one of an even count); NaN if none.
+fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn time<T>(f: impl FnOnce() -> T) -> Duration {
