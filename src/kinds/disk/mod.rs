@@ -78,7 +78,7 @@ mod direct;
 pub mod pack;
 mod packs;
 
-use packs::{Location, Packs, Sealed};
+use packs::{Answer, Location, Packs, Sealed};
 
 /// Default `max_size` of a disk tier.
 pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
@@ -710,10 +710,10 @@ impl DiskStore {
         let occupancy = self.metrics.occupancy_bytes.clone();
         // As in `write`: the blocking task accounts for what it wrote even
         // if this future is dropped.
-        tokio::task::spawn_blocking(move || {
+        let (digest, answer) = tokio::task::spawn_blocking(move || {
             let digest = digest.unwrap_or_else(|| B3Digest::of(&data));
             if stored(&packs, &index, &digest) {
-                return Ok(digest);
+                return (digest, Answer::Now(Ok(())));
             }
             let appended = packs.append(digest, &data);
             occupancy.inc_by(appended.added as i64);
@@ -725,11 +725,14 @@ impl DiskStore {
                 // max_size.
                 index.run_pending_tasks();
             }
-            appended.result.map(|()| digest)
+            (digest, appended.answer)
         })
         .await
-        .map_err(|e| Error::Io(std::io::Error::other(e)))?
-        .map_err(Error::from)
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        // A staged chunk is answered by whichever append writes its batch:
+        // waited for here, without holding a blocking thread.
+        answer.stored().await.map_err(Error::from)?;
+        Ok(digest)
     }
 
     /// The decoded index of `digest` without its outboard: from the cache

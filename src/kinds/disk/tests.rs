@@ -770,6 +770,12 @@ async fn concurrent_appends_are_written_together_and_each_reads_back() {
     assert_eq!(stored.len(), chunks.len());
     assert!(packs_in(dir.path()).len() > 4);
     assert_eq!(store.used_bytes(), stored_bytes(store, dir.path()));
+    // Each batch's bytes are counted by the append that wrote it, which
+    // need not be the one that staged them: none is lost or counted twice.
+    assert_eq!(
+        u64::try_from(store.metrics.occupancy_bytes.get()).unwrap(),
+        store.used_bytes()
+    );
     // And the packs scan back to the same chunks after a restart.
     drop(svc);
     let svc = open(dir.path(), max).await;
