@@ -281,11 +281,7 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     for i in 0..samples {
         let (blob, want) = match i {
             0 => (main.clone(), digest),
-            _ => {
-                let blob = Bytes::from(pseudo_random(opts.size, 10 + i as u64));
-                let want = B3Digest::of(&blob);
-                (blob, want)
-            }
+            _ => blob_and_digest(opts.size, 10 + i as u64),
         };
         puts.time(opts.size, &sidecar, put(&sidecar_client, &blob, want))
             .await?;
@@ -310,17 +306,12 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     ));
 
     // A new blob for every cold read; the first is read again below.
-    let cold = Bytes::from(pseudo_random(opts.size, 2));
-    let cold_digest = B3Digest::of(&cold);
+    let (cold, cold_digest) = blob_and_digest(opts.size, 2);
     let mut colds = Samples::default();
     for i in 0..samples {
         let (blob, want) = match i {
             0 => (cold.clone(), cold_digest),
-            _ => {
-                let blob = Bytes::from(pseudo_random(opts.size, 20 + i as u64));
-                let want = B3Digest::of(&blob);
-                (blob, want)
-            }
+            _ => blob_and_digest(opts.size, 20 + i as u64),
         };
         put(&peer_client, &blob, want).await?;
         colds
@@ -357,8 +348,7 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         "direct read (fill = off): {direct_read_mbps:.0} MB/s"
     ));
 
-    let ranged = Bytes::from(pseudo_random(opts.size, 3));
-    let ranged_digest = B3Digest::of(&ranged);
+    let (ranged, ranged_digest) = blob_and_digest(opts.size, 3);
     put(&peer_client, &ranged, ranged_digest).await?;
     let start = (opts.size / 2) as u64;
     // One read is one sample of a few milliseconds, at the mercy of
@@ -639,6 +629,13 @@ fn direct_write_read(dir: &Path, data: &[u8]) -> anyhow::Result<(Duration, Durat
     drop(file);
     std::fs::remove_file(&path)?;
     Ok((write, read))
+}
+
+/// A blob of `size` bytes made from `seed`, and its digest.
+fn blob_and_digest(size: usize, seed: u64) -> (Bytes, B3Digest) {
+    let blob = Bytes::from(pseudo_random(size, seed));
+    let digest = B3Digest::of(&blob);
+    (blob, digest)
 }
 
 /// Timed runs of one scenario: each run's rate and the sidecar's CPU time
