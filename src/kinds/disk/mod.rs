@@ -63,6 +63,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use tracing::{info, instrument, warn};
 
@@ -78,7 +79,7 @@ mod direct;
 pub mod pack;
 mod packs;
 
-use packs::{Answer, Location, Packs, Sealed};
+use packs::{Answer, Location, Packs, Sealed, Wrote};
 
 /// Default `max_size` of a disk tier.
 pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
@@ -605,6 +606,21 @@ fn checked(data: Bytes, meta: Option<ChunkMeta>) -> Result<Bytes> {
 }
 
 /// Whether chunk `digest` is stored, in a pack or a file of its own.
+/// Accounts for what a call into the packs wrote: its bytes in the
+/// occupancy metric, the packs it sealed in the index (evicting at once, so
+/// the directory never holds much more than `max_size`). Returns whether
+/// records are left staged for [`Packs::write_staged`].
+fn account(index: &moka::sync::Cache<Entry, u64>, occupancy: &Gauge, wrote: Wrote) -> bool {
+    occupancy.inc_by(wrote.added as i64);
+    if !wrote.sealed.is_empty() {
+        for Sealed { id, len } in wrote.sealed {
+            index.insert(Entry::Pack(id), len);
+        }
+        index.run_pending_tasks();
+    }
+    wrote.staged_left
+}
+
 fn stored(packs: &Packs, index: &moka::sync::Cache<Entry, u64>, digest: &B3Digest) -> bool {
     packs.contains(digest) || index.contains_key(&Entry::File(ObjectKey::Chunk(*digest)))
 }
@@ -716,20 +732,18 @@ impl DiskStore {
                 return (digest, Answer::Now(Ok(())));
             }
             let appended = packs.append(digest, &data);
-            occupancy.inc_by(appended.added as i64);
-            if !appended.sealed.is_empty() {
-                for Sealed { id, len } in appended.sealed {
-                    index.insert(Entry::Pack(id), len);
-                }
-                // Evict now, so the directory never holds much more than
-                // max_size.
-                index.run_pending_tasks();
+            if account(&index, &occupancy, appended.wrote) {
+                // Others staged behind the batch this append wrote: a
+                // blocking task of no request's writes them.
+                tokio::task::spawn_blocking(move || {
+                    while account(&index, &occupancy, packs.write_staged()) {}
+                });
             }
             (digest, appended.answer)
         })
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))?;
-        // A staged chunk is answered by whichever append writes its batch:
+        // A staged chunk is answered by whichever call writes its batch:
         // waited for here, without holding a blocking thread.
         answer.stored().await.map_err(Error::from)?;
         Ok(digest)

@@ -51,15 +51,26 @@ pub(super) struct FoundPack {
 /// What an append did.
 #[derive(Debug)]
 pub(super) struct Appended {
-    /// Packs this append sealed: the one it found full, and the one it
-    /// wrote to if that failed in a way that leaves its end unknown.
-    pub sealed: Vec<Sealed>,
-    /// Bytes this call added to the directory: its own chunk's when
-    /// written at once, and those of every batch it wrote, whoever staged
-    /// them (so they are accounted even if their appenders have gone).
-    pub added: u64,
+    /// What the call did to the directory.
+    pub wrote: Wrote,
     /// Whether the chunk was stored, or when it will be known.
     pub answer: Answer,
+}
+
+/// What an append, or a [`Packs::write_staged`], did to the directory.
+#[derive(Debug)]
+pub(super) struct Wrote {
+    /// Packs sealed: one found full, and one written to if that failed in
+    /// a way that leaves its end unknown.
+    pub sealed: Vec<Sealed>,
+    /// Bytes added to the directory: a chunk's written at once, and those
+    /// of the batch written, whoever staged them (so they are accounted
+    /// even if their appenders have gone).
+    pub added: u64,
+    /// Records are left staged with no call writing them: the caller must
+    /// see to [`Packs::write_staged`] being called (on a blocking thread)
+    /// until this is false, or their appenders wait for ever.
+    pub staged_left: bool,
 }
 
 /// How an append ends.
@@ -82,6 +93,11 @@ impl Answer {
             Answer::Staged(answer) => answer.await.unwrap_or_else(|_| Err(unanswered())),
         }
     }
+}
+
+/// Whether records are staged in the open pack with no append writing.
+fn unled(w: &Writer) -> bool {
+    !w.flushing && w.open.as_ref().is_some_and(|o| !o.unwritten.is_empty())
 }
 
 /// The error of a staged append whose answer was dropped: not reached, as
@@ -386,6 +402,13 @@ impl Packs {
         }
     }
 
+    /// Marks a batch as being written (or not), as an append writing one
+    /// does, without writing anything.
+    #[cfg(test)]
+    pub fn pretend_writing(&self, writing: bool) {
+        self.writer().flushing = writing;
+    }
+
     /// Whether a read handle of pack `id` is open.
     #[cfg(test)]
     pub fn has_reader(&self, id: u64) -> bool {
@@ -424,20 +447,43 @@ impl Packs {
     /// (a Put into the disk tier ran at 70% of its speed into tmpfs).
     ///
     /// An append that staged its record while another writes returns at
-    /// once; the writing one goes on with the next batch until nothing is
-    /// staged. Appends once waited here for their batch, each holding a
-    /// blocking thread, and every batch written woke them all: about five
-    /// context switches per chunk stored.
+    /// once, to await the answer its batch sends. One that finds nobody
+    /// writing writes the batch its record went in, and no more: records
+    /// staged behind it meanwhile are left to [`Packs::write_staged`]
+    /// (`staged_left`), so its own caller is not held writing others'
+    /// chunks for as long as they keep coming. Appends once waited here
+    /// for their batch, each holding a blocking thread, and every batch
+    /// written woke them all: about five context switches per chunk stored.
     pub fn append(&self, digest: B3Digest, data: &[u8]) -> Appended {
         let mut sealed = Vec::new();
         let mut added = 0;
         let writer = self.writer();
         let (writer, answer) = self.append_locked(writer, &mut sealed, &mut added, digest, data);
+        let staged_left = unled(&writer);
         drop(writer);
         Appended {
+            wrote: Wrote {
+                sealed,
+                added,
+                staged_left,
+            },
+            answer,
+        }
+    }
+
+    /// Writes the records staged in the open pack, a batch, unless an
+    /// append is writing already.
+    pub fn write_staged(&self) -> Wrote {
+        let mut sealed = Vec::new();
+        let mut added = 0;
+        let mut w = self.writer();
+        if unled(&w) {
+            w = self.lead(w, &mut sealed, &mut added);
+        }
+        Wrote {
             sealed,
             added,
-            answer,
+            staged_left: unled(&w),
         }
     }
 
@@ -547,9 +593,10 @@ impl Packs {
             }
             return (w, Answer::Now(result));
         };
-        // Staged. An append writing a batch now takes this record with its
-        // next one; with none, this one writes, until nothing is staged.
-        while !w.flushing && w.open.as_ref().is_some_and(|o| !o.unwritten.is_empty()) {
+        // Staged. An append writing a batch now answers this record with
+        // its next one (or leaves it to `write_staged`); with none, this
+        // one writes the batch.
+        if unled(&w) {
             w = self.lead(w, sealed, added);
         }
         (w, Answer::Staged(answer))

@@ -740,6 +740,48 @@ async fn a_directory_serves_one_store_at_a_time() {
     DiskStore::open(dir.path().into(), 1 << 30).await.unwrap();
 }
 
+#[tokio::test]
+async fn a_chunk_staged_behind_another_write_is_answered_by_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open(dir.path(), 64 << 20).await;
+    let packs = &svc.store().packs;
+    let first = pseudo_random(1000, 1);
+    packs
+        .append(B3Digest::of(&first), &first)
+        .answer
+        .stored()
+        .await
+        .unwrap();
+
+    // While another append writes a batch, this one only stages.
+    packs.pretend_writing(true);
+    let data = pseudo_random(100_000, 2);
+    let digest = B3Digest::of(&data);
+    let appended = packs.append(digest, &data);
+    assert!(!appended.wrote.staged_left, "the writing append takes it");
+    assert_eq!(appended.wrote.added, 0);
+    let packs::Answer::Staged(mut answer) = appended.answer else {
+        panic!("not staged: {:?}", appended.answer);
+    };
+    assert!(answer.try_recv().is_err(), "answered before it was written");
+    assert!(!packs.contains(&digest));
+
+    // That append is done and left it staged: the follow-up write takes it.
+    packs.pretend_writing(false);
+    let wrote = packs.write_staged();
+    assert!(!wrote.staged_left);
+    assert_eq!(wrote.added, pack::RECORD_HEADER_LEN + 100_000);
+    tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("never answered")
+        .unwrap()
+        .unwrap();
+    let got = svc.store().get_chunk(&digest).await.unwrap();
+    assert_eq!(got.as_deref(), Some(&data[..]));
+    // Nothing is left to write.
+    assert_eq!(packs.write_staged().added, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_appends_are_written_together_and_each_reads_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -759,8 +801,13 @@ async fn concurrent_appends_are_written_together_and_each_reads_back() {
             pseudo_random(len, u64::from(i) + 500).into()
         })
         .collect();
-    futures::future::try_join_all(chunks.iter().map(|c| store.put_chunk_hashing(c.clone())))
+    // Every append is answered: by the batch it staged into, written by
+    // whichever append or follow-up write found it staged.
+    let appends =
+        futures::future::try_join_all(chunks.iter().map(|c| store.put_chunk_hashing(c.clone())));
+    tokio::time::timeout(std::time::Duration::from_secs(60), appends)
         .await
+        .expect("an append was never answered")
         .unwrap();
     for c in &chunks {
         let got = store.get_chunk(&B3Digest::of(c)).await.unwrap();
