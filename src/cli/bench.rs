@@ -239,13 +239,12 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     // stream's server copies every message out of its frames (tonic's
     // codec); strata's Put path does not, so that copy is taken off the
     // transport's cost too.
-    let cheapest = |v: &mut dyn Iterator<Item = f64>| v.fold(f64::INFINITY, f64::min);
-    let transport_s = (cheapest(&mut limits.iter().map(|l| l.put_cpu_s))
-        - cheapest(&mut (0..samples).map(|_| copy_seconds(&main))))
+    let transport_s = (least(limits.iter().map(|l| l.put_cpu_s))
+        - least((0..samples).map(|_| copy_seconds(&main))))
     .max(0.0);
     let put_bound_mbps = mbps(
         opts.size,
-        Duration::from_secs_f64((transport_s + cheapest(&mut put_work.into_iter())) / cpus as f64),
+        Duration::from_secs_f64((transport_s + least(put_work)) / cpus as f64),
     );
     progress(&format!(
         "a Put's own work, 1 thread: {put_work_cpu_s_per_gib:.2} CPU-s per GiB; \
@@ -679,6 +678,11 @@ fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.into_iter().collect();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The least of `values`; infinite if none.
+fn least(values: impl IntoIterator<Item = f64>) -> f64 {
+    values.into_iter().fold(f64::INFINITY, f64::min)
 }
 
 fn time<T>(f: impl FnOnce() -> T) -> Duration {

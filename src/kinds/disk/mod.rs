@@ -605,7 +605,6 @@ fn checked(data: Bytes, meta: Option<ChunkMeta>) -> Result<Bytes> {
     Ok(data)
 }
 
-/// Whether chunk `digest` is stored, in a pack or a file of its own.
 /// Accounts for what a call into the packs wrote: its bytes in the
 /// occupancy metric, the packs it sealed in the index (evicting at once, so
 /// the directory never holds much more than `max_size`). Returns whether
@@ -621,6 +620,7 @@ fn account(index: &moka::sync::Cache<Entry, u64>, occupancy: &Gauge, wrote: Wrot
     wrote.staged_left
 }
 
+/// Whether chunk `digest` is stored, in a pack or a file of its own.
 fn stored(packs: &Packs, index: &moka::sync::Cache<Entry, u64>, digest: &B3Digest) -> bool {
     packs.contains(digest) || index.contains_key(&Entry::File(ObjectKey::Chunk(*digest)))
 }
