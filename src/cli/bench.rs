@@ -384,9 +384,11 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
             "range read returned different bytes"
         );
     }
-    range_times.sort_by(f64::total_cmp);
-    let range_read_ms = range_times[range_times.len() / 2];
-    let range_read_max_ms = range_times[range_times.len() - 1];
+    let range_read_ms = median(range_times.iter().copied());
+    let range_read_max_ms = range_times
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
     progress(&format!(
         "1 MiB range of a cold blob: {range_read_ms:.1} ms (median of {RANGE_SAMPLES}, \
          slowest {range_read_max_ms:.1} ms)"
