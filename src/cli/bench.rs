@@ -182,12 +182,17 @@ pub struct BenchReport {
     /// A reference taken last: the main blob written into a new file in
     /// the work directory, 256 KiB at a time, without fsync.
     pub page_cache_write_mbps: f64,
-    /// A reference taken last: the main blob written into a new file in
-    /// the work directory with direct I/O (as the disk tier writes),
-    /// 1 MiB at a time, by one thread: what the disk takes.
+    /// A reference taken before the warm reads: the main blob written
+    /// into a new file in the work directory with direct I/O (as the disk
+    /// tier writes), 1 MiB at a time, by one thread: what the disk takes.
     pub disk_write_mbps: f64,
-    /// The same file read back with direct I/O, 1 MiB at a time.
+    /// The same file read back last with direct I/O, 1 MiB at a time, by
+    /// one thread.
     pub disk_read_mbps: f64,
+    /// The same file read by [`PARALLEL_READS`] threads at once, a chunk
+    /// at a time, beside each warm read (median): about the most a warm
+    /// read from the disk tier could get.
+    pub disk_read_parallel_mbps: f64,
     /// `nproc` of the machine.
     pub cpus: usize,
     /// Runs behind each median: the references, the Put, the warm and the
@@ -290,7 +295,11 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         "put: {put_mbps:.0} MB/s (sidecar: {put_cpu_s_per_gib:.2} CPU-s per GiB)"
     ));
 
+    // The disk's own reads, taken beside each warm read (its speed here
+    // changes from one minute to the next).
+    let (direct_file, disk_write) = DirectFile::write(work.path(), &main)?;
     let mut warm = Samples::default();
+    let mut disk_parallel = Vec::with_capacity(samples);
     for _ in 0..samples {
         warm.time(
             opts.size,
@@ -298,10 +307,15 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
             read_checked(&sidecar_client, &digest, &main),
         )
         .await?;
+        let direct_file = &direct_file;
+        let parallel = tokio::task::block_in_place(|| direct_file.read_parallel())?;
+        disk_parallel.push(mbps(direct_file.len, parallel));
     }
     let (warm_read_mbps, warm_cpu_s_per_gib) = warm.medians();
+    let disk_read_parallel_mbps = median(disk_parallel);
     progress(&format!(
-        "warm read: {warm_read_mbps:.0} MB/s (sidecar: {warm_cpu_s_per_gib:.2} CPU-s per GiB)"
+        "warm read: {warm_read_mbps:.0} MB/s (sidecar: {warm_cpu_s_per_gib:.2} CPU-s per GiB); \
+         the disk, read as the disk tier reads: {disk_read_parallel_mbps:.0} MB/s"
     ));
 
     // A new blob for every cold read; the first is read again below.
@@ -440,9 +454,12 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     progress(&format!(
         "page-cache write (reference, 1 thread): {page_cache_write_mbps:.0} MB/s"
     ));
-    let (disk_write, disk_read) = direct_write_read(work.path(), &main)?;
-    let (disk_write_mbps, disk_read_mbps) =
-        (mbps(opts.size, disk_write), mbps(opts.size, disk_read));
+    let disk_read = tokio::task::block_in_place(|| direct_file.read())?;
+    let (disk_write_mbps, disk_read_mbps) = (
+        mbps(direct_file.len, disk_write),
+        mbps(direct_file.len, disk_read),
+    );
+    drop(direct_file);
     progress(&format!(
         "direct I/O (reference, 1 thread, 1 MiB): write {disk_write_mbps:.0} MB/s, \
          read {disk_read_mbps:.0} MB/s"
@@ -473,6 +490,7 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         page_cache_write_mbps,
         disk_write_mbps,
         disk_read_mbps,
+        disk_read_parallel_mbps,
         cpus,
         samples,
     })
@@ -587,50 +605,123 @@ fn page_cache_write(dir: &Path, data: &[u8]) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
-/// Writes `data` into a new file in `dir` with direct I/O, 1 MiB at a
-/// time, then reads it back the same way; returns both times. Put and
-/// cold-read figures land on the disk tier, which writes this way: on a
-/// slow disk this, not the CPU, bounds them. Falls back to buffered I/O
-/// where the file system has no direct I/O, as the disk tier does.
-fn direct_write_read(dir: &Path, data: &[u8]) -> anyhow::Result<(Duration, Duration)> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    const BLOCK: usize = 1 << 20;
-    const ALIGN: usize = 4096;
-    let path = dir.join("direct-io");
-    let open = |direct: bool| {
-        let mut options = std::fs::OpenOptions::new();
-        options.read(true).write(true).create(true).truncate(true);
-        if direct {
-            options.custom_flags(libc::O_DIRECT);
-        }
-        options.open(&path)
-    };
-    let file = match open(true) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(false),
-        other => other,
-    }
-    .with_context(|| format!("creating {}", path.display()))?;
-    // Direct transfers need an aligned buffer: a slice of a larger Vec,
-    // rather than an unsafe aligned allocation, for a reference figure.
-    let mut backing = vec![0u8; BLOCK + ALIGN];
-    let skip = backing.as_ptr().align_offset(ALIGN);
-    let buf = &mut backing[skip..skip + BLOCK];
-    let whole = data.len() - data.len() % BLOCK;
-    let started = Instant::now();
-    for (i, piece) in data[..whole].chunks(BLOCK).enumerate() {
-        buf.copy_from_slice(piece);
-        file.write_all_at(buf, (i * BLOCK) as u64)?;
-    }
-    let write = started.elapsed();
-    let started = Instant::now();
-    for i in 0..whole / BLOCK {
-        file.read_exact_at(buf, (i * BLOCK) as u64)?;
-    }
-    let read = started.elapsed();
-    drop(file);
-    std::fs::remove_file(&path)?;
-    Ok((write, read))
+/// The blob written into a new file in the work directory with direct I/O,
+/// 1 MiB at a time: the disk references. Put and cold-read figures land on
+/// the disk tier, which writes this way, and a warm read of a blob larger
+/// than the memory tier comes back from it: on a slow disk these, not the
+/// CPU, bound them. Falls back to buffered I/O where the file system has no
+/// direct I/O, as the disk tier does. The file is removed when dropped.
+struct DirectFile {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Bytes written: whole blocks of the blob.
+    len: usize,
 }
+
+/// Direct transfers need aligned buffers.
+const DIRECT_ALIGN: usize = 4096;
+
+/// An aligned `len`-byte window into `backing`, which has [`DIRECT_ALIGN`]
+/// bytes to spare: a slice of a larger Vec, rather than an unsafe aligned
+/// allocation, for a reference figure.
+fn aligned(backing: &mut [u8], len: usize) -> &mut [u8] {
+    let skip = backing.as_ptr().align_offset(DIRECT_ALIGN);
+    &mut backing[skip..skip + len]
+}
+
+impl DirectFile {
+    const BLOCK: usize = 1 << 20;
+
+    /// Writes `data` into a new file in `dir`; returns it and how long the
+    /// writes took.
+    fn write(dir: &Path, data: &[u8]) -> anyhow::Result<(DirectFile, Duration)> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let path = dir.join("direct-io");
+        let open = |direct: bool| {
+            let mut options = std::fs::OpenOptions::new();
+            options.read(true).write(true).create(true).truncate(true);
+            if direct {
+                options.custom_flags(libc::O_DIRECT);
+            }
+            options.open(&path)
+        };
+        let file = match open(true) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(false),
+            other => other,
+        }
+        .with_context(|| format!("creating {}", path.display()))?;
+        let written = DirectFile {
+            path,
+            file,
+            len: data.len() - data.len() % Self::BLOCK,
+        };
+        let mut backing = vec![0u8; Self::BLOCK + DIRECT_ALIGN];
+        let buf = aligned(&mut backing, Self::BLOCK);
+        let started = Instant::now();
+        for (i, piece) in data[..written.len].chunks(Self::BLOCK).enumerate() {
+            buf.copy_from_slice(piece);
+            written.file.write_all_at(buf, (i * Self::BLOCK) as u64)?;
+        }
+        Ok((written, started.elapsed()))
+    }
+
+    /// How long reading the file back takes, 1 MiB at a time, one read
+    /// after the other.
+    fn read(&self) -> anyhow::Result<Duration> {
+        use std::os::unix::fs::FileExt;
+        let mut backing = vec![0u8; Self::BLOCK + DIRECT_ALIGN];
+        let buf = aligned(&mut backing, Self::BLOCK);
+        let started = Instant::now();
+        for i in 0..self.len / Self::BLOCK {
+            self.file.read_exact_at(buf, (i * Self::BLOCK) as u64)?;
+        }
+        Ok(started.elapsed())
+    }
+
+    /// How long reading the file takes the way a warm read from the disk
+    /// tier reads a blob's chunks: [`PARALLEL_READS`] threads, each
+    /// reading every that-many-th piece of [`PARALLEL_READ_LEN`] bytes.
+    fn read_parallel(&self) -> anyhow::Result<Duration> {
+        use std::os::unix::fs::FileExt;
+        let pieces = self.len / PARALLEL_READ_LEN;
+        let file = &self.file;
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..PARALLEL_READS)
+                .map(|first| {
+                    scope.spawn(move || -> std::io::Result<()> {
+                        let mut backing = vec![0u8; PARALLEL_READ_LEN + DIRECT_ALIGN];
+                        let buf = aligned(&mut backing, PARALLEL_READ_LEN);
+                        for piece in (first..pieces).step_by(PARALLEL_READS) {
+                            file.read_exact_at(buf, (piece * PARALLEL_READ_LEN) as u64)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            readers.into_iter().try_for_each(|reader| {
+                reader
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a reference reader panicked"))?
+                    .map_err(anyhow::Error::from)
+            })
+        })?;
+        Ok(started.elapsed())
+    }
+}
+
+impl Drop for DirectFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove a reference file");
+        }
+    }
+}
+
+/// The disk tier's reads on a warm read from its packs: this many reads in
+/// flight (its read-ahead), each of one default-size chunk.
+const PARALLEL_READS: usize = 16;
+const PARALLEL_READ_LEN: usize = 256 << 10;
 
 /// A blob of `size` bytes made from `seed`, and its digest.
 fn blob_and_digest(size: usize, seed: u64) -> (Bytes, B3Digest) {
