@@ -307,7 +307,6 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
             read_checked(&sidecar_client, &digest, &main),
         )
         .await?;
-        let direct_file = &direct_file;
         let parallel = tokio::task::block_in_place(|| direct_file.read_parallel())?;
         disk_parallel.push(mbps(direct_file.len, parallel));
     }
@@ -719,9 +718,9 @@ impl Drop for DirectFile {
 }
 
 /// The disk tier's reads on a warm read from its packs: this many reads in
-/// flight (its read-ahead), each of one default-size chunk.
-const PARALLEL_READS: usize = 16;
-const PARALLEL_READ_LEN: usize = 256 << 10;
+/// flight (its read-ahead), each of about one chunk of the default size.
+const PARALLEL_READS: usize = strata::kinds::disk::DIRECT_READ_AHEAD;
+const PARALLEL_READ_LEN: usize = strata::chunkstore::AVG_CHUNK_SIZE as usize;
 
 /// A blob of `size` bytes made from `seed`, and its digest.
 fn blob_and_digest(size: usize, seed: u64) -> (Bytes, B3Digest) {

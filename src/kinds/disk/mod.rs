@@ -81,6 +81,10 @@ mod packs;
 
 use packs::{Answer, Location, Packs, Sealed, Wrote};
 
+/// Chunks a reader keeps in flight from a disk tier that reads with direct
+/// I/O (see [`ChunkStore::read_ahead`] on [`DiskStore`]).
+pub const DIRECT_READ_AHEAD: usize = 16;
+
 /// Default `max_size` of a disk tier.
 pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
 
@@ -933,7 +937,11 @@ impl ChunkStore for DiskStore {
     /// 1143 with 16, about what the disk gives with that many reads at once
     /// (`docs/benchmarks.md`, "Packs with direct I/O").
     fn read_ahead(&self) -> usize {
-        if self.packs.direct() { 16 } else { 4 }
+        if self.packs.direct() {
+            DIRECT_READ_AHEAD
+        } else {
+            4
+        }
     }
 
     fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Vec<bool> {
