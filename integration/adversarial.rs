@@ -56,6 +56,9 @@ enum Lie {
     WrongChunks,
     /// Moves 1000 bytes from the first chunk's listed size to the second's.
     ChunkSizes,
+    /// Lists the first two chunks 2^63 bytes larger each: sizes no store
+    /// cuts, whose sum wraps around to the blob's true length.
+    HugeChunks,
     /// Drops the last byte of each read.
     Truncate,
     /// Appends bytes to each read.
@@ -77,6 +80,7 @@ const LIES: &[Lie] = &[
     Lie::FlipByte,
     Lie::WrongChunks,
     Lie::ChunkSizes,
+    Lie::HugeChunks,
     Lie::Truncate,
     Lie::Append,
     Lie::WrongOutboard,
@@ -152,6 +156,11 @@ impl GrpcBlobService for Liar {
                 Lie::ChunkSizes => {
                     resp.chunks[0].size -= 1000;
                     resp.chunks[1].size += 1000;
+                }
+                Lie::HugeChunks => {
+                    for chunk in &mut resp.chunks[..2] {
+                        chunk.size = chunk.size.wrapping_add(1 << 63);
+                    }
                 }
                 Lie::WrongOutboard => resp.bao = self.honest_stat(&self.other).await?.bao,
                 _ => {}

@@ -7,10 +7,10 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use prost::Message;
 use strata::B3Digest;
-use strata::blobservice::ChunkMeta;
+use strata::blobservice::{ChunkMeta, LARGEST_CHUNK};
 use strata::chunkstore::BlobIndex;
 use strata::proto::snix::{StatBlobResponse, stat_blob_response};
-use strata::verify::bao::outboard_of;
+use strata::verify::bao::{MAX_VERIFY_SHIFT, outboard_of};
 
 use crate::harness::fuzz_config;
 
@@ -40,10 +40,21 @@ fn decode_and_use(blob: &B3Digest, data: &[u8]) -> Option<BlobIndex> {
                 .iter()
                 .try_fold(0u64, |acc, c| acc.checked_add(c.size));
             assert_eq!(sum, Some(index.size), "size is not the sum of the chunks");
+            assert!(
+                index.chunks.iter().all(|c| c.size <= LARGEST_CHUNK),
+                "a chunk larger than any store cuts was accepted"
+            );
             // Taking the outboard out, checked or merely shaped, must not
-            // panic whatever the stored shift and bytes are.
+            // panic whatever the stored shift and bytes are; a checked one
+            // is never too coarse to stream with.
             let _ = index.outboard(blob, true);
-            let _ = index.outboard(blob, false);
+            if let Some(outboard) = index.outboard(blob, false) {
+                assert!(
+                    outboard.shift() <= MAX_VERIFY_SHIFT,
+                    "shift {}",
+                    outboard.shift()
+                );
+            }
             Some(index)
         }
     }
@@ -82,11 +93,11 @@ fn raw_index() -> impl Strategy<Value = StatBlobResponse> {
         })
 }
 
-/// An index as strata builds them (no overflow), with or without an
-/// arbitrary stored outboard.
+/// An index as strata builds them (chunks no larger than any store cuts),
+/// with or without an arbitrary stored outboard.
 fn generated_index() -> impl Strategy<Value = BlobIndex> {
     (
-        prop::collection::vec((digest(), 0u64..(1 << 40)), 1..12),
+        prop::collection::vec((digest(), 0u64..=LARGEST_CHUNK), 1..12),
         prop::option::of((0u8..=32, prop::collection::vec(any::<u8>(), 1..200))),
     )
         .prop_map(|(chunks, bao)| BlobIndex {
@@ -142,7 +153,7 @@ proptest! {
         let data = raw.encode_to_vec();
         let decoded = decode_and_use(&blob, &data);
         let well_formed = !raw.chunks.is_empty()
-            && raw.chunks.iter().all(|c| c.digest.len() == 32)
+            && raw.chunks.iter().all(|c| c.digest.len() == 32 && c.size <= LARGEST_CHUNK)
             && raw.chunks.iter().try_fold(0u64, |a, c| a.checked_add(c.size))
                 .is_some_and(|sum| raw.size == 0 || raw.size == sum)
             && (raw.bao.is_empty() || raw.bao_shift <= u32::from(u8::MAX));

@@ -125,6 +125,17 @@ pub enum VerifyError {
         /// What is wrong with it.
         why: String,
     },
+    /// A chunk list that cannot be the blob's: a chunk larger than any
+    /// store cuts ([`crate::blobservice::LARGEST_CHUNK`]), or sizes whose
+    /// sum overflows.
+    #[error(
+        "chunk list of blob {blob}: a chunk is larger than {} bytes, or the sizes overflow",
+        crate::blobservice::LARGEST_CHUNK
+    )]
+    BadChunkList {
+        /// The blob the list was offered for.
+        blob: B3Digest,
+    },
     /// A group of bytes does not match the blob's outboard at its offset.
     #[error("blob {blob}: the {len} bytes at offset {offset} do not match its outboard")]
     GroupMismatch {

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use crate::digest::B3Digest;
-use crate::error::Result;
+use crate::error::{Result, VerifyError};
 use crate::verify::{BlobProof, Outboard};
 
 /// One physical chunk of a blob: its digest and length.
@@ -42,6 +42,39 @@ pub struct ChunkMeta {
     pub digest: B3Digest,
     /// Length of the chunk in bytes.
     pub size: u64,
+}
+
+/// The largest chunk taken from any store: FastCDC v2020's largest
+/// maximum. strata cuts chunks of at most [`crate::chunkstore::MAX_CHUNK_SIZE`];
+/// a store chunking with other parameters may cut larger ones, never
+/// larger than this. A size above it in a peer's or a bucket's chunk list
+/// is a lie, refused before anything is allocated for it.
+pub const LARGEST_CHUNK: u64 = fastcdc::v2020::MAXIMUM_MAX as u64;
+
+/// The length of the blob `chunks` make up, or `None` if a chunk is larger
+/// than [`LARGEST_CHUNK`] or the sizes overflow a `u64`. Every chunk list
+/// that comes from outside the process passes through this before its
+/// sizes are used for a buffer or an offset.
+pub fn listed_len(chunks: &[ChunkMeta]) -> Option<u64> {
+    chunks.iter().try_fold(0u64, |len, c| {
+        (c.size <= LARGEST_CHUNK)
+            .then(|| len.checked_add(c.size))
+            .flatten()
+    })
+}
+
+/// Refuses a chunk listed larger than [`LARGEST_CHUNK`] before a byte of
+/// it is fetched or a buffer is sized for it.
+pub fn check_chunk_size(chunk: &ChunkMeta) -> std::result::Result<(), VerifyError> {
+    if chunk.size > LARGEST_CHUNK {
+        return Err(VerifyError::LengthMismatch {
+            what: "chunk",
+            expected: chunk.digest,
+            expected_len: LARGEST_CHUNK,
+            actual_len: chunk.size,
+        });
+    }
+    Ok(())
 }
 
 /// Verified chunks of a blob, in order: see [`BlobService::stream_chunks`].
@@ -256,4 +289,37 @@ pub async fn read_to_bytes(reader: &mut dyn BlobReader, limit: u64) -> Result<By
         )));
     }
     Ok(buf.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(size: u64) -> ChunkMeta {
+        ChunkMeta {
+            digest: B3Digest::of(&size.to_le_bytes()),
+            size,
+        }
+    }
+
+    #[test]
+    fn listed_len_sums_sane_lists() {
+        assert_eq!(listed_len(&[]), Some(0));
+        assert_eq!(
+            listed_len(&[chunk(3), chunk(LARGEST_CHUNK)]),
+            Some(LARGEST_CHUNK + 3)
+        );
+    }
+
+    #[test]
+    fn listed_len_refuses_oversize_chunks_and_wrapping_sums() {
+        assert_eq!(listed_len(&[chunk(LARGEST_CHUNK + 1)]), None);
+        // Each size too large, and their sum wraps around to 10.
+        assert_eq!(listed_len(&[chunk(1 << 63), chunk((1 << 63) + 10)]), None);
+        assert!(check_chunk_size(&chunk(LARGEST_CHUNK)).is_ok());
+        assert!(matches!(
+            check_chunk_size(&chunk(u64::MAX)),
+            Err(VerifyError::LengthMismatch { .. })
+        ));
+    }
 }

@@ -5,11 +5,12 @@
 use bytes::Bytes;
 use prost::Message;
 
-use crate::blobservice::ChunkMeta;
+use crate::blobservice::{ChunkMeta, LARGEST_CHUNK};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 use crate::proto::snix::{StatBlobResponse, stat_blob_response};
 use crate::verify::Outboard;
+use crate::verify::bao::MAX_VERIFY_SHIFT;
 
 /// The chunk list of a blob made of two or more chunks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +37,15 @@ impl BlobIndex {
     /// The stored outboard of blob `blob`, checked: fully (its tree hashes
     /// to the digest) unless `trusted`, in which case only its shape is.
     /// `None` if the index has none or it is unusable (logged).
+    /// An untrusted one coarser than [`MAX_VERIFY_SHIFT`] is unusable: a
+    /// reader holds a whole group back until it is proven, and the stored
+    /// shift would set that group's size.
     pub fn outboard(&self, blob: &B3Digest, trusted: bool) -> Option<Outboard> {
         let (shift, data) = self.bao.clone()?;
+        if !trusted && shift > MAX_VERIFY_SHIFT {
+            tracing::warn!(%blob, shift, "ignoring the stored outboard: too coarse to stream with");
+            return None;
+        }
         let checked = if trusted {
             Outboard::trusted(*blob, self.size, shift, data)
         } else {
@@ -110,6 +118,12 @@ fn checked_chunks(
     for c in stored {
         let digest = B3Digest::try_from(&c.digest)
             .map_err(|e| corrupt(blob, format!("chunk digest: {e}")))?;
+        if c.size > LARGEST_CHUNK {
+            return Err(corrupt(
+                blob,
+                format!("lists a chunk of {} bytes, over {LARGEST_CHUNK}", c.size),
+            ));
+        }
         size = size
             .checked_add(c.size)
             .ok_or_else(|| corrupt(blob, "chunk sizes overflow".into()))?;

@@ -134,7 +134,9 @@ impl<C: ChunkSource> ChunkedReader<C> {
         let mut acc = 0u64;
         offsets.push(0);
         for c in &chunks {
-            acc += c.size;
+            // Lists from outside come checked (`listed_len`); saturate
+            // rather than wrap on any other.
+            acc = acc.saturating_add(c.size);
             offsets.push(acc);
         }
         ChunkedReader {

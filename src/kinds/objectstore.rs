@@ -37,7 +37,11 @@ use crate::error::{Error, Result};
 const ZSTD_LEVEL: i32 = 3;
 /// No chunk decompresses to more than this: FastCDC v2020 never cuts a chunk
 /// larger than 16 MiB, so anything bigger is corrupt or hostile.
-const MAX_CHUNK_DECOMPRESSED: u64 = fastcdc::v2020::MAXIMUM_MAX as u64;
+const MAX_CHUNK_DECOMPRESSED: u64 = crate::blobservice::LARGEST_CHUNK;
+/// No stored chunk object is larger than this: zstd never makes a chunk
+/// more than a little larger than it was (`ZSTD_compressBound`), so twice
+/// the largest chunk leaves room for any encoder's framing.
+const MAX_CHUNK_OBJECT: u64 = 2 * MAX_CHUNK_DECOMPRESSED;
 
 /// Configuration of an `objectstore` tier (snix's field names).
 #[derive(Debug, Clone, Deserialize)]
@@ -166,9 +170,15 @@ impl ObjectStoreChunks {
         Error::Backend(format!("{}: {op} {key}: {e}", self.url))
     }
 
-    /// GETs an object; `None` if it does not exist.
-    async fn get_object(&self, key: &Path) -> Result<Option<Bytes>> {
+    /// GETs an object; `None` if it does not exist. One larger than
+    /// `limit` bytes is refused before its body is read: the bucket is not
+    /// trusted to bound what a read holds in memory.
+    async fn get_object(&self, key: &Path, limit: u64) -> Result<Option<Bytes>> {
         match self.store.get(key).await {
+            Ok(result) if result.meta.size > limit => Err(Error::Corrupt(format!(
+                "{}: {key} is {} bytes, more than the {limit} it may be",
+                self.url, result.meta.size
+            ))),
             Ok(result) => match result.bytes().await {
                 Ok(bytes) => Ok(Some(bytes)),
                 Err(e) => Err(self.backend_error("read", key, e)),
@@ -223,7 +233,10 @@ async fn blocking<T: Send + 'static>(
 impl ChunkStore for ObjectStoreChunks {
     #[instrument(skip(self), fields(url = %self.url, %digest), err)]
     async fn get_chunk(&self, digest: &B3Digest) -> Result<Option<Bytes>> {
-        let Some(compressed) = self.get_object(&self.chunk_key(digest)).await? else {
+        let Some(compressed) = self
+            .get_object(&self.chunk_key(digest), MAX_CHUNK_OBJECT)
+            .await?
+        else {
             return Ok(None);
         };
         let key = self.chunk_key(digest);
@@ -234,7 +247,10 @@ impl ChunkStore for ObjectStoreChunks {
     }
 
     async fn chunk_size(&self, digest: &B3Digest) -> Result<Option<u64>> {
-        let Some(compressed) = self.get_object(&self.chunk_key(digest)).await? else {
+        let Some(compressed) = self
+            .get_object(&self.chunk_key(digest), MAX_CHUNK_OBJECT)
+            .await?
+        else {
             return Ok(None);
         };
         // The frame header usually carries the size (strata's chunks always
@@ -268,7 +284,7 @@ impl ChunkStore for ObjectStoreChunks {
 
     #[instrument(skip(self), fields(url = %self.url, %digest), err)]
     async fn get_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
-        match self.get_object(&self.index_key(digest)).await? {
+        match self.get_object(&self.index_key(digest), u64::MAX).await? {
             Some(data) => BlobIndex::decode_shared(digest, data).map(Some),
             None => Ok(None),
         }

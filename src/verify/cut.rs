@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
 
-use crate::blobservice::{ChunkMeta, ChunkStream};
+use crate::blobservice::{ChunkMeta, ChunkStream, listed_len};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result, VerifyError};
 use crate::task::spawn_owned;
@@ -103,7 +103,9 @@ fn cut_unchecked<S>(
 where
     S: Stream<Item = Result<Bytes>> + Send + 'static,
 {
-    let listed: u64 = chunks.iter().map(|c| c.size).sum();
+    // A list whose sizes cannot be a blob's claims nothing worth a buffer.
+    let sane = listed_len(&chunks);
+    let listed = sane.unwrap_or(u64::MAX);
     let mismatch = move |actual_len: u64| -> Error {
         VerifyError::LengthMismatch {
             what: "blob",
@@ -114,6 +116,9 @@ where
         .into()
     };
     async_stream::try_stream! {
+        if sane.is_none() {
+            Err(Error::from(VerifyError::BadChunkList { blob }))?;
+        }
         let mut pieces = std::pin::pin!(pieces);
         // What is left of the last piece taken, and all bytes received.
         let mut rest = Bytes::new();

@@ -517,7 +517,15 @@ impl Packs {
                 return (w, Answer::Now(Ok(())));
             }
             if w.staged.contains(&digest) {
-                w = self.wait(w);
+                // Another append staged it. Its batch is written by whoever
+                // is writing now, or else by this append: its stager may
+                // have left it to the writer this append just was, and
+                // then nobody else would come to write it.
+                w = if unled(&w) {
+                    self.lead(w, sealed, added)
+                } else {
+                    self.wait(w)
+                };
                 continue;
             }
             let full = w

@@ -831,3 +831,39 @@ async fn concurrent_appends_are_written_together_and_each_reads_back() {
         assert_eq!(got.as_ref(), Some(c));
     }
 }
+
+/// Appends of one chunk by several writers at once, while other appends
+/// fill the pack's tail, all finish: an append that finds its chunk staged
+/// by another, with nobody writing that batch, writes it rather than wait
+/// for a writer that may never come (a Put ending in repeated chunks, such
+/// as the zeros at the end of a disk image, once hung there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_of_one_chunk_at_once_all_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DiskStore::open(dir.path().into(), 1 << 30).await.unwrap());
+    // Records of 700 KiB: two fill a batch, so appends find the tail full
+    // and write it themselves often.
+    for round in 0..200u64 {
+        let shared = Bytes::from(pseudo_random(700 << 10, 1_000 + round));
+        let shared_digest = B3Digest::of(&shared);
+        let mut tasks = tokio::task::JoinSet::new();
+        for writer in 0..16u64 {
+            let store = store.clone();
+            let shared = shared.clone();
+            tasks.spawn(async move {
+                let own = Bytes::from(pseudo_random(700 << 10, round * 100 + writer));
+                store.put_chunk(B3Digest::of(&own), own).await.unwrap();
+                store.put_chunk(shared_digest, shared).await.unwrap();
+            });
+        }
+        let all = async {
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap();
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), all)
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: appends of one chunk hung"));
+        assert_eq!(store.get_chunk(&shared_digest).await.unwrap(), Some(shared));
+    }
+}

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::blobservice::ChunkMeta;
+use crate::blobservice::{ChunkMeta, listed_len};
 use crate::chunkstore::MAX_CHUNK_SIZE;
 use crate::digest::B3Digest;
 use crate::error::VerifyError;
@@ -89,7 +89,9 @@ impl Inlined {
         chunks: &[ChunkMeta],
         data: Bytes,
     ) -> Result<(), VerifyError> {
-        let listed: u64 = chunks.iter().map(|c| c.size).sum();
+        let Some(listed) = listed_len(chunks) else {
+            return Err(VerifyError::BadChunkList { blob: *blob });
+        };
         if listed != data.len() as u64 {
             return Err(VerifyError::LengthMismatch {
                 what: "inline blob",

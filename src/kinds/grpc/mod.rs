@@ -68,7 +68,7 @@ use tracing::{debug, instrument, warn};
 use crate::addr::{AuthChannel, BearerToken, DEFAULT_MAX_MESSAGE_SIZE, PeerAddr};
 use crate::blobservice::{
     BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, ChunkStream,
-    PutResult,
+    PutResult, check_chunk_size, listed_len,
 };
 use crate::chunkstore::{ChunkedReader, OpenStream, ServiceChunks, StreamedReader};
 use crate::composition::{BuildContext, TierConfig};
@@ -583,7 +583,11 @@ impl GrpcBlobService {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let chunk_sum = (!chunks.is_empty()).then(|| chunks.iter().map(|c| c.size).sum::<u64>());
+        let chunk_sum = match listed_len(&chunks) {
+            _ if chunks.is_empty() => None,
+            Some(sum) => Some(sum),
+            None => return Err(VerifyError::BadChunkList { blob: *digest }.into()),
+        };
         let size = match (resp.size, chunk_sum) {
             (0, sum) => sum,
             (size, Some(sum)) if size != sum => {
@@ -840,6 +844,8 @@ impl BlobService for GrpcBlobService {
     /// came in one piece) and hashed once, rather than spooled and read
     /// back.
     async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+        // The pieces are gathered up to the listed size: bound it first.
+        check_chunk_size(chunk)?;
         // Checked against the digest when kept, and a digest has one length.
         if let Some(data) = self
             .inlined

@@ -75,12 +75,12 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::blobservice::{
-    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, ChunkStream, Pieces,
-    PutResult, SharedSpool,
+    BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, ChunkStream,
+    LARGEST_CHUNK, Pieces, PutResult, SharedSpool, check_chunk_size,
 };
 use crate::composition::{BuildContext, TierConfig};
 use crate::digest::B3Digest;
-use crate::error::{Error, Result, VerifyError, absent_unless_failed};
+use crate::error::{Error, Result, absent_unless_failed};
 use crate::metrics::{Metrics, TierMetrics};
 use crate::singleflight::SingleFlight;
 use crate::verify::{
@@ -88,8 +88,6 @@ use crate::verify::{
 };
 use tap::{Tap, TapReader};
 
-/// No chunk is larger than this (FastCDC v2020's maximum).
-const MAX_CHUNK_SIZE: u64 = fastcdc::v2020::MAXIMUM_MAX as u64;
 /// Blobs up to this size are proven by hashing them whole, not against
 /// their source's outboard: asking for it would cost a round trip (a peer
 /// sends a blob this small inline with the Stat that located it), and
@@ -128,7 +126,7 @@ fn fills_as_fetched(stat: &BlobStat) -> bool {
 /// blob's own digest: it lists fewer than two chunks and is no larger than
 /// a chunk may be.
 fn fetched_whole(stat: &BlobStat) -> bool {
-    stat.chunks.len() < 2 && stat.size <= MAX_CHUNK_SIZE
+    stat.chunks.len() < 2 && stat.size <= LARGEST_CHUNK
 }
 
 /// Blob `digest` of `stat` as the one chunk a fill fetches it as when
@@ -148,7 +146,7 @@ fn keeps_chunk_list(stat: &BlobStat) -> bool {
         return false;
     };
     stat.chunks.len() >= 2
-        && stat.chunks.iter().all(|c| c.size <= MAX_CHUNK_SIZE)
+        && stat.chunks.iter().all(|c| c.size <= LARGEST_CHUNK)
         && init.iter().all(|c| c.size >= MIN_KEPT_CHUNK)
 }
 
@@ -592,7 +590,7 @@ impl Inner {
         if stat.size <= CHECKED_WHOLE_MAX {
             return Ok(None);
         }
-        if stat.chunks.len() >= 2 || stat.size > MAX_CHUNK_SIZE {
+        if stat.chunks.len() >= 2 || stat.size > LARGEST_CHUNK {
             self.source_outboard(digest, k).await
         } else {
             Ok(None)
@@ -736,15 +734,7 @@ impl Inner {
     /// One chunk of `blob`, verified: from the nearest fill tier before `k`
     /// that holds it, else from tier `k` or a later one.
     async fn fetch_chunk(&self, blob: &B3Digest, chunk: ChunkMeta, k: usize) -> Result<Bytes> {
-        if chunk.size > MAX_CHUNK_SIZE {
-            return Err(VerifyError::LengthMismatch {
-                what: "chunk",
-                expected: chunk.digest,
-                expected_len: MAX_CHUNK_SIZE,
-                actual_len: chunk.size,
-            }
-            .into());
-        }
+        check_chunk_size(&chunk)?;
         let sources = self.near_caches(k).into_iter().chain(&self.members[k..]);
         // Tiers that returned something other than the listed chunk. Whose
         // lie that is shows only at the end: if another tier has the chunk
@@ -1485,6 +1475,6 @@ mod tests {
         assert!(!keeps_chunk_list(&stat_of(&[300_000])));
         // A tiny chunk before the last, or an oversize one.
         assert!(!keeps_chunk_list(&stat_of(&[300_000, 100, 300_000])));
-        assert!(!keeps_chunk_list(&stat_of(&[MAX_CHUNK_SIZE + 1, 300_000])));
+        assert!(!keeps_chunk_list(&stat_of(&[LARGEST_CHUNK + 1, 300_000])));
     }
 }
