@@ -174,3 +174,26 @@ async fn read_only_servers_refuse_puts_and_keep_serving() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// A Stat or Read request is a digest and a few small fields: one larger
+/// than `MAX_REQUEST_MESSAGE` is refused at its length prefix, whatever
+/// `max_message_size` allows for Puts, so streams that never finish their
+/// requests cannot each hold megabytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversize_requests_are_refused() {
+    let daemon = Daemon::start(None);
+    let addr = daemon.tcp_addr();
+    let oversize = Bytes::from(vec![0x42; strata::server::MAX_REQUEST_MESSAGE + 1]);
+    for tvix in [false, true] {
+        assert_eq!(
+            stat_code(&addr, tvix, oversize.clone()).await,
+            Code::OutOfRange,
+            "Stat"
+        );
+        assert_eq!(
+            read_code(&addr, tvix, oversize.clone()).await,
+            Code::OutOfRange,
+            "Read"
+        );
+    }
+}

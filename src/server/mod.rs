@@ -35,6 +35,21 @@ use zero_copy::ZeroCopy;
 /// Default cap on blobs returned inline by Stat.
 pub const DEFAULT_MAX_INLINE_SIZE: u64 = 1024 * 1024;
 
+/// The largest Stat or Read request message taken. Each is a digest and a
+/// few small fields, under 100 bytes; one announced larger is refused at
+/// its length prefix, so a stream that never completes its request holds
+/// no more than this (its bearer token is checked once the request is
+/// whole).
+pub const MAX_REQUEST_MESSAGE: usize = 4 << 10;
+/// Streams one connection may have open at once. h2 leaves them unbounded
+/// unless told; a client past it waits for a stream to end, as HTTP/2
+/// clients do. With [`MAX_REQUEST_MESSAGE`] it bounds what one connection's
+/// unfinished requests hold.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// How long a connection may be silent before the server pings it.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default time in-flight requests get to finish after shutdown begins.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -180,17 +195,17 @@ pub async fn serve(
 
     let server = BlobServer::new(service, &opts);
     // Read and Put move their payloads without tonic's per-message copy;
-    // the rest is the generated servers'.
+    // the rest (Stat) is the generated servers'.
     let snix_svc = ZeroCopy::new(
         snix::blob_service_server::BlobServiceServer::new(server.clone())
-            .max_decoding_message_size(opts.max_message_size)
+            .max_decoding_message_size(MAX_REQUEST_MESSAGE)
             .max_encoding_message_size(opts.max_message_size),
         server.clone(),
         "snix",
     );
     let tvix_svc = ZeroCopy::new(
         tvix::blob_service_server::BlobServiceServer::new(server.clone())
-            .max_decoding_message_size(opts.max_message_size)
+            .max_decoding_message_size(MAX_REQUEST_MESSAGE)
             .max_encoding_message_size(opts.max_message_size),
         server,
         "tvix",
@@ -211,6 +226,12 @@ pub async fn serve(
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            // A client that vanishes (powered off, a cable pulled) sends no
+            // FIN; without pings its streams, and the admission slots they
+            // hold, would stay open for as long as the server waits on it.
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .tcp_nodelay(true)
     };
     if opts.tls.is_some() {
@@ -229,7 +250,9 @@ pub async fn serve(
         match b {
             Bound::Tcp(listener) => {
                 info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening (tcp)");
-                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                let incoming = TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(KEEPALIVE_INTERVAL));
                 let mut server = builder();
                 if let Some(tls) = &tls {
                     server = server

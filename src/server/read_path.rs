@@ -39,7 +39,7 @@ pub(super) async fn read(
     req: http::Request<Body>,
 ) -> http::Response<Body> {
     let answer = async {
-        let request = decode_request(req, server.max_message_size()).await?;
+        let request = decode_request(req, super::MAX_REQUEST_MESSAGE).await?;
         server.read_pieces(request, package).await
     };
     match answer.await {
