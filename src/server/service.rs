@@ -39,7 +39,8 @@ const MESSAGE_OVERHEAD: usize = 16;
 /// stored.
 pub const COMPUTE_LIMIT: u64 = 16 * 1024 * 1024;
 
-/// Room left in a Stat response for everything but the outboard.
+/// Room left in a Stat response for its framing and small fields, beside
+/// the chunk list and the outboard.
 const STAT_HEADROOM: usize = 4096;
 
 /// Serves a [`BlobService`] over gRPC.
@@ -133,6 +134,14 @@ impl BlobServer {
                     size: c.size,
                 })
                 .collect();
+            // The list of a blob of tens of GiB does not fit one message:
+            // sent, it would fail the whole Stat (tonic refuses to encode
+            // it), and a stock client reads nothing. Without it the answer
+            // says "no finer chunking", and the client reads the blob whole.
+            if resp.encoded_len() + STAT_HEADROOM > self.max_message_size {
+                debug!(%digest, chunks = resp.chunks.len(), "chunk list too long for one message; left out");
+                resp.chunks = Vec::new();
+            }
         }
         let inline = stat.size <= req.inline_max_size.min(self.max_inline_size) && stat.size > 0;
         if req.send_bao {
