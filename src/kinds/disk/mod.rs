@@ -624,9 +624,18 @@ fn account(index: &moka::sync::Cache<Entry, u64>, occupancy: &Gauge, wrote: Wrot
     wrote.staged_left
 }
 
-/// Whether chunk `digest` is stored, in a pack or a file of its own.
+/// Whether chunk `digest` is stored, in a pack or a file of its own. One
+/// that is counts as a use of where it is: a Put or a fill that skips it
+/// relies on it staying, as much as a read does, and would otherwise
+/// publish a blob whose oldest chunks the next seal evicts.
 fn stored(packs: &Packs, index: &moka::sync::Cache<Entry, u64>, digest: &B3Digest) -> bool {
-    packs.contains(digest) || index.contains_key(&Entry::File(ObjectKey::Chunk(*digest)))
+    match packs.locate(digest) {
+        Some(at) => {
+            let _ = index.get(&Entry::Pack(at.pack));
+            true
+        }
+        None => index.get(&Entry::File(ObjectKey::Chunk(*digest))).is_some(),
+    }
 }
 
 impl DiskStore {

@@ -867,3 +867,28 @@ async fn appends_of_one_chunk_at_once_all_finish() {
         assert_eq!(store.get_chunk(&shared_digest).await.unwrap(), Some(shared));
     }
 }
+
+/// A Put that skips chunks the tier holds counts them as used: their packs
+/// outlive packs read or written after them, so the blob the Put published
+/// is whole even when its own new chunks make the tier evict.
+#[tokio::test]
+async fn chunks_a_put_skips_are_kept_over_older_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    // Packs of 1 MiB, and room for about 31 of them.
+    let svc = open(dir.path(), 32 << 20).await;
+    let first = pseudo_random(4 << 20, 41);
+    put(&svc, &first).await;
+    for seed in 0..5 {
+        put(&svc, &pseudo_random(4 << 20, 100 + seed)).await;
+    }
+    // The first blob's chunks, then new ones: storing them evicts the
+    // oldest packs, which held the first blob's chunks.
+    let mut second = first.clone();
+    second.extend_from_slice(&pseudo_random(12 << 20, 42));
+    let digest = put(&svc, &second).await;
+    assert!(
+        svc.has(&digest).await.unwrap(),
+        "a blob just put lost chunks it skipped"
+    );
+    assert!(read_all(&svc, &digest).await == second);
+}
