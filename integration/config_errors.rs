@@ -250,3 +250,21 @@ fn bad_socket_mode() {
         &["[server]", "octal mode"],
     );
 }
+
+/// Values that parse but would overflow what is made of them (a deadline,
+/// a channel) are refused at start-up, not left to panic later.
+#[test]
+fn out_of_range_durations_and_queues() {
+    assert_rejected(
+        "[blobservices.root]\ntype = \"grpc\"\nurl = \"grpc+http://127.0.0.1:1\"\n\
+         idle_timeout = \"10000000000000000000s\"\n",
+        4,
+        &["tier `root`", "longer than 100 years"],
+    );
+    assert_rejected(
+        "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"m\"]\nfill = \"async\"\n\
+         fill_queue = 4611686018427387904\n\n[blobservices.m]\ntype = \"memory\"\n",
+        1,
+        &["tier `root`", "`fill_queue`"],
+    );
+}

@@ -4,7 +4,13 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer};
 
-/// A duration written as `"50ms"`, `"5s"`, `"1m 30s"` (humantime syntax).
+/// The longest duration a configuration may set: a century, longer than any
+/// timeout or interval needs. Much longer ones (humantime takes up to
+/// about 5·10^11 years) would overflow the deadlines made from them.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+
+/// A duration written as `"50ms"`, `"5s"`, `"1m 30s"` (humantime syntax),
+/// at most [`MAX_DURATION`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Duration(pub std::time::Duration);
 
@@ -12,9 +18,13 @@ impl std::str::FromStr for Duration {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        humantime::parse_duration(s)
-            .map(Duration)
-            .map_err(|e| format!("invalid duration {s:?}: {e} (expected e.g. \"50ms\" or \"5s\")"))
+        let d = humantime::parse_duration(s).map_err(|e| {
+            format!("invalid duration {s:?}: {e} (expected e.g. \"50ms\" or \"5s\")")
+        })?;
+        if d > MAX_DURATION {
+            return Err(format!("duration {s:?} is longer than 100 years"));
+        }
+        Ok(Duration(d))
     }
 }
 
@@ -43,5 +53,8 @@ mod tests {
         );
         assert_eq!("5s".parse::<Duration>().unwrap().to_string(), "5s");
         assert!("soon".parse::<Duration>().is_err());
+        assert!("100years".parse::<Duration>().is_ok());
+        let err = "10000000000000000000s".parse::<Duration>().unwrap_err();
+        assert!(err.contains("longer than 100 years"), "{err}");
     }
 }

@@ -102,6 +102,11 @@ const DEFAULT_READ_AHEAD: usize = 8;
 const DISTRUST_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 /// Most digests a tier is distrusted for at once (about 100 bytes each).
 const DISTRUSTED_PER_TIER: u64 = 16_384;
+/// Largest bound of the async fill queue a configuration may set: each
+/// queued fill holds a verified spool, so a queue this long is already more
+/// than a cache should hold back (and tokio's channels refuse bounds past
+/// `usize::MAX >> 3`).
+const MAX_FILL_QUEUE: usize = 1 << 20;
 /// Default bound of the async fill queue.
 const DEFAULT_FILL_QUEUE: usize = 64;
 /// Size of the pieces a whole-blob fetch is streamed in.
@@ -221,6 +226,9 @@ impl TierConfig for TiersConfig {
             if !self.tiers.contains(f) {
                 return Err(format!("`fill_to` names `{f}`, which is not in `tiers`"));
             }
+        }
+        if let Some(n) = self.fill_queue.filter(|&n| n > MAX_FILL_QUEUE) {
+            return Err(format!("`fill_queue` = {n} is more than {MAX_FILL_QUEUE}"));
         }
         Ok(())
     }
