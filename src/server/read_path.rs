@@ -162,6 +162,14 @@ mod tests {
             .insert("grpc-encoding", http::HeaderValue::from_static("gzip"));
         let (_, status) = answer(svc.clone().oneshot(gzip).await.unwrap()).await;
         assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+        assert_eq!(
+            status
+                .metadata()
+                .get("grpc-accept-encoding")
+                .and_then(|v| v.to_str().ok()),
+            Some("identity"),
+            "{status:?}"
+        );
 
         let huge = ReadBlobRequest {
             digest: Bytes::from(vec![1u8; 4096]),

@@ -86,13 +86,21 @@ where
 }
 
 /// Refuses a compressed request the way tonic does: this server enables no
-/// compression.
+/// compression, and says which encoding it takes (`grpc-accept-encoding`),
+/// as the gRPC compression spec asks and tonic's Stat answers do.
 pub(super) fn refuse_compressed(req: &http::Request<Body>) -> Result<(), Status> {
     match req.headers().get("grpc-encoding") {
-        Some(encoding) if encoding != "identity" => Err(Status::unimplemented(format!(
-            "Content is compressed with `{}` which isn't supported",
-            String::from_utf8_lossy(encoding.as_bytes())
-        ))),
+        Some(encoding) if encoding != "identity" => {
+            let mut status = Status::unimplemented(format!(
+                "Content is compressed with `{}` which isn't supported",
+                String::from_utf8_lossy(encoding.as_bytes())
+            ));
+            status.metadata_mut().insert(
+                "grpc-accept-encoding",
+                tonic::metadata::MetadataValue::from_static("identity"),
+            );
+            Err(status)
+        }
         _ => Ok(()),
     }
 }
