@@ -268,3 +268,32 @@ fn out_of_range_durations_and_queues() {
         &["tier `root`", "`fill_queue`"],
     );
 }
+
+/// Settings only building a tier can check (an object store URL's scheme,
+/// a chunk size, a file to read) fail `serve` with the file, the line and
+/// the tier too.
+#[test]
+fn serve_names_the_tier_a_build_fails_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[blobservices.near]\ntype = \"memory\"\n\n\
+         [blobservices.root]\ntype = \"objectstore\"\nobject_store_url = \"memory:///\"\navg_chunk_size = 5\n",
+    )
+    .unwrap();
+    let out = cli(&[
+        "serve",
+        "--config",
+        path.to_str().unwrap(),
+        "--listen",
+        dir.path().join("s.sock").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:4: tier `root`:", path.display()))
+            && stderr.contains("avg_chunk_size 5"),
+        "{stderr}"
+    );
+}

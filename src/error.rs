@@ -15,6 +15,11 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 
+    /// A tier could not be built from its configuration: the message names
+    /// the file, the line and the tier.
+    #[error("{0}")]
+    Config(String),
+
     /// Data failed verification against the digest it was requested by.
     #[error("verification failed: {0}")]
     Verification(#[from] VerifyError),

@@ -96,7 +96,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let root = composition
         .build_with_metrics(&opts.metrics)
         .await
-        .with_context(|| format!("building the tiers of {}", composition.file))?;
+        .context("building the tiers")?;
     info!(file = %composition.file, "tiers built:\n{}", composition.describe());
 
     let shutdown = CancellationToken::new();

@@ -402,7 +402,13 @@ impl Composition {
         for name in order.into_iter().filter(|n| reachable.contains(n)) {
             let spec = &self.tiers[&name];
             ctx.current.clone_from(&name);
-            let mut service = spec.config.build(&ctx).await?;
+            // Some settings can only be checked by building (a URL's
+            // scheme, a chunk size, a file to read): their errors name the
+            // tier and its line too.
+            let mut service =
+                spec.config.build(&ctx).await.map_err(|e| {
+                    crate::Error::Config(self.error(&name, e.to_string()).to_string())
+                })?;
             if let Some(timeout) = spec.timeout {
                 service = Arc::new(TimeoutService::new(service, name.clone(), timeout.0));
             }

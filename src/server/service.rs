@@ -347,7 +347,7 @@ pub fn to_status(err: Error) -> Status {
         | Error::AllTiersFailed(_)
         | Error::Timeout { .. }
         | Error::CircuitOpen { .. } => Status::unavailable(err.to_string()),
-        Error::Shared(_) => Status::internal(err.to_string()),
+        Error::Shared(_) | Error::Config(_) => Status::internal(err.to_string()),
         Error::ReadOnly(_) => Status::permission_denied(err.to_string()),
         Error::Peer { .. } | Error::Connect { .. } => Status::unavailable(err.to_string()),
         // gRPC's own definition of RESOURCE_EXHAUSTED names a full file
