@@ -53,7 +53,7 @@ mod tests {
         );
         assert_eq!("5s".parse::<Duration>().unwrap().to_string(), "5s");
         assert!("soon".parse::<Duration>().is_err());
-        assert!("100years".parse::<Duration>().is_ok());
+        assert!("36500days".parse::<Duration>().is_ok());
         let err = "10000000000000000000s".parse::<Duration>().unwrap_err();
         assert!(err.contains("longer than 100 years"), "{err}");
     }
