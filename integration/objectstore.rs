@@ -308,6 +308,36 @@ async fn decompression_bombs_are_refused() {
     assert_eq!(failure.code(), tonic::Code::DataLoss);
 }
 
+/// A chunk object larger than any chunk compresses to is refused by its
+/// size, before its body is read into memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversize_chunk_objects_are_refused_unread() {
+    let bucket = tempfile::tempdir().unwrap();
+    let root = bucket.path();
+    let digest = B3Digest::of(b"an object far larger than a chunk");
+    let path = object_path(root, "chunks", &digest);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    // Sparse: 64 GiB on paper, nothing on disk.
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(64 << 30)
+        .unwrap();
+    let daemon = start(objectstore_config(
+        &format!("file://{}", root.display()),
+        None,
+    ))
+    .await;
+    let failure = read_blob(&daemon.tcp_addr(), &digest)
+        .await
+        .expect_err("an oversize object was served");
+    assert_eq!(failure.code(), tonic::Code::DataLoss);
+    assert!(
+        daemon.log_text().contains("more than the"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
 /// Digests of the FastCDC v2020 chunks of `data` (snix's parameters).
 fn chunk_digests(data: &[u8]) -> Vec<B3Digest> {
     fastcdc::v2020::StreamCDC::new(std::io::Cursor::new(data), 128 << 10, 256 << 10, 512 << 10)
