@@ -73,12 +73,17 @@ pub fn file_name(id: u64) -> String {
     format!("{id:016x}")
 }
 
+/// Pack ids stay below this. Ids count up from 0, one per pack, so the
+/// store never gets near it; a file named above it is not one of its packs,
+/// and taken for one it would make the next id overflow.
+pub const MAX_ID: u64 = 1 << 62;
+
 /// The id in a pack's name, if `name` is one.
 pub fn parse_name(name: &str) -> Option<u64> {
     if name.len() != 16 || !name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
-    u64::from_str_radix(name, 16).ok()
+    u64::from_str_radix(name, 16).ok().filter(|&id| id < MAX_ID)
 }
 
 /// The bytes in front of a record of `len` bytes named `digest`.
@@ -382,8 +387,9 @@ mod tests {
     #[test]
     fn names_round_trip_and_nothing_else_parses() {
         assert_eq!(parse_name(&file_name(0x2a)), Some(0x2a));
-        assert_eq!(parse_name(&file_name(u64::MAX)), Some(u64::MAX));
+        assert_eq!(parse_name(&file_name(MAX_ID - 1)), Some(MAX_ID - 1));
         for name in [
+            "ffffffffffffffff",
             "2a",
             "000000000000002A",
             "00000000000000zz",

@@ -893,3 +893,16 @@ async fn chunks_a_put_skips_are_kept_over_older_ones() {
     );
     assert!(read_all(&svc, &digest).await == second);
 }
+
+/// A stray file named like a pack with the largest id is not taken for
+/// one: the store opens, and its next pack's id does not overflow.
+#[tokio::test]
+async fn a_stray_file_with_the_largest_pack_name_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("packs")).unwrap();
+    std::fs::write(dir.path().join("packs").join("ffffffffffffffff"), b"stray").unwrap();
+    let svc = open(dir.path(), 1 << 30).await;
+    let blob = pseudo_random(3 << 20, 77);
+    let digest = put(&svc, &blob).await;
+    assert!(read_all(&svc, &digest).await == blob);
+}
