@@ -88,7 +88,23 @@ impl BlobIndex {
     /// Like [`BlobIndex::decode`], without copying: the outboard is a view
     /// of `data`, and the chunk digests are read in place.
     pub fn decode_shared(blob: &B3Digest, data: Bytes) -> Result<Self> {
+        BlobIndex::decode_stated(blob, data, false)
+    }
+
+    /// Like [`BlobIndex::decode_shared`], for an index strata wrote, which
+    /// always states the blob's size: one that does not was cut short. A
+    /// cut at a chunk's boundary still parses, and without the stated size
+    /// to check the list against it would read as a shorter blob, each of
+    /// its chunks sound.
+    pub fn decode_written(blob: &B3Digest, data: Bytes) -> Result<Self> {
+        BlobIndex::decode_stated(blob, data, true)
+    }
+
+    fn decode_stated(blob: &B3Digest, data: Bytes, size_stated: bool) -> Result<Self> {
         let msg = StatBlobResponse::decode(data).map_err(|e| corrupt(blob, e.to_string()))?;
+        if size_stated && msg.size == 0 {
+            return Err(corrupt(blob, "states no size: cut short".into()));
+        }
         let (size, chunks) = checked_chunks(blob, &msg.chunks, msg.size)?;
         let bao = match u8::try_from(msg.bao_shift) {
             _ if msg.bao.is_empty() => None,

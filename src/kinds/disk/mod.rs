@@ -797,7 +797,7 @@ impl DiskStore {
             }
             Err(e) => return Err(e.into()),
         };
-        match BlobIndex::decode_shared(digest, data) {
+        match BlobIndex::decode_written(digest, data) {
             Ok(index) => {
                 let list = Arc::new(CachedList::new(index, file));
                 self.lists.insert(*digest, list.clone());
@@ -1007,7 +1007,7 @@ impl ChunkStore for DiskStore {
         }
         if matches!(list.inline, InlineOutboard::Large)
             && let Some(data) = self.read_file(ObjectKey::Index(*digest)).await?
-            && let Ok(index) = BlobIndex::decode_shared(digest, data)
+            && let Ok(index) = BlobIndex::decode_written(digest, data)
         {
             return Ok(Some(index));
         }

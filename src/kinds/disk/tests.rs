@@ -906,3 +906,32 @@ async fn a_stray_file_with_the_largest_pack_name_is_ignored() {
     let digest = put(&svc, &blob).await;
     assert!(read_all(&svc, &digest).await == blob);
 }
+
+/// An index file cut short at a chunk's boundary still parses, but has
+/// lost the size written after the chunks: it is found damaged and
+/// removed, not read as a shorter blob.
+#[tokio::test]
+async fn an_index_cut_at_a_chunk_boundary_is_damaged_not_shorter() {
+    use prost::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let digest = {
+        let svc = open(dir.path(), 1 << 30).await;
+        put(&svc, &pseudo_random(LARGE, 30)).await
+    };
+    let path = file(dir.path(), ObjectKey::Index(digest));
+    let whole =
+        crate::proto::snix::StatBlobResponse::decode(&std::fs::read(&path).unwrap()[..]).unwrap();
+    assert!(whole.chunks.len() > 2 && whole.size > 0);
+    // What a cut after the second chunk's entry leaves.
+    let cut = crate::proto::snix::StatBlobResponse {
+        chunks: whole.chunks[..2].to_vec(),
+        ..Default::default()
+    };
+    std::fs::write(&path, cut.encode_to_vec()).unwrap();
+
+    let svc = open(dir.path(), 1 << 30).await;
+    assert_eq!(svc.stat(&digest).await.unwrap(), None);
+    assert!(svc.open_read(&digest).await.unwrap().is_none());
+    assert!(!path.exists(), "the damaged index was kept");
+}
