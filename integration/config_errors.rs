@@ -136,11 +136,12 @@ fn missing_root() {
     assert!(stderr.contains("no tier named `root`"), "{stderr}");
 }
 
-#[test]
-fn serve_refuses_a_bad_file_with_the_same_message() {
+/// Runs `strata serve` on `text`, which must make it fail; returns the
+/// file's path and what it printed on stderr.
+fn serve_failure(text: &str) -> (String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[blobservices.root]\ntype = \"memory\"\nsize = 1\n").unwrap();
+    std::fs::write(&path, text).unwrap();
     let out = cli(&[
         "serve",
         "--config",
@@ -148,11 +149,18 @@ fn serve_refuses_a_bad_file_with_the_same_message() {
         "--listen",
         dir.path().join("s.sock").to_str().unwrap(),
     ]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served:\n{text}");
+    (
+        path.display().to_string(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn serve_refuses_a_bad_file_with_the_same_message() {
+    let (path, stderr) = serve_failure("[blobservices.root]\ntype = \"memory\"\nsize = 1\n");
     assert!(
-        stderr.contains(&format!("{}:3:", path.display()))
-            && stderr.contains("unknown field `size`"),
+        stderr.contains(&format!("{path}:3:")) && stderr.contains("unknown field `size`"),
         "{stderr}"
     );
 }
@@ -274,26 +282,12 @@ fn out_of_range_durations_and_queues() {
 /// the tier too.
 #[test]
 fn serve_names_the_tier_a_build_fails_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
+    let (path, stderr) = serve_failure(
         "[blobservices.near]\ntype = \"memory\"\n\n\
          [blobservices.root]\ntype = \"objectstore\"\nobject_store_url = \"memory:///\"\navg_chunk_size = 5\n",
-    )
-    .unwrap();
-    let out = cli(&[
-        "serve",
-        "--config",
-        path.to_str().unwrap(),
-        "--listen",
-        dir.path().join("s.sock").to_str().unwrap(),
-    ]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    );
     assert!(
-        stderr.contains(&format!("{}:4: tier `root`:", path.display()))
-            && stderr.contains("avg_chunk_size 5"),
+        stderr.contains(&format!("{path}:4: tier `root`:")) && stderr.contains("avg_chunk_size 5"),
         "{stderr}"
     );
 }

@@ -6,7 +6,7 @@
 use strata::proto::snix::{BlobChunk, ReadBlobRequest, StatBlobRequest};
 use tonic::Code;
 
-use crate::harness::{Daemon, metric, put_blob, snix_client, start_daemon, test_data};
+use crate::harness::{Daemon, metric, put_blob, read_blob, snix_client, start_daemon, test_data};
 
 /// Starts a Read of `digest` and takes its first message only: the server's
 /// stream then waits on flow control, holding its slot.
@@ -183,16 +183,6 @@ async fn a_chunk_list_too_long_for_a_message_is_left_out() {
         "{} chunks listed",
         stat.chunks.len()
     );
-    let mut stream = snix_client(&addr)
-        .read(ReadBlobRequest {
-            digest: digest.into(),
-        })
-        .await
-        .expect("read")
-        .into_inner();
-    let mut got = Vec::new();
-    while let Some(msg) = stream.message().await.expect("read message") {
-        got.extend_from_slice(&msg.data);
-    }
+    let got = read_blob(&addr, &digest).await.expect("read");
     assert!(got == data, "the blob reads back whole");
 }
