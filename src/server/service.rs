@@ -17,7 +17,7 @@ use super::ServeOptions;
 use super::limits::{Client, Limits, Slot};
 use crate::blobservice::{BlobReader, BlobService, BlobStat, Pieces, read_to_bytes};
 use crate::chunkstore::MAX_CHUNK_SIZE;
-use crate::digest::B3Digest;
+use crate::digest::{B3Digest, DIGEST_LEN};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::proto::snix::{
@@ -126,14 +126,7 @@ impl BlobServer {
             ..Default::default()
         };
         if req.send_chunks {
-            resp.chunks = stat
-                .chunks
-                .iter()
-                .map(|c| stat_blob_response::ChunkMeta {
-                    digest: c.digest.into(),
-                    size: c.size,
-                })
-                .collect();
+            resp.chunks = chunk_list(&stat.chunks);
             // The list of a blob of tens of GiB does not fit one message:
             // sent, it would fail the whole Stat (tonic refuses to encode
             // it), and a stock client reads nothing. Without it the answer
@@ -328,6 +321,26 @@ pub(super) type PieceStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> +
 
 fn parse_digest(raw: &[u8]) -> Result<B3Digest, Status> {
     B3Digest::try_from(raw).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// A Stat's chunk list in the wire type. The digests are slices of one
+/// buffer: a GiB blob lists thousands of chunks, and a `Bytes` of its own
+/// for each was an allocation and a free per chunk on every Stat.
+fn chunk_list(chunks: &[crate::blobservice::ChunkMeta]) -> Vec<stat_blob_response::ChunkMeta> {
+    let digests = Bytes::from(
+        chunks
+            .iter()
+            .flat_map(|c| *c.digest.as_bytes())
+            .collect::<Vec<u8>>(),
+    );
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| stat_blob_response::ChunkMeta {
+            digest: digests.slice(i * DIGEST_LEN..(i + 1) * DIGEST_LEN),
+            size: c.size,
+        })
+        .collect()
 }
 
 fn not_found(digest: &B3Digest) -> Status {
