@@ -13,12 +13,19 @@
 //! (0, 1) comes from BLAKE3 of the member name and the digest; the top
 //! member owns the blob. A member that fails (down, error, timeout) is
 //! skipped for the next-ranked one, so reads continue while a peer is down,
-//! and adding or removing a member moves only the blobs it owns. An owner
-//! that answers "absent" is authoritative.
+//! and adding or removing a member moves only the blobs it owns.
 //!
 //! Puts are spooled (memory, or a temporary file for large blobs) until the
 //! digest is known, then written to its owner (or the next-ranked member if
 //! the owner fails).
+//!
+//! A blob is therefore looked for on the first two members that answer, in
+//! rank order: an owner that answers "absent" may have been down when the
+//! blob was written, which put it on the next-ranked member, its stand-in.
+//! Once the owner is back, that blob stays readable from the stand-in, at
+//! the price of one more request for a blob the pool does not have. (A blob
+//! written while the owner and its first stand-in were both down is found
+//! only while one of them still is.)
 //!
 //! A blob's chunks live with the blob, on its owner. A fill in front of the
 //! shard asks the owner for all of a blob's chunks at once
@@ -151,21 +158,37 @@ impl ShardService {
     }
 }
 
-/// Asks the members in rank order until one answers without failing.
-macro_rules! first_healthy {
+/// How many members that answer are asked for a blob before it is absent:
+/// its owner and the stand-in a Put turns to while the owner is down.
+const LOOKUP_DEPTH: usize = 2;
+
+/// Asks the members in rank order for what `$call` finds: the first `Some`
+/// wins; `None` from [`LOOKUP_DEPTH`] members that answered is the answer;
+/// a member that fails is skipped (the next-ranked one is asked instead).
+macro_rules! first_found {
     ($self:ident, $digest:ident, |$svc:ident| $call:expr) => {{
         let mut failures = Vec::new();
+        let mut answered = 0;
         for i in ranking(&$self.members, $digest) {
             let m = &$self.members[i];
             let $svc = &m.svc;
             match $call.await {
-                Ok(answer) => return Ok(answer),
+                Ok(Some(answer)) => return Ok(Some(answer)),
+                Ok(None) => {
+                    answered += 1;
+                    if answered == LOOKUP_DEPTH {
+                        return Ok(None);
+                    }
+                }
                 Err(e) => {
                     warn!(tier = %m.name, digest = %$digest, error = %e,
                         "shard member failed; trying the next-ranked one");
                     failures.push(format!("{}: {e}", m.name));
                 }
             }
+        }
+        if answered > 0 {
+            return Ok(None);
         }
         Err(Error::AllTiersFailed(failures))
     }};
@@ -174,21 +197,21 @@ macro_rules! first_healthy {
 #[async_trait]
 impl BlobService for ShardService {
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        first_healthy!(self, digest, |svc| svc.stat(digest))
+        first_found!(self, digest, |svc| svc.stat(digest))
     }
 
-    /// The read that follows goes to the same member, which may have
+    /// The read that follows finds the same member, which may have
     /// brought a small blob along with this answer.
     async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        first_healthy!(self, digest, |svc| svc.stat_before_read(digest))
+        first_found!(self, digest, |svc| svc.stat_before_read(digest))
     }
 
     async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
-        first_healthy!(self, digest, |svc| svc.outboard(digest))
+        first_found!(self, digest, |svc| svc.outboard(digest))
     }
 
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
-        first_healthy!(self, digest, |svc| svc.open_read(digest))
+        first_found!(self, digest, |svc| svc.open_read(digest))
     }
 
     /// A chunk is stored with its blob, on the blob's owner, which the
@@ -214,14 +237,14 @@ impl BlobService for ShardService {
         absent_unless_failed(failures)
     }
 
-    /// The blob's chunks from its owner (or the next-ranked member if the
-    /// owner fails), in one transfer where the member can.
+    /// The blob's chunks from the member that holds it (its owner, or a
+    /// stand-in), in one transfer where the member can.
     async fn stream_chunks(
         &self,
         digest: &B3Digest,
         chunks: &[ChunkMeta],
     ) -> Result<Option<ChunkStream>> {
-        first_healthy!(self, digest, |svc| svc.stream_chunks(digest, chunks))
+        first_found!(self, digest, |svc| svc.stream_chunks(digest, chunks))
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
@@ -313,6 +336,98 @@ mod tests {
         assert!((4_300..5_700).contains(&owners[0]), "{owners:?}");
         assert!((4_300..5_700).contains(&owners[1]), "{owners:?}");
         assert!((9_000..11_000).contains(&owners[2]), "{owners:?}");
+    }
+
+    /// A member that can be taken down: while down, every call fails.
+    struct Switch {
+        down: std::sync::atomic::AtomicBool,
+        calls: std::sync::atomic::AtomicUsize,
+        svc: Arc<dyn BlobService>,
+    }
+
+    impl Switch {
+        fn up(&self) -> Result<&Arc<dyn BlobService>> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(Error::Io(std::io::Error::other("member down")));
+            }
+            Ok(&self.svc)
+        }
+    }
+
+    #[async_trait]
+    impl BlobService for Switch {
+        async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+            self.up()?.stat(digest).await
+        }
+        async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+            self.up()?.open_read(digest).await
+        }
+        async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+            self.up()?.open_write().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_blob_put_while_its_owner_was_down_is_found_once_it_is_back() {
+        let switches: Vec<Arc<Switch>> = members(&["a", "b", "c"], &[1.0, 1.0, 1.0])
+            .into_iter()
+            .map(|m| {
+                Arc::new(Switch {
+                    down: false.into(),
+                    calls: 0.into(),
+                    svc: m.svc,
+                })
+            })
+            .collect();
+        let shard = ShardService {
+            members: Arc::new(
+                ["a", "b", "c"]
+                    .iter()
+                    .zip(&switches)
+                    .map(|(name, s)| Member {
+                        name: (*name).to_owned(),
+                        weight: 1.0,
+                        svc: s.clone(),
+                    })
+                    .collect(),
+            ),
+        };
+        let data = Bytes::from(crate::testkit::pseudo_random(50_000, 3));
+        let digest = B3Digest::of(&data);
+        let rank = ranking(&shard.members, &digest);
+        let (owner, stand_in) = (&switches[rank[0]], &switches[rank[1]]);
+
+        owner.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut w = shard.open_write().await.unwrap();
+        w.write(data.clone()).await.unwrap();
+        assert_eq!(w.close().await.unwrap().digest, digest);
+        assert!(stand_in.svc.stat(&digest).await.unwrap().is_some());
+
+        owner.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(owner.svc.stat(&digest).await.unwrap().is_none());
+        let stat = shard
+            .stat(&digest)
+            .await
+            .unwrap()
+            .expect("found on the stand-in");
+        assert_eq!(stat.size, data.len() as u64);
+        let mut reader = shard.open_read(&digest).await.unwrap().expect("readable");
+        let read = crate::blobservice::read_to_bytes(reader.as_mut(), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(read, data);
+
+        // A blob on neither is absent after two answers: the third-ranked
+        // member is not asked.
+        let absent = B3Digest::of(b"on no member");
+        let third = &switches[ranking(&shard.members, &absent)[2]];
+        let before = third.calls.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(shard.stat(&absent).await.unwrap().is_none());
+        assert_eq!(
+            third.calls.load(std::sync::atomic::Ordering::SeqCst),
+            before
+        );
     }
 
     #[test]
