@@ -1066,7 +1066,14 @@ impl BlobService for TiersService {
         if let Some(filler) = &self.inner.filler {
             filler.drain(deadline).await;
         }
-        for m in &self.inner.members {
+        // A tier named only in `write_to` is shut down too (a nested
+        // engine there may have fills of its own to drain).
+        let only_written = self
+            .inner
+            .write_to
+            .iter()
+            .filter(|w| !self.inner.members.iter().any(|m| m.name == w.name));
+        for m in self.inner.members.iter().chain(only_written) {
             m.svc.shutdown(deadline).await?;
         }
         Ok(())
@@ -1287,6 +1294,10 @@ impl AsyncFiller {
     fn enqueue(&self, job: FillJob) {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(tx) = tx else {
+            // Shutting down: a read that started before still completes,
+            // but its fill is dropped, and counted like any other.
+            Self::abandon(&job.targets);
+            debug!(digest = %job.proof.digest(), "shutting down; fill dropped");
             return;
         };
         if let Err(e) = tx.try_send(job) {
@@ -1454,6 +1465,83 @@ mod tests {
             );
             assert!(read_all(&*near, &digest).await == blob);
         }
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_comes_after_shutdown_began_is_counted_as_dropped() {
+        let blob = crate::testkit::pseudo_random(300_000, 4);
+        let (far, digest) = listed_as(&blob, 100 * 1024).await;
+        let near = Arc::new(ChunkedBlobService::new(MemoryStore::new(64 << 20)));
+        let metrics = Metrics::new();
+        let near_metrics = metrics.tier("near");
+        let members = vec![
+            Member::new(
+                "near".into(),
+                near.clone(),
+                true,
+                Some(64 << 20),
+                near_metrics.clone(),
+            ),
+            Member::new("far".into(), far, false, None, metrics.tier("far")),
+        ];
+        let write_to = vec![members[0].clone()];
+        let tiers = TiersService::new(members, write_to, Fill::Async, 4, 8, metrics);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        tiers.shutdown(deadline).await.unwrap();
+        // A read that was under way when shutdown began is still answered.
+        assert!(read_all(&tiers, &digest).await == blob);
+        assert_eq!(near_metrics.fills_dropped.get(), 1);
+        assert_eq!(near_metrics.fills.get(), 0);
+        assert!(near.stat(&digest).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn shutdown_reaches_a_tier_named_only_in_write_to() {
+        /// Counts its shutdowns.
+        struct Watched(std::sync::atomic::AtomicUsize);
+        #[async_trait]
+        impl BlobService for Watched {
+            async fn stat(&self, _: &B3Digest) -> Result<Option<BlobStat>> {
+                Ok(None)
+            }
+            async fn open_read(&self, _: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+                Ok(None)
+            }
+            async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+                Err(Error::ReadOnly("watched".into()))
+            }
+            async fn shutdown(&self, _: tokio::time::Instant) -> Result<()> {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }
+        }
+        let read = Arc::new(Watched(0.into()));
+        let written = Arc::new(Watched(0.into()));
+        let metrics = Metrics::new();
+        let members = vec![Member::new(
+            "read".into(),
+            read.clone(),
+            false,
+            None,
+            metrics.tier("read"),
+        )];
+        let write_to = vec![
+            members[0].clone(),
+            Member::new(
+                "written".into(),
+                written.clone(),
+                false,
+                None,
+                metrics.tier("written"),
+            ),
+        ];
+        let tiers = TiersService::new(members, write_to, Fill::Sync, 4, 8, metrics);
+        tiers
+            .shutdown(tokio::time::Instant::now() + std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(read.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(written.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
