@@ -16,6 +16,11 @@
 //! gathered and decoded by prost, as tonic would. Both ends use them: the
 //! server frames Read answers and parses Put requests, the `grpc` tier
 //! parses Read answers and frames Put requests.
+//!
+//! [`messages`] takes whole messages of any type out of a body the same
+//! way: a message that arrived in one frame is a slice of it, so prost
+//! decodes its `bytes` fields (a Stat's inline blob) as slices of what h2
+//! received rather than of tonic's copy.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::stream::BoxStream;
@@ -54,13 +59,33 @@ pub(crate) fn framing(len: usize) -> Bytes {
 /// that no message was left unfinished. A body error, a malformed message
 /// or a bad end is the stream's last item.
 pub(crate) fn payload(
-    mut body: Body,
+    body: Body,
     max_message_size: usize,
     what: &'static str,
     end: impl FnOnce(Option<http::HeaderMap>) -> Result<(), Status> + Send + 'static,
 ) -> BoxStream<'static, Result<Bytes, Status>> {
+    parse(body, Parser::new(max_message_size, what), end)
+}
+
+/// The messages in `body`, whole and undecoded (gRPC header removed), each
+/// at most `max_message_size` bytes; otherwise as [`payload`].
+pub(crate) fn messages(
+    body: Body,
+    max_message_size: usize,
+    what: &'static str,
+    end: impl FnOnce(Option<http::HeaderMap>) -> Result<(), Status> + Send + 'static,
+) -> BoxStream<'static, Result<Bytes, Status>> {
+    let mut parser = Parser::new(max_message_size, what);
+    parser.whole = true;
+    parse(body, parser, end)
+}
+
+fn parse(
+    mut body: Body,
+    mut parser: Parser,
+    end: impl FnOnce(Option<http::HeaderMap>) -> Result<(), Status> + Send + 'static,
+) -> BoxStream<'static, Result<Bytes, Status>> {
     Box::pin(async_stream::stream! {
-        let mut parser = Parser::new(max_message_size, what);
         let trailers = loop {
             let frame = match body.frame().await {
                 Some(Ok(frame)) => frame,
@@ -112,6 +137,8 @@ struct Parser {
     max_message_size: usize,
     /// What the stream is, for errors ("a Read answer").
     what: &'static str,
+    /// Hands out whole messages ([`messages`]), not `BlobChunk` payloads.
+    whole: bool,
 }
 
 impl Parser {
@@ -124,6 +151,7 @@ impl Parser {
             state: State::Header,
             max_message_size,
             what,
+            whole: false,
         }
     }
 
@@ -159,6 +187,9 @@ impl Parser {
                     }
                     let message = self.take(len);
                     self.state = State::Header;
+                    if self.whole {
+                        return Ok(Some(message));
+                    }
                     let chunk = BlobChunk::decode(message).map_err(|e| {
                         Status::internal(format!("{}'s message does not decode: {e}", self.what))
                     })?;
@@ -192,6 +223,11 @@ impl Parser {
                             "{}'s message is {len} bytes, the limit is {}",
                             self.what, self.max_message_size
                         )));
+                    }
+                    if self.whole {
+                        self.take(MESSAGE_HEADER);
+                        self.state = State::Whole(len);
+                        continue;
                     }
                     match data_field(&head[MESSAGE_HEADER..], len) {
                         Some((prefix, payload)) => {
@@ -361,6 +397,62 @@ mod tests {
         let piece = parser.next_piece().unwrap().unwrap();
         assert_eq!(piece.as_ptr(), frame.as_ptr(), "the payload was copied");
         assert_eq!(piece.len(), payload.len());
+    }
+
+    #[test]
+    fn whole_messages_come_out_as_sent_however_framed() {
+        use crate::proto::snix::{StatBlobResponse, stat_blob_response::ChunkMeta};
+        let stat = StatBlobResponse {
+            chunks: vec![ChunkMeta {
+                digest: Bytes::from(vec![7u8; 32]),
+                size: 5,
+            }],
+            size: 5,
+            inline_data: Bytes::from(vec![3u8; 5000]),
+            ..Default::default()
+        };
+        let mut wire = Vec::new();
+        for message in [stat.encode_to_vec(), Vec::new()] {
+            wire.push(0);
+            wire.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            wire.extend_from_slice(&message);
+        }
+        for frame in [1, 3, 5, 6, 700, wire.len()] {
+            let mut parser = Parser::new(1 << 20, "a test");
+            parser.whole = true;
+            let mut messages = Vec::new();
+            for f in wire.chunks(frame) {
+                parser.push(Bytes::copy_from_slice(f));
+                while let Some(message) = parser.next_piece().unwrap() {
+                    messages.push(message);
+                }
+            }
+            parser.finished().unwrap();
+            assert_eq!(messages.len(), 2, "frames of {frame}");
+            assert_eq!(StatBlobResponse::decode(messages[0].clone()).unwrap(), stat);
+            assert!(messages[1].is_empty());
+        }
+
+        // In one frame, a message is a slice of it, and so are the bytes
+        // fields prost decodes from it.
+        let frame = Bytes::from(wire.clone());
+        let mut parser = Parser::new(1 << 20, "a test");
+        parser.whole = true;
+        parser.push(frame.clone());
+        let message = parser.next_piece().unwrap().unwrap();
+        assert_eq!(message.as_ptr(), frame[MESSAGE_HEADER..].as_ptr());
+        let decoded = StatBlobResponse::decode(message).unwrap();
+        let inline = decoded.inline_data.as_ptr() as usize;
+        assert!((frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len()).contains(&inline));
+
+        // Size limits hold as for payloads.
+        let mut parser = Parser::new(100, "a test");
+        parser.whole = true;
+        parser.push(frame);
+        assert_eq!(
+            parser.next_piece().unwrap_err().code(),
+            tonic::Code::OutOfRange
+        );
     }
 
     #[test]

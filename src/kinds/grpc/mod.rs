@@ -46,6 +46,7 @@ mod inlined;
 mod put_request;
 mod raw_call;
 mod read_answer;
+mod stat_answer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -65,7 +66,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tracing::{debug, instrument, warn};
 
-use crate::addr::{AuthChannel, BearerToken, DEFAULT_MAX_MESSAGE_SIZE, PeerAddr};
+use crate::addr::{BearerToken, DEFAULT_MAX_MESSAGE_SIZE, PeerAddr};
 use crate::blobservice::{
     BlobReader, BlobService, BlobStat, BlobWriter, BufferedReader, ChunkMeta, ChunkStream,
     PutResult, check_chunk_size, listed_len,
@@ -81,6 +82,7 @@ use crate::verify::{Outboard, STORED_SHIFT, cut_chunks, spool_verified, verify_c
 use inlined::{INLINE_MAX, Inlined};
 use put_request::PutClient;
 use read_answer::{Payload, ReadClient};
+use stat_answer::StatClient;
 
 /// Chunks read ahead of the read position on the chunked path.
 const READ_AHEAD: usize = 8;
@@ -314,28 +316,11 @@ impl Default for PeerOptions {
     }
 }
 
-/// A client of either package's BlobService, over the same message types.
-#[derive(Clone)]
-enum PeerClient {
-    Snix(snix::blob_service_client::BlobServiceClient<AuthChannel>),
-    Tvix(tvix::blob_service_client::BlobServiceClient<AuthChannel>),
-}
-
-/// Calls the same method on whichever client flavour this is.
-macro_rules! call {
-    ($client:expr, $method:ident($req:expr)) => {
-        match $client.clone() {
-            PeerClient::Snix(mut c) => c.$method($req).await,
-            PeerClient::Tvix(mut c) => c.$method($req).await,
-        }
-    };
-}
-
 /// A peer BlobService. See the module docs.
 #[derive(Clone)]
 pub struct GrpcBlobService {
     addr: PeerAddr,
-    client: PeerClient,
+    stats: StatClient,
     /// Reads, answered without tonic's copy of each message.
     reads: ReadClient,
     /// Puts, sent without tonic's copy of each message.
@@ -383,22 +368,11 @@ impl GrpcBlobService {
         };
         let reads = ReadClient::new(channel.clone(), service_name, DEFAULT_MAX_MESSAGE_SIZE * 2);
         let puts = PutClient::new(channel.clone(), service_name);
+        let stats = StatClient::new(channel, service_name, DEFAULT_MAX_MESSAGE_SIZE * 2);
         let spool_dir = options.spool_dir;
-        let client = match protocol {
-            Protocol::Snix => PeerClient::Snix(
-                snix::blob_service_client::BlobServiceClient::new(channel)
-                    .max_decoding_message_size(DEFAULT_MAX_MESSAGE_SIZE * 2)
-                    .max_encoding_message_size(DEFAULT_MAX_MESSAGE_SIZE),
-            ),
-            Protocol::Tvix => PeerClient::Tvix(
-                tvix::blob_service_client::BlobServiceClient::new(channel)
-                    .max_decoding_message_size(DEFAULT_MAX_MESSAGE_SIZE * 2)
-                    .max_encoding_message_size(DEFAULT_MAX_MESSAGE_SIZE),
-            ),
-        };
         Ok(GrpcBlobService {
             addr,
-            client,
+            stats,
             reads,
             puts,
             spool_dir,
@@ -560,11 +534,8 @@ impl GrpcBlobService {
         };
         let answer = self
             .retrying("stat", digest, || async {
-                match self
-                    .first_answer(async { call!(self.client, stat(req.clone())) })
-                    .await?
-                {
-                    Ok(resp) => Ok(Some(resp.into_inner())),
+                match self.first_answer(self.stats.stat(&req)).await? {
+                    Ok(resp) => Ok(Some(resp)),
                     Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
                     Err(status) => Err(self.peer_error(status)),
                 }

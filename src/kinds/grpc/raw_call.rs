@@ -1,13 +1,16 @@
 //! What the `grpc` tier's hand-framed calls share (Reads in
-//! `read_answer.rs`, Puts in `put_request.rs`): sending the request over
+//! `read_answer.rs`, Stats in `stat_answer.rs`, Puts in `put_request.rs`):
+//! framing a unary request, sending the request over
 //! the peer's channel and telling a gRPC answer from a trailers-only
 //! status or something that is not gRPC at all, by tonic's rules.
 
+use bytes::BufMut;
 use tonic::Status;
 use tonic::body::Body;
 use tower::{Service, ServiceExt};
 
 use crate::addr::AuthChannel;
+use crate::proto::wire::MESSAGE_HEADER;
 
 /// A call's answer, once its headers arrived.
 pub(super) enum Answer {
@@ -15,6 +18,18 @@ pub(super) enum Answer {
     Body(Body),
     /// A trailers-only answer: this status is all of it (OK included).
     Status(Status),
+}
+
+/// `message` as the body of a unary request: the gRPC message header
+/// (uncompressed), then the message.
+pub(super) fn unary_body(message: &impl prost::Message) -> Body {
+    let len = message.encoded_len();
+    let mut framed = bytes::BytesMut::with_capacity(MESSAGE_HEADER + len);
+    framed.put_u8(0);
+    // Requests are a digest and a few flags: far below 4 GiB.
+    framed.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    message.encode_raw(&mut framed);
+    Body::new(http_body_util::Full::new(framed.freeze()))
 }
 
 /// Sends `body` as a gRPC request to `path` (`/<service>/<method>`) over

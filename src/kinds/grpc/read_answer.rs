@@ -11,10 +11,9 @@
 //! transport and body errors carried with their source, so the tier can
 //! still tell a broken connection from an answer.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use prost::Message;
 use tonic::Status;
 use tonic::body::Body;
 
@@ -22,7 +21,6 @@ use super::raw_call::{self, Answer, missing_status};
 use crate::addr::AuthChannel;
 use crate::proto::pieces;
 use crate::proto::snix::ReadBlobRequest;
-use crate::proto::wire::MESSAGE_HEADER;
 
 /// The payload of a Read answer, in pieces; an error ends it.
 pub(super) type Payload = BoxStream<'static, Result<Bytes, Status>>;
@@ -55,13 +53,7 @@ impl ReadClient {
     /// headers arrived: an error status the peer answered with at once
     /// (NOT_FOUND, ...) or a failed call is the `Err`.
     pub(super) async fn read(&self, request: ReadBlobRequest) -> Result<Payload, Status> {
-        let message = request.encode_to_vec();
-        let mut framed = BytesMut::with_capacity(MESSAGE_HEADER + message.len());
-        framed.put_u8(0);
-        // A Read request is a digest: far below 4 GiB.
-        framed.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
-        framed.put_slice(&message);
-        let body = Body::new(http_body_util::Full::new(framed.freeze()));
+        let body = raw_call::unary_body(&request);
         match raw_call::call(&self.channel, &self.path, body).await? {
             Answer::Body(body) => Ok(payload(body, self.max_message_size)),
             Answer::Status(status) if status.code() == tonic::Code::Ok => {
