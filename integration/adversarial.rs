@@ -569,6 +569,95 @@ async fn a_liar_is_passed_over_and_the_near_tier_fills_from_an_honest_tier() {
     }
 }
 
+/// A sidecar over a disk tier and a `race` of `liar` and `honest`, whose
+/// honest member is asked only after a minute: the liar wins every race.
+async fn start_racing_sidecar(near: &Path, liar: &str, honest: &str) -> Daemon {
+    let config = format!(
+        "[blobservices.near]\ntype = \"disk\"\npath = \"{}\"\nmax_size = \"1GiB\"\n\n\
+         [blobservices.liar]\ntype = \"grpc\"\nurl = \"{liar}\"\n\n\
+         [blobservices.honest]\ntype = \"grpc\"\nurl = \"{honest}\"\n\n\
+         [blobservices.mirrors]\ntype = \"race\"\nmembers = [\"liar\", \"honest\"]\n\
+         hedge_after = \"60s\"\n\n\
+         [blobservices.root]\ntype = \"tiers\"\ntiers = [\"near\", \"mirrors\"]\n",
+        near.display()
+    );
+    tokio::task::spawn_blocking(move || Daemon::start_with_metrics(Some(&config)))
+        .await
+        .unwrap()
+}
+
+/// A `race` whose fast member lies in its data (the chunk list is right):
+/// the chunk that fails its check is taken from the other member, the read
+/// succeeds, the near tier fills with proven bytes only, and the liar is
+/// passed over for the blob, inside the race (the engine in front never
+/// sees the lie, so it keeps asking the race).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_race_carries_on_from_its_honest_member_when_the_winner_lies() {
+    let (honest, digest) = honest_peer().await;
+    for &lie in &[Lie::FlipByte, Lie::FlipLast] {
+        let liar = FaultPeer::start(lie);
+        let near = tempfile::tempdir().unwrap();
+        let sidecar = start_racing_sidecar(near.path(), &liar.addr, &honest.tcp_addr()).await;
+        let got = read_blob(&sidecar.tcp_addr(), &digest).await;
+        let got = got.unwrap_or_else(|f| panic!("{lie:?}: {f:?}\n{}", sidecar.log_text()));
+        assert!(got == blob(), "{lie:?}: wrong bytes");
+        let log = sidecar.log_text();
+        assert!(
+            log.contains("race member gave chunks of this blob that failed their check"),
+            "{lie:?}: the liar is not passed over in the race:\n{log}"
+        );
+        assert_eq!(
+            metric(
+                &sidecar.metrics(),
+                "strata_tier_verification_failures_total{tier=\"mirrors\"}"
+            ),
+            0.0,
+            "{lie:?}: the engine blamed the race"
+        );
+        assert!(
+            eventually(Duration::from_secs(20), || metric(
+                &sidecar.metrics(),
+                "strata_tier_fills_total{tier=\"near\"}"
+            ) >= 1.0)
+            .await,
+            "{lie:?}: no fill of the near tier:\n{}",
+            sidecar.log_text()
+        );
+        drop(sidecar);
+        assert_near_tier_clean(near.path(), &digest, lie).await;
+        let disk = near_alone(near.path()).await;
+        let filled = read_blob(&disk.tcp_addr(), &digest).await;
+        assert!(
+            filled.is_ok_and(|f| f == blob()),
+            "{lie:?}: the near tier was not filled right"
+        );
+    }
+}
+
+/// When the winner's chunk list is the lie, no member has its chunks as
+/// listed: the read fails (the race gave the list), and no member is
+/// blamed inside the race, which cannot tell whose the lie is (the honest
+/// member's chunks fail against the liar's list too).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_race_does_not_blame_its_honest_member_for_the_winners_chunk_list() {
+    let (honest, digest) = honest_peer().await;
+    let liar = FaultPeer::start(Lie::ChunkSizes);
+    let near = tempfile::tempdir().unwrap();
+    let sidecar = start_racing_sidecar(near.path(), &liar.addr, &honest.tcp_addr()).await;
+    assert!(read_blob(&sidecar.tcp_addr(), &digest).await.is_err());
+    let log = sidecar.log_text();
+    assert!(
+        log.contains("asking the others for the rest"),
+        "the race did not ask the honest member:\n{log}"
+    );
+    assert!(
+        !log.contains("race member gave chunks of this blob that failed their check"),
+        "a race member was blamed for the list:\n{log}"
+    );
+    drop(sidecar);
+    assert_near_tier_clean(near.path(), &digest, Lie::ChunkSizes).await;
+}
+
 /// With `fill = "off"` the client's stream comes straight from the liar's
 /// verifying reader; a lie caught part-way (or a stall, or a death, or
 /// bytes past the blob's end) makes the sidecar continue the same stream

@@ -17,6 +17,16 @@
 //! Chunks race too: a fill in front of the race takes a blob's chunks from
 //! the first member to open a stream of them (`stream_chunks`), and a
 //! single chunk from the first member to answer with it.
+//!
+//! The winner is the first to answer, before its bytes are checked. When
+//! a chunk of the winner's stream fails its check, the stream carries on
+//! from that chunk, chunk by chunk, each raced among the other members; if
+//! one of them gives the chunk as listed, the winner lied, and is passed
+//! over for that blob for ten minutes, so the fast liar does not win its
+//! next race for it. If none does, the chunk list is what was wrong, and
+//! the stream ends with the error (the engine in front blames the race,
+//! which gave the list). A reader (`open_read`) is not carried on this
+//! way: the engine in front moves a failed reader to its next tier.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,77 +78,230 @@ impl TierConfig for RaceConfig {
         let members = self
             .members
             .iter()
-            .map(|name| Ok((name.clone(), ctx.tier(name)?)))
+            .map(|name| {
+                Ok(Member {
+                    name: name.clone(),
+                    svc: ctx.tier(name)?,
+                    distrusted: moka::sync::Cache::builder()
+                        .max_capacity(DISTRUSTED_PER_MEMBER)
+                        .time_to_live(DISTRUST_FOR)
+                        .build(),
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Arc::new(RaceService {
-            members,
-            hedge_after: self.hedge_after.map(|h| h.0),
+            shared: Arc::new(Shared {
+                members,
+                hedge_after: self.hedge_after.map(|h| h.0),
+            }),
         }))
     }
 }
 
+/// How long a member whose chunks failed their check is passed over for
+/// that blob (as a `tiers` engine passes over a lying tier).
+const DISTRUST_FOR: Duration = Duration::from_secs(600);
+/// Most digests a member is distrusted for at once.
+const DISTRUSTED_PER_MEMBER: u64 = 16_384;
+/// Chunks fetched at once when a stream is carried on chunk by chunk.
+const RESUME_AHEAD: usize = 8;
+
 /// The `race` combinator. See the module docs.
 pub struct RaceService {
-    members: Vec<(String, Arc<dyn BlobService>)>,
+    shared: Arc<Shared>,
+}
+
+struct Member {
+    name: String,
+    svc: Arc<dyn BlobService>,
+    /// Blobs this member gave chunks of that failed their check lately.
+    distrusted: moka::sync::Cache<B3Digest, ()>,
+}
+
+/// What the race's calls and the streams it hands out share.
+struct Shared {
+    members: Vec<Member>,
     hedge_after: Option<Duration>,
 }
 
 type Attempt<T> = BoxFuture<'static, (usize, Result<Option<T>>)>;
 
-impl RaceService {
-    /// Runs `ask` against the members as the race rules say and returns the
-    /// first `Some`.
+impl Shared {
+    /// Runs `ask` against the members as the race rules say (but not
+    /// against those in `excluded` or that lied about `digest` lately) and
+    /// returns the first `Some`, with the index of the member that gave it.
     async fn race<T: Send + 'static>(
         &self,
         digest: &B3Digest,
+        excluded: &[usize],
         ask: impl Fn(Arc<dyn BlobService>) -> BoxFuture<'static, Result<Option<T>>>,
-    ) -> Result<Option<T>> {
+    ) -> Result<Option<(usize, T)>> {
+        let mut candidates = Vec::with_capacity(self.members.len());
+        let mut failures = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            if excluded.contains(&i) {
+                continue;
+            }
+            if m.distrusted.contains_key(digest) {
+                failures.push(format!(
+                    "{}: passed over, its chunks of this blob failed their check in the last {} s",
+                    m.name,
+                    DISTRUST_FOR.as_secs()
+                ));
+                continue;
+            }
+            candidates.push(i);
+        }
         let launch = |i: usize| -> Attempt<T> {
-            let fut = ask(self.members[i].1.clone());
+            let fut = ask(self.members[i].svc.clone());
             Box::pin(async move { (i, fut.await) })
         };
         let mut running = FuturesUnordered::new();
         let mut next = 0;
         let all_at_once = self.hedge_after.is_none();
-        while next < self.members.len() && (all_at_once || next == 0) {
-            running.push(launch(next));
+        while next < candidates.len() && (all_at_once || next == 0) {
+            running.push(launch(candidates[next]));
             next += 1;
         }
-        let mut failures = Vec::new();
         loop {
             if running.is_empty() {
-                if next >= self.members.len() {
+                if next >= candidates.len() {
                     break;
                 }
-                running.push(launch(next));
+                running.push(launch(candidates[next]));
                 next += 1;
             }
             let hedge = async {
                 match self.hedge_after {
-                    Some(d) if next < self.members.len() => tokio::time::sleep(d).await,
+                    Some(d) if next < candidates.len() => tokio::time::sleep(d).await,
                     _ => std::future::pending().await,
                 }
             };
             tokio::select! {
                 Some((i, result)) = running.next() => match result {
                     Ok(Some(answer)) => {
-                        debug!(%digest, winner = %self.members[i].0, "race won");
+                        debug!(%digest, winner = %self.members[i].name, "race won");
                         // Dropping `running` cancels the losers.
-                        return Ok(Some(answer));
+                        return Ok(Some((i, answer)));
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        warn!(tier = %self.members[i].0, %digest, error = %e, "race member failed");
-                        failures.push(format!("{}: {e}", self.members[i].0));
+                        warn!(tier = %self.members[i].name, %digest, error = %e, "race member failed");
+                        failures.push(format!("{}: {e}", self.members[i].name));
                     }
                 },
                 () = hedge => {
-                    running.push(launch(next));
+                    running.push(launch(candidates[next]));
                     next += 1;
                 }
             }
         }
         absent_unless_failed(failures)
+    }
+
+    /// `stream` of `chunks` of blob `digest`, from member `from`, carried
+    /// on by the other members from the first chunk that fails its check
+    /// (see the module docs): chunk by chunk, each raced among them (a
+    /// member's stream of a blob's chunks starts at the blob's start).
+    fn resuming(
+        self: Arc<Self>,
+        digest: B3Digest,
+        chunks: Arc<[ChunkMeta]>,
+        from: usize,
+        mut stream: ChunkStream,
+    ) -> ChunkStream {
+        Box::pin(async_stream::stream! {
+            let mut done = 0;
+            let cause = loop {
+                match stream.next().await {
+                    None => return,
+                    Some(Ok(chunk)) => {
+                        done += 1;
+                        yield Ok(chunk);
+                    }
+                    Some(Err(e)) if matches!(e.root(), Error::Verification(_)) && done < chunks.len() => {
+                        break e;
+                    }
+                    Some(Err(e)) => {
+                        yield Err(e);
+                        return;
+                    }
+                }
+            };
+            warn!(tier = %self.members[from].name, %digest, error = %cause,
+                "race member's chunk failed its check; asking the others for the rest");
+            let mut rest = self.clone().each_chunk(digest, chunks[done..].to_vec(), from);
+            match rest.next().await {
+                Some(Ok(chunk)) => {
+                    // Another member has the chunk as listed: `from` lied.
+                    self.distrust(from, &digest);
+                    yield Ok(chunk);
+                }
+                // None has it as listed: the list is the lie (or the chunk
+                // is lost everywhere); the caller sees the first error.
+                _ => {
+                    yield Err(cause);
+                    return;
+                }
+            }
+            while let Some(item) = rest.next().await {
+                let failed = item.is_err();
+                yield item;
+                if failed {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Each of `chunks` of blob `digest` from a race of the members but
+    /// `excluded`, a few at a time.
+    fn each_chunk(
+        self: Arc<Self>,
+        digest: B3Digest,
+        chunks: Vec<ChunkMeta>,
+        excluded: usize,
+    ) -> ChunkStream {
+        futures::stream::iter(chunks)
+            .map(move |c| {
+                let shared = self.clone();
+                async move {
+                    let found = shared
+                        .race(&c.digest, &[excluded], move |svc| {
+                            Box::pin(async move { svc.read_chunk(&c).await })
+                        })
+                        .await?;
+                    found.map(|(_, data)| data).ok_or(Error::MissingChunk {
+                        blob: digest,
+                        chunk: c.digest,
+                    })
+                }
+            })
+            .buffered(RESUME_AHEAD)
+            .boxed()
+    }
+
+    fn distrust(&self, i: usize, digest: &B3Digest) {
+        let m = &self.members[i];
+        if m.distrusted.entry(*digest).or_insert(()).is_fresh() {
+            warn!(tier = %m.name, %digest, for_secs = DISTRUST_FOR.as_secs(),
+                "race member gave chunks of this blob that failed their check: passed over for it");
+        }
+    }
+}
+
+impl RaceService {
+    /// The first answer of a race among the members not passed over.
+    async fn race<T: Send + 'static>(
+        &self,
+        digest: &B3Digest,
+        ask: impl Fn(Arc<dyn BlobService>) -> BoxFuture<'static, Result<Option<T>>>,
+    ) -> Result<Option<T>> {
+        Ok(self
+            .shared
+            .race(digest, &[], ask)
+            .await?
+            .map(|(_, answer)| answer))
     }
 }
 
@@ -187,7 +350,8 @@ impl BlobService for RaceService {
     }
 
     /// The first member to open a stream of the blob's chunks wins; a fill
-    /// in front of the race then moves the blob in one transfer.
+    /// in front of the race then moves the blob in one transfer. The others
+    /// carry it on if a chunk of it fails its check.
     async fn stream_chunks(
         &self,
         digest: &B3Digest,
@@ -195,11 +359,15 @@ impl BlobService for RaceService {
     ) -> Result<Option<ChunkStream>> {
         let d = *digest;
         let list: Arc<[ChunkMeta]> = chunks.into();
-        self.race(digest, move |svc| {
-            let list = list.clone();
-            Box::pin(async move { svc.stream_chunks(&d, &list).await })
-        })
-        .await
+        let asked = list.clone();
+        let won = self
+            .shared
+            .race(digest, &[], move |svc| {
+                let list = asked.clone();
+                Box::pin(async move { svc.stream_chunks(&d, &list).await })
+            })
+            .await?;
+        Ok(won.map(|(i, stream)| self.shared.clone().resuming(d, list, i, stream)))
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
@@ -209,8 +377,8 @@ impl BlobService for RaceService {
     }
 
     async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
-        for (_, m) in &self.members {
-            m.shutdown(deadline).await?;
+        for m in &self.shared.members {
+            m.svc.shutdown(deadline).await?;
         }
         Ok(())
     }
