@@ -41,7 +41,8 @@
 //!    * `async`: the fetched blob is verified into a spool, the read is
 //!      answered from the spool at once, and a background worker writes the
 //!      spool into the fill tiers (bounded queue; a full queue drops the fill
-//!      and counts it; shutdown drains the queue).
+//!      and counts it; shutdown drains the queue). Reads of the blob that
+//!      come before its fill has run are answered from the same spool.
 //!
 //! Concurrent reads of one blob share one fetch (single-flight).
 //!
@@ -940,6 +941,7 @@ impl Inner {
                 spool: spool.clone(),
                 proof,
                 targets,
+                pending: 0,
             });
         }
         Ok(spool)
@@ -1101,6 +1103,12 @@ impl TiersService {
             return inner.read_direct(digest, k).await;
         }
         let digest = *digest;
+        if let Some(filler) = &inner.filler
+            && let Some(reader) = filler.pending_read(&digest).await
+        {
+            debug!(%digest, "read from the spool of its pending fill");
+            return Ok(Some(reader));
+        }
         let span =
             info_span!("fill", %digest, source = %inner.members[k].name, policy = %inner.fill);
         let verification_failed = |e: &Error| matches!(e.root(), Error::Verification(_));
@@ -1213,6 +1221,45 @@ struct FillJob {
     /// What verified it, and as which blob.
     proof: BlobProof,
     targets: Vec<Member>,
+    /// Its entry in [`Pending`], set when it is queued.
+    pending: u64,
+}
+
+/// The verified spools of blobs whose fill is queued or under way. The
+/// single-flight of a fetch ends once its spool is verified, long before
+/// the fill has stored it: a read of the blob meanwhile is answered from
+/// the spool, where it would fetch the blob again and queue a second fill.
+#[derive(Default)]
+struct Pending {
+    spools: std::sync::Mutex<std::collections::HashMap<B3Digest, (u64, SharedSpool)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Pending {
+    /// Records `spool` as the pending fill of `digest`; returns its entry.
+    fn insert(&self, digest: B3Digest, spool: SharedSpool) -> u64 {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().insert(digest, (id, spool));
+        id
+    }
+
+    fn get(&self, digest: &B3Digest) -> Option<SharedSpool> {
+        self.lock().get(digest).map(|(_, spool)| spool.clone())
+    }
+
+    /// Forgets entry `id` of `digest`, unless a later one replaced it.
+    fn remove(&self, digest: &B3Digest, id: u64) {
+        let mut spools = self.lock();
+        if spools.get(digest).is_some_and(|(held, _)| *held == id) {
+            spools.remove(digest);
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<B3Digest, (u64, SharedSpool)>> {
+        self.spools.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The worker behind `fill = "async"`: a bounded queue of fills, drained on
@@ -1223,18 +1270,27 @@ struct AsyncFiller {
     /// Tells the worker to give up: drop the fill in progress and the
     /// queued ones.
     stop: tokio_util::sync::CancellationToken,
+    pending: Arc<Pending>,
 }
 
 impl AsyncFiller {
     fn start(queue: usize) -> Self {
         let (tx, rx) = mpsc::channel::<FillJob>(queue);
         let stop = tokio_util::sync::CancellationToken::new();
-        let worker = tokio::spawn(Self::work(rx, stop.clone()));
+        let pending = Arc::new(Pending::default());
+        let worker = tokio::spawn(Self::work(rx, stop.clone(), pending.clone()));
         AsyncFiller {
             tx: std::sync::Mutex::new(Some(tx)),
             worker: tokio::sync::Mutex::new(Some(worker)),
             stop,
+            pending,
         }
+    }
+
+    /// A reader of blob `digest` from the spool of its pending fill.
+    async fn pending_read(&self, digest: &B3Digest) -> Option<Box<dyn BlobReader>> {
+        let spool = self.pending.get(digest)?;
+        spool.open().await.ok()
     }
 
     /// Runs the queued fills one by one until the queue is closed and
@@ -1245,6 +1301,7 @@ impl AsyncFiller {
     async fn work(
         mut rx: mpsc::Receiver<FillJob>,
         stop: tokio_util::sync::CancellationToken,
+        pending: Arc<Pending>,
     ) -> usize {
         let mut abandoned = 0;
         loop {
@@ -1275,10 +1332,12 @@ impl AsyncFiller {
                     }
                 }
             }
+            pending.remove(job.proof.digest(), job.pending);
         }
         rx.close();
         while let Ok(job) = rx.try_recv() {
             abandoned += Self::abandon(&job.targets);
+            pending.remove(job.proof.digest(), job.pending);
         }
         abandoned
     }
@@ -1291,7 +1350,7 @@ impl AsyncFiller {
         targets.len()
     }
 
-    fn enqueue(&self, job: FillJob) {
+    fn enqueue(&self, mut job: FillJob) {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(tx) = tx else {
             // Shutting down: a read that started before still completes,
@@ -1300,12 +1359,14 @@ impl AsyncFiller {
             debug!(digest = %job.proof.digest(), "shutting down; fill dropped");
             return;
         };
+        job.pending = self.pending.insert(*job.proof.digest(), job.spool.clone());
         if let Err(e) = tx.try_send(job) {
             let job = match e {
                 mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => {
                     job
                 }
             };
+            self.pending.remove(job.proof.digest(), job.pending);
             Self::abandon(&job.targets);
             warn!(digest = %job.proof.digest(), "async fill queue full; fill dropped");
         }
@@ -1493,6 +1554,106 @@ mod tests {
         assert_eq!(near_metrics.fills_dropped.get(), 1);
         assert_eq!(near_metrics.fills.get(), 0);
         assert!(near.stat(&digest).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_blob_whose_fill_is_pending_is_read_from_its_spool_not_fetched_again() {
+        /// Counts the calls that fetch a blob's bytes.
+        struct Counted {
+            svc: Arc<ChunkedBlobService<MemoryStore>>,
+            fetches: std::sync::atomic::AtomicUsize,
+        }
+        #[async_trait]
+        impl BlobService for Counted {
+            async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+                self.svc.stat(digest).await
+            }
+            async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+                self.fetches
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.svc.open_read(digest).await
+            }
+            async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+                self.fetches
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.svc.read_chunk(chunk).await
+            }
+            async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+                self.svc.open_write().await
+            }
+        }
+        /// A near tier whose fills wait until `go` has a permit.
+        struct Held {
+            svc: Arc<ChunkedBlobService<MemoryStore>>,
+            go: tokio::sync::Semaphore,
+        }
+        #[async_trait]
+        impl BlobService for Held {
+            async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+                self.svc.stat(digest).await
+            }
+            async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+                self.svc.open_read(digest).await
+            }
+            async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+                self.svc.open_write().await
+            }
+            async fn open_fill(
+                &self,
+                digest: &B3Digest,
+                stat: &BlobStat,
+            ) -> Result<Box<dyn BlobWriter>> {
+                let _permit = self.go.acquire().await;
+                self.svc.open_fill(digest, stat).await
+            }
+        }
+        let blob = crate::testkit::pseudo_random(1_300_000, 5);
+        let (far, digest) = listed_as(&blob, 100 * 1024).await;
+        let far = Arc::new(Counted {
+            svc: far,
+            fetches: 0.into(),
+        });
+        let near = Arc::new(Held {
+            svc: Arc::new(ChunkedBlobService::new(MemoryStore::new(64 << 20))),
+            go: tokio::sync::Semaphore::new(0),
+        });
+        let metrics = Metrics::new();
+        let near_metrics = metrics.tier("near");
+        let members = vec![
+            Member::new(
+                "near".into(),
+                near.clone(),
+                true,
+                Some(64 << 20),
+                near_metrics.clone(),
+            ),
+            Member::new("far".into(), far.clone(), false, None, metrics.tier("far")),
+        ];
+        let write_to = vec![members[0].clone()];
+        let tiers = TiersService::new(members, write_to, Fill::Async, 4, 8, metrics);
+        assert!(read_all(&tiers, &digest).await == blob);
+        let fetched = far.fetches.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(fetched > 0);
+        // The fill waits; the next reads come from its spool.
+        for _ in 0..3 {
+            assert!(read_all(&tiers, &digest).await == blob);
+        }
+        assert_eq!(
+            far.fetches.load(std::sync::atomic::Ordering::SeqCst),
+            fetched
+        );
+        near.go.add_permits(1 << 20);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        tiers.shutdown(deadline).await.unwrap();
+        assert_eq!(near_metrics.fills.get(), 1, "one fill, not one per read");
+        assert_eq!(near_metrics.fills_dropped.get(), 0);
+        assert!(near.svc.stat(&digest).await.unwrap().is_some());
+        // Stored: the spool is no longer pending, and reads come from near.
+        assert!(read_all(&tiers, &digest).await == blob);
+        assert_eq!(
+            far.fetches.load(std::sync::atomic::Ordering::SeqCst),
+            fetched
+        );
     }
 
     #[tokio::test]
