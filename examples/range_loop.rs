@@ -1,6 +1,7 @@
 //! Reads 1 MiB ranges of blobs through one running server the way
-//! `strata bench` reads its range (Stat with the chunk list, then the
-//! covering chunks, concurrently, each checked against its digest), and
+//! `strata bench` reads its range ([`strata::testkit::read_range`]: Stat
+//! with the chunk list, then the covering chunks, concurrently, each
+//! checked against its digest), and
 //! prints the median time: cold ranges of cold blobs through a server that
 //! is already up, where the bench's `range_read_ms` takes a fresh sidecar
 //! for each sample.
@@ -16,11 +17,11 @@
 
 use std::time::Instant;
 
-use futures::StreamExt;
 use strata::B3Digest;
 use strata::addr::PeerAddr;
+use strata::proto::snix::StatBlobRequest;
 use strata::proto::snix::blob_service_client::BlobServiceClient;
-use strata::proto::snix::{ReadBlobRequest, StatBlobRequest};
+use strata::testkit::read_range;
 
 const RANGE: u64 = 1 << 20;
 
@@ -54,11 +55,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for &start in &offsets {
         for digest in &digests {
             let started = Instant::now();
-            let got = read_range(&client, digest, start).await?;
+            read_range(&client, digest, start, start + RANGE).await?;
             times.push(started.elapsed().as_secs_f64() * 1e3);
-            if got != RANGE {
-                return Err(format!("{digest} at {start}: {got} bytes").into());
-            }
         }
     }
     times.sort_by(f64::total_cmp);
@@ -70,54 +68,4 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         times[times.len() - 1]
     );
     Ok(())
-}
-
-/// Reads `RANGE` bytes from `start` and returns how many of them arrived.
-async fn read_range(
-    client: &BlobServiceClient<tonic::transport::Channel>,
-    digest: &B3Digest,
-    start: u64,
-) -> Result<u64, Box<dyn std::error::Error>> {
-    let end = start + RANGE;
-    let stat = client
-        .clone()
-        .stat(StatBlobRequest {
-            digest: (*digest).into(),
-            send_chunks: true,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut covering = Vec::new();
-    let mut offset = 0;
-    for chunk in &stat.chunks {
-        let (from, to) = (offset, offset + chunk.size);
-        offset = to;
-        if to > start && from < end {
-            covering.push((from, to, chunk.digest.clone()));
-        }
-    }
-    let reads = futures::stream::iter(covering).map(|(from, to, chunk)| async move {
-        let mut stream = client
-            .clone()
-            .read(ReadBlobRequest {
-                digest: chunk.clone(),
-            })
-            .await?
-            .into_inner();
-        let mut data = Vec::new();
-        while let Some(message) = stream.next().await {
-            data.extend_from_slice(&message?.data);
-        }
-        if B3Digest::of(&data) != B3Digest::try_from(&chunk[..])? {
-            return Err("a chunk failed its check".into());
-        }
-        Ok::<u64, Box<dyn std::error::Error>>(end.min(to) - start.max(from))
-    });
-    let mut got = 0;
-    let mut reads = std::pin::pin!(reads.buffered(8));
-    while let Some(n) = reads.next().await {
-        got += n?;
-    }
-    Ok(got)
 }

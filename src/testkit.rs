@@ -1,7 +1,7 @@
 //! Helpers shared by `strata bench`, the examples and the tests:
 //! reproducible incompressible data, a process's CPU time, a proxy that
-//! counts the bytes a peer serves, and a TCP proxy that breaks the first
-//! connections made through it.
+//! counts the bytes a peer serves, a TCP proxy that breaks the first
+//! connections made through it, and a client's ranged read.
 
 use prost::Message;
 use std::sync::Arc;
@@ -155,4 +155,70 @@ pub async fn resetting_proxy(
         }
     });
     Ok((addr, accepted))
+}
+
+/// Reads bytes `start..end` of a blob the way the protocol intends, as
+/// `strata bench` times it: Stat for the chunk list, then only the chunks
+/// covering the range, fetched concurrently (as strata's own ranged reader
+/// fetches ahead), each checked against its digest. A chunk that fails its
+/// check is `DATA_LOSS`; a list that does not cover the range, `OUT_OF_RANGE`.
+pub async fn read_range(
+    client: &BlobServiceClient<Channel>,
+    digest: &crate::B3Digest,
+    start: u64,
+    end: u64,
+) -> Result<bytes::Bytes, Status> {
+    let stat = client
+        .clone()
+        .stat(StatBlobRequest {
+            digest: (*digest).into(),
+            send_chunks: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut covering = Vec::new();
+    let mut offset = 0u64;
+    for chunk in &stat.chunks {
+        let (c_start, c_end) = (offset, offset.saturating_add(chunk.size));
+        offset = c_end;
+        if c_end > start && c_start < end {
+            covering.push((c_start, c_end, chunk.digest.clone()));
+        }
+    }
+    let fetched: Vec<(u64, u64, Vec<u8>)> = futures::stream::iter(covering)
+        .map(|(c_start, c_end, chunk_digest)| async move {
+            let mut stream = client
+                .clone()
+                .read(ReadBlobRequest {
+                    digest: chunk_digest.clone(),
+                })
+                .await?
+                .into_inner();
+            let mut data = Vec::new();
+            while let Some(msg) = stream.next().await {
+                data.extend_from_slice(&msg?.data);
+            }
+            if data.len() as u64 != c_end - c_start
+                || crate::B3Digest::of(&data).as_bytes()[..] != chunk_digest[..]
+            {
+                return Err(Status::data_loss("a chunk failed its check"));
+            }
+            Ok((c_start, c_end, data))
+        })
+        .buffered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, Status>>()?;
+    let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
+    for (c_start, c_end, data) in fetched {
+        let from = start.saturating_sub(c_start) as usize;
+        let to = (end.min(c_end) - c_start) as usize;
+        out.extend_from_slice(&data[from..to]);
+    }
+    if out.len() as u64 != end - start {
+        return Err(Status::out_of_range("range not covered by the chunk list"));
+    }
+    Ok(out.into())
 }

@@ -28,7 +28,7 @@ use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
 use strata::proto::snix::{
     BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
 };
-use strata::testkit::{CountingProxy, cpu_seconds, pseudo_random};
+use strata::testkit::{CountingProxy, cpu_seconds, pseudo_random, read_range};
 use strata::verify::STORED_SHIFT;
 use strata::verify::bao::outboard_of;
 
@@ -909,71 +909,6 @@ async fn read_checked(
         want.len()
     );
     Ok(())
-}
-
-/// Reads bytes `start..end` of a blob the way the protocol intends: Stat for
-/// the chunk list, then only the chunks covering the range, each verified.
-/// The covering chunks are fetched concurrently, as strata's own ranged
-/// reader fetches ahead.
-async fn read_range(
-    client: &BlobServiceClient<Channel>,
-    digest: &B3Digest,
-    start: u64,
-    end: u64,
-) -> anyhow::Result<Bytes> {
-    let stat = client
-        .clone()
-        .stat(StatBlobRequest {
-            digest: (*digest).into(),
-            send_chunks: true,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut covering = Vec::new();
-    let mut offset = 0u64;
-    for chunk in &stat.chunks {
-        let (c_start, c_end) = (offset, offset + chunk.size);
-        offset = c_end;
-        if c_end > start && c_start < end {
-            covering.push((c_start, c_end, chunk.digest.clone()));
-        }
-    }
-    let fetched: Vec<(u64, u64, Vec<u8>)> = futures::stream::iter(covering)
-        .map(|(c_start, c_end, chunk_digest)| async move {
-            let mut stream = client
-                .clone()
-                .read(ReadBlobRequest {
-                    digest: chunk_digest.clone(),
-                })
-                .await?
-                .into_inner();
-            let mut data = Vec::with_capacity((c_end - c_start) as usize);
-            while let Some(msg) = stream.next().await {
-                data.extend_from_slice(&msg?.data);
-            }
-            anyhow::ensure!(
-                B3Digest::of(&data) == B3Digest::try_from(&chunk_digest)?,
-                "chunk failed verification"
-            );
-            Ok((c_start, c_end, data))
-        })
-        .buffered(8)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<_>>()?;
-    let mut out = Vec::with_capacity((end - start) as usize);
-    for (c_start, c_end, data) in fetched {
-        let from = start.saturating_sub(c_start) as usize;
-        let to = (end.min(c_end) - c_start) as usize;
-        out.extend_from_slice(&data[from..to]);
-    }
-    anyhow::ensure!(
-        out.len() as u64 == end - start,
-        "range not covered by the chunk list"
-    );
-    Ok(out.into())
 }
 
 /// A raw server: streams one in-memory buffer for any Read, in pieces of

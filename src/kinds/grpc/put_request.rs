@@ -36,10 +36,7 @@ impl PutClient {
     /// Puts to the BlobService named `service`
     /// (`snix.castore.v1.BlobService` or `tvix.castore.v1.BlobService`).
     pub(super) fn new(channel: AuthChannel, service: &str) -> Self {
-        // Service names are the generated constants: always a valid path.
-        let path = format!("/{service}/Put")
-            .parse()
-            .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"));
+        let path = raw_call::method_path(service, "Put");
         PutClient { channel, path }
     }
 

@@ -20,6 +20,15 @@ pub(super) enum Answer {
     Status(Status),
 }
 
+/// The request path of `method` of the gRPC service named `service`.
+pub(super) fn method_path(service: &str, method: &str) -> http::uri::PathAndQuery {
+    // Service names are the generated constants and methods literals:
+    // always a valid path.
+    format!("/{service}/{method}")
+        .parse()
+        .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"))
+}
+
 /// `message` as the body of a unary request: the gRPC message header
 /// (uncompressed), then the message.
 pub(super) fn unary_body(message: &impl prost::Message) -> Body {

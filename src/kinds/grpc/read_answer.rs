@@ -38,10 +38,7 @@ impl ReadClient {
     /// (`snix.castore.v1.BlobService` or `tvix.castore.v1.BlobService`),
     /// refusing messages larger than `max_message_size`.
     pub(super) fn new(channel: AuthChannel, service: &str, max_message_size: usize) -> Self {
-        // Service names are the generated constants: always a valid path.
-        let path = format!("/{service}/Read")
-            .parse()
-            .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"));
+        let path = raw_call::method_path(service, "Read");
         ReadClient {
             channel,
             path,

@@ -30,10 +30,7 @@ impl StatClient {
     /// Stats of the BlobService named `service`, refusing answers larger
     /// than `max_message_size`.
     pub(super) fn new(channel: AuthChannel, service: &str, max_message_size: usize) -> Self {
-        // Service names are the generated constants: always a valid path.
-        let path = format!("/{service}/Stat")
-            .parse()
-            .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"));
+        let path = raw_call::method_path(service, "Stat");
         StatClient {
             channel,
             path,

@@ -1479,6 +1479,29 @@ mod tests {
         back
     }
 
+    /// `tiers` of `near` (a 64 MiB fill tier, written to) before `far`, with
+    /// `fill = "async"`, and the near tier's metrics.
+    fn async_tiers(
+        near: Arc<dyn BlobService>,
+        far: Arc<dyn BlobService>,
+    ) -> (TiersService, TierMetrics) {
+        let metrics = Metrics::new();
+        let near_metrics = metrics.tier("near");
+        let members = vec![
+            Member::new(
+                "near".into(),
+                near,
+                true,
+                Some(64 << 20),
+                near_metrics.clone(),
+            ),
+            Member::new("far".into(), far, false, None, metrics.tier("far")),
+        ];
+        let write_to = vec![members[0].clone()];
+        let tiers = TiersService::new(members, write_to, Fill::Async, 4, 8, metrics);
+        (tiers, near_metrics)
+    }
+
     /// Reads `blob` through `tiers` of an empty `memory` tier before `far`,
     /// with `fill = "async"`, and returns that tier once the fill is drained.
     async fn read_through_async_fill(
@@ -1487,19 +1510,7 @@ mod tests {
         blob: &[u8],
     ) -> Arc<ChunkedBlobService<MemoryStore>> {
         let near = Arc::new(ChunkedBlobService::new(MemoryStore::new(64 << 20)));
-        let metrics = Metrics::new();
-        let members = vec![
-            Member::new(
-                "near".into(),
-                near.clone(),
-                true,
-                Some(64 << 20),
-                metrics.tier("near"),
-            ),
-            Member::new("far".into(), far, false, None, metrics.tier("far")),
-        ];
-        let write_to = vec![members[0].clone()];
-        let tiers = TiersService::new(members, write_to, Fill::Async, 4, 8, metrics);
+        let (tiers, _) = async_tiers(near.clone(), far);
         assert!(read_all(&tiers, digest).await == blob);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         tiers.shutdown(deadline).await.unwrap();
@@ -1533,20 +1544,7 @@ mod tests {
         let blob = crate::testkit::pseudo_random(300_000, 4);
         let (far, digest) = listed_as(&blob, 100 * 1024).await;
         let near = Arc::new(ChunkedBlobService::new(MemoryStore::new(64 << 20)));
-        let metrics = Metrics::new();
-        let near_metrics = metrics.tier("near");
-        let members = vec![
-            Member::new(
-                "near".into(),
-                near.clone(),
-                true,
-                Some(64 << 20),
-                near_metrics.clone(),
-            ),
-            Member::new("far".into(), far, false, None, metrics.tier("far")),
-        ];
-        let write_to = vec![members[0].clone()];
-        let tiers = TiersService::new(members, write_to, Fill::Async, 4, 8, metrics);
+        let (tiers, near_metrics) = async_tiers(near.clone(), far);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         tiers.shutdown(deadline).await.unwrap();
         // A read that was under way when shutdown began is still answered.
@@ -1617,20 +1615,7 @@ mod tests {
             svc: Arc::new(ChunkedBlobService::new(MemoryStore::new(64 << 20))),
             go: tokio::sync::Semaphore::new(0),
         });
-        let metrics = Metrics::new();
-        let near_metrics = metrics.tier("near");
-        let members = vec![
-            Member::new(
-                "near".into(),
-                near.clone(),
-                true,
-                Some(64 << 20),
-                near_metrics.clone(),
-            ),
-            Member::new("far".into(), far.clone(), false, None, metrics.tier("far")),
-        ];
-        let write_to = vec![members[0].clone()];
-        let tiers = TiersService::new(members, write_to, Fill::Async, 4, 8, metrics);
+        let (tiers, near_metrics) = async_tiers(near.clone(), far.clone());
         assert!(read_all(&tiers, &digest).await == blob);
         let fetched = far.fetches.load(std::sync::atomic::Ordering::SeqCst);
         assert!(fetched > 0);
