@@ -15,7 +15,7 @@ use prost::Message;
 use tonic::Status;
 use tonic::body::Body;
 
-use super::raw_call::{self, Answer, missing_status};
+use super::raw_call::{self, Answer};
 use crate::addr::AuthChannel;
 use crate::proto::pieces::framing;
 use crate::proto::snix::PutBlobResponse;
@@ -77,13 +77,7 @@ impl PutClient {
                 Ok(status) => *status,
                 Err(e) => Status::internal(format!("a Put answer: {e}")),
             })?;
-        let status = answer
-            .trailers()
-            .and_then(Status::from_header_map)
-            .unwrap_or_else(|| missing_status(http::StatusCode::OK));
-        if status.code() != tonic::Code::Ok {
-            return Err(status);
-        }
+        raw_call::trailers_ok(answer.trailers())?;
         decode_answer(answer.to_bytes())
     }
 }

@@ -84,9 +84,22 @@ fn request(path: &http::uri::PathAndQuery, body: Body) -> http::Request<Body> {
     req
 }
 
+/// The end of an answer's body, by its trailers (`None` if it had none):
+/// fine if they say OK, else their status, or the one tonic gives an answer
+/// that ended without a `grpc-status`.
+pub(super) fn trailers_ok(trailers: Option<&http::HeaderMap>) -> Result<(), Status> {
+    let status = trailers
+        .and_then(Status::from_header_map)
+        .unwrap_or_else(|| missing_status(http::StatusCode::OK));
+    match status.code() {
+        tonic::Code::Ok => Ok(()),
+        _ => Err(status),
+    }
+}
+
 /// The status of an answer that ended without `grpc-status`, mapped from
 /// its HTTP status as gRPC's HTTP mapping (and tonic) do.
-pub(super) fn missing_status(http_status: http::StatusCode) -> Status {
+fn missing_status(http_status: http::StatusCode) -> Status {
     use http::StatusCode as H;
     use tonic::Code;
     let code = match http_status {

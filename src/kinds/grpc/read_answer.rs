@@ -17,7 +17,7 @@ use futures::stream::BoxStream;
 use tonic::Status;
 use tonic::body::Body;
 
-use super::raw_call::{self, Answer, missing_status};
+use super::raw_call::{self, Answer};
 use crate::addr::AuthChannel;
 use crate::proto::pieces;
 use crate::proto::snix::ReadBlobRequest;
@@ -65,12 +65,6 @@ impl ReadClient {
 /// the trailers say OK.
 fn payload(body: Body, max_message_size: usize) -> Payload {
     pieces::payload(body, max_message_size, "a Read answer", |trailers| {
-        let status = trailers
-            .and_then(|trailers| Status::from_header_map(&trailers))
-            .unwrap_or_else(|| missing_status(http::StatusCode::OK));
-        match status.code() {
-            tonic::Code::Ok => Ok(()),
-            _ => Err(status),
-        }
+        raw_call::trailers_ok(trailers.as_ref())
     })
 }

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use prost::Message;
 use tonic::Status;
 
-use super::raw_call::{self, Answer, missing_status};
+use super::raw_call::{self, Answer};
 use crate::addr::AuthChannel;
 use crate::proto::pieces;
 use crate::proto::snix::{StatBlobRequest, StatBlobResponse};
@@ -51,13 +51,7 @@ impl StatClient {
                 Answer::Status(status) => return Err(status),
             };
         let mut messages = pieces::messages(body, self.max_message_size, "a Stat answer", |t| {
-            let status = t
-                .and_then(|trailers| Status::from_header_map(&trailers))
-                .unwrap_or_else(|| missing_status(http::StatusCode::OK));
-            match status.code() {
-                tonic::Code::Ok => Ok(()),
-                _ => Err(status),
-            }
+            raw_call::trailers_ok(t.as_ref())
         });
         let message = match messages.next().await {
             Some(message) => message?,
