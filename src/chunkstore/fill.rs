@@ -24,7 +24,8 @@ use crate::verify::BlobProof;
 /// with the proof, in [`BlobWriter::close_verified`].
 ///
 /// A blob of a single chunk comes as one write, verified against the blob's
-/// own digest (which is the chunk's), and is stored as that chunk alone.
+/// own digest (which is the chunk's), and is stored as that chunk alone; its
+/// proof may be the one its read gave ([`BlobProof::read_chunk`]).
 pub struct ListedWriter<S> {
     store: Arc<S>,
     digest: B3Digest,
@@ -104,9 +105,14 @@ impl<S: ChunkStore> BlobWriter for ListedWriter<S> {
                 chunks: Vec::new(),
             });
         }
+        let Some(outboard) = proof.outboard() else {
+            // Only a chunk's read proves it without one: not a blob of
+            // several chunks.
+            return Err(self.misuse("proof without an outboard for a blob of chunks".into()));
+        };
         let chunks = std::mem::take(&mut self.chunks);
         // Last: a visible index means every chunk is stored.
-        let index = BlobIndex::new(chunks.clone(), Some(proof.outboard()));
+        let index = BlobIndex::new(chunks.clone(), Some(outboard));
         self.store.put_index(self.digest, index).await?;
         Ok(PutResult {
             digest: self.digest,

@@ -40,7 +40,7 @@ use crate::blobservice::{
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 use crate::verify::{
-    Outboard, check_kept_chunk, spool_verified_shared, verify_chunk, verify_chunk_meta,
+    BlobCheck, Outboard, check_kept_chunk, spool_verified_shared, verify_chunk, verify_chunk_meta,
 };
 
 /// Names an object in a chunk store: a chunk or a blob index.
@@ -365,9 +365,14 @@ impl<S: ChunkStore> ChunkedBlobService<S> {
         }
         let pieces = Pieces::new(Box::new(reader), MAX_CHUNK_SIZE as usize)
             .map(|r| r.map_err(Error::from_io));
-        let (spool, proof) =
-            spool_verified_shared(*digest, Some(index.size), None, None, pieces).await?;
-        let index = BlobIndex::new(index.chunks, Some(proof.outboard()));
+        let (spool, proof) = spool_verified_shared(
+            BlobCheck::new(*digest, Some(index.size), None),
+            Some(index.size),
+            None,
+            pieces,
+        )
+        .await?;
+        let index = BlobIndex::new(index.chunks, proof.outboard());
         if let Err(e) = self.store.put_index(*digest, index).await {
             tracing::warn!(%digest, error = %e, "could not store the computed outboard");
         }

@@ -1,9 +1,12 @@
 //! [`BlobCheck`]: proves that a run of bytes is a whole blob, and hands out
 //! a [`BlobProof`] that lets a writer publish it without hashing it again.
+//! A chunk that a tier's `read_chunk` returned is already verified, and
+//! gets its proof without a second pass ([`BlobCheck::read_chunk`]).
 
 use bytes::Bytes;
 
 use super::{GroupVerifier, Outboard, StreamVerifier};
+use crate::blobservice::ChunkMeta;
 use crate::digest::B3Digest;
 use crate::error::VerifyError;
 
@@ -20,6 +23,11 @@ pub struct BlobCheck {
 enum How {
     Groups(GroupVerifier, Outboard),
     Hash(Box<StreamVerifier>),
+    /// The one piece a `read_chunk` of this chunk returned, verified by it.
+    ReadChunk {
+        chunk: ChunkMeta,
+        pushed: bool,
+    },
 }
 
 impl BlobCheck {
@@ -36,10 +44,35 @@ impl BlobCheck {
         BlobCheck { digest, how }
     }
 
-    /// Whether bytes are checked as they arrive (against an outboard), so
-    /// those [`push`](Self::push) returns may be released before the end.
+    /// Expects the bytes of `chunk` as the one piece that
+    /// [`BlobService::read_chunk`] returned for it. That method's contract
+    /// is to return only bytes verified against the chunk's digest and
+    /// length, so hashing them again here could only catch a memory fault:
+    /// only the length is checked, as for any chunk kept since its check
+    /// ([`super::check_kept_chunk`]), and a second piece is refused, since the
+    /// read vouched for one. The proof carries no outboard: a blob of one
+    /// chunk is stored without one.
+    ///
+    /// Before this, a cold chunk read through the `tiers` engine was
+    /// hashed twice in the sidecar: by the tier that fetched it, and for
+    /// the proof its fill needs.
+    ///
+    /// [`BlobService::read_chunk`]: crate::blobservice::BlobService::read_chunk
+    pub fn read_chunk(chunk: ChunkMeta) -> Self {
+        BlobCheck {
+            digest: chunk.digest,
+            how: How::ReadChunk {
+                chunk,
+                pushed: false,
+            },
+        }
+    }
+
+    /// Whether bytes are checked as they arrive (against an outboard, or
+    /// by the read that returned them), so those [`push`](Self::push)
+    /// returns may be released before the end.
     pub fn streams(&self) -> bool {
-        matches!(self.how, How::Groups(..))
+        matches!(self.how, How::Groups(..) | How::ReadChunk { .. })
     }
 
     /// Feeds the next piece. With an outboard, returns the bytes whose
@@ -52,6 +85,19 @@ impl BlobCheck {
                 hasher.update(&piece)?;
                 Ok(Vec::new())
             }
+            How::ReadChunk { chunk, pushed } => {
+                let before = if *pushed { chunk.size } else { 0 };
+                if before > 0 || piece.len() as u64 != chunk.size {
+                    return Err(VerifyError::LengthMismatch {
+                        what: "chunk",
+                        expected: chunk.digest,
+                        expected_len: chunk.size,
+                        actual_len: before + piece.len() as u64,
+                    });
+                }
+                *pushed = true;
+                Ok(vec![piece])
+            }
         }
     }
 
@@ -63,24 +109,41 @@ impl BlobCheck {
                 outboard
             }
             How::Hash(hasher) => hasher.finish()?,
+            How::ReadChunk { chunk, pushed } => {
+                if !pushed {
+                    return Err(VerifyError::LengthMismatch {
+                        what: "chunk",
+                        expected: chunk.digest,
+                        expected_len: chunk.size,
+                        actual_len: 0,
+                    });
+                }
+                return Ok(BlobProof {
+                    digest: chunk.digest,
+                    size: chunk.size,
+                    outboard: None,
+                });
+            }
         };
         Ok(BlobProof {
             digest: self.digest,
             size: outboard.size(),
-            outboard,
+            outboard: Some(outboard),
         })
     }
 }
 
 /// Evidence that the bytes fed to a [`BlobCheck`] are blob
-/// [`digest`](Self::digest): only [`BlobCheck::finish`] makes one. A writer
-/// that was handed those same bytes may publish them under this digest, with
-/// this outboard, without hashing them itself.
+/// [`digest`](Self::digest): only [`BlobCheck::finish`] makes one. A
+/// writer that was handed those same bytes may publish them under this
+/// digest, with this outboard, without hashing them itself.
 #[derive(Debug, Clone)]
 pub struct BlobProof {
     digest: B3Digest,
     size: u64,
-    outboard: Outboard,
+    /// `None` for a chunk proven by its read, which is stored as a blob of
+    /// one chunk: without an outboard.
+    outboard: Option<Outboard>,
 }
 
 impl BlobProof {
@@ -94,9 +157,10 @@ impl BlobProof {
         self.size
     }
 
-    /// Its outboard (the one checked against, or the one computed).
-    pub fn outboard(&self) -> &Outboard {
-        &self.outboard
+    /// Its outboard (the one checked against, or the one computed); `None`
+    /// for a chunk proven by its read.
+    pub fn outboard(&self) -> Option<&Outboard> {
+        self.outboard.as_ref()
     }
 }
 
@@ -130,8 +194,32 @@ mod tests {
             let proof = check.finish().unwrap();
             assert_eq!(proof.digest(), &digest);
             assert_eq!(proof.size(), data.len() as u64);
-            assert_eq!(proof.outboard(), &outboard);
+            assert_eq!(proof.outboard(), Some(&outboard));
         }
+    }
+
+    #[test]
+    fn a_read_chunk_is_proven_by_its_length_without_an_outboard() {
+        let data = Bytes::from(pseudo_random(300_000, 7));
+        let chunk = ChunkMeta {
+            digest: B3Digest::of(&data),
+            size: data.len() as u64,
+        };
+        let mut check = BlobCheck::read_chunk(chunk);
+        assert!(check.streams());
+        assert_eq!(check.push(data.clone()).unwrap(), vec![data.clone()]);
+        let proof = check.finish().unwrap();
+        assert_eq!(proof.digest(), &chunk.digest);
+        assert_eq!(proof.size(), chunk.size);
+        assert!(proof.outboard().is_none());
+
+        // One piece of the listed length, once: a read vouched for no more.
+        let short = BlobCheck::read_chunk(chunk).push(data.slice(1..));
+        assert!(matches!(short, Err(VerifyError::LengthMismatch { .. })));
+        let mut twice = BlobCheck::read_chunk(chunk);
+        twice.push(data.clone()).unwrap();
+        assert!(twice.push(Bytes::new()).is_err());
+        assert!(BlobCheck::read_chunk(chunk).finish().is_err());
     }
 
     #[test]

@@ -172,27 +172,27 @@ pub async fn spool_verified<S>(
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
-    spool_verified_shared(expected, expected_len, outboard, spool_dir, pieces)
+    let check = BlobCheck::new(expected, expected_len, outboard);
+    spool_verified_shared(check, expected_len, spool_dir, pieces)
         .await?
         .0
         .open()
         .await
 }
 
-/// Like [`spool_verified`], but returns the spool itself, which several
-/// readers can open, and the proof of its bytes (with the outboard they
-/// were checked against, or the one computed on the way).
+/// Like [`spool_verified`], but proves the pieces with `check` and returns
+/// the spool itself, which several readers can open, and the proof of its
+/// bytes (with the outboard they were checked against, or the one computed
+/// on the way). `expected_len` sizes the spool.
 pub async fn spool_verified_shared<S>(
-    expected: B3Digest,
+    mut check: BlobCheck,
     expected_len: Option<u64>,
-    outboard: Option<Outboard>,
     spool_dir: Option<PathBuf>,
     mut pieces: S,
 ) -> Result<(SharedSpool, BlobProof)>
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
-    let mut check = BlobCheck::new(expected, expected_len, outboard);
     let mut spool = Spool::new(spool_dir, expected_len);
     while let Some(piece) = pieces.next().await {
         let piece = piece?;

@@ -624,6 +624,25 @@ impl Inner {
         }
     }
 
+    /// The blob found in tier `k`, as the pieces a fill fetches and the
+    /// check that proves them the blob: against tier `k`'s outboard, or by
+    /// hashing them, or, for a blob fetched whole as one chunk, by the read
+    /// that verified it (the one piece it is).
+    async fn fetch(
+        self: &Arc<Self>,
+        digest: B3Digest,
+        k: usize,
+        stat: &BlobStat,
+    ) -> Result<(BlobCheck, BoxStream<'static, Result<Bytes>>)> {
+        let check = if fetched_whole(stat) {
+            BlobCheck::read_chunk(whole_chunk(digest, stat))
+        } else {
+            let outboard = self.fetch_outboard(&digest, k, stat).await?;
+            BlobCheck::new(digest, Some(stat.size), outboard)
+        };
+        Ok((check, self.unchecked_pieces(digest, k, stat).await?))
+    }
+
     /// The blob's bytes, each chunk checked against its digest only.
     async fn unchecked_pieces(
         self: &Arc<Self>,
@@ -783,8 +802,9 @@ impl Inner {
     /// When tier `k` lists chunks of sane sizes, each arrives verified
     /// against its digest and the fill tiers store them as listed
     /// ([`BlobService::open_fill`]): the check is the only other pass over
-    /// the bytes. So does a blob of one chunk, fetched whole. Otherwise the
-    /// fill tiers chunk and hash the stream themselves.
+    /// the bytes. A blob of one chunk, fetched whole, is stored as it came
+    /// too, and its read is its only pass ([`BlobCheck::read_chunk`]).
+    /// Otherwise the fill tiers chunk and hash the stream themselves.
     ///
     /// Proven bytes also go to `tap`, the reader that started the fill, as
     /// they arrive.
@@ -813,8 +833,7 @@ impl Inner {
                 "no fill tier accepted a write".into(),
             ]));
         }
-        let outboard = self.fetch_outboard(&digest, k, &stat).await?;
-        let mut check = BlobCheck::new(digest, Some(stat.size), outboard);
+        let (mut check, mut pieces) = self.fetch(digest, k, &stat).await?;
         // Without an outboard nothing is proven before the end. A small
         // blob is held until then and handed to the reader at once, before
         // the fill tiers finish storing it; the reader of a larger one
@@ -823,7 +842,6 @@ impl Inner {
         if !check.streams() && held.is_none() {
             tap.close();
         }
-        let mut pieces = self.unchecked_pieces(digest, k, &stat).await?;
         let source_lied = |e: &Error| {
             if matches!(e.root(), Error::Verification(_)) {
                 self.members[k].record_failure("fill source", &digest, e);
@@ -887,13 +905,13 @@ impl Inner {
         }
         let (this, chunk, data) = (self.clone(), *chunk, data.clone());
         let fill = async move {
-            // The fill tiers publish it only with a proof, which also
-            // yields its outboard: one pass, however many tiers take it.
-            let mut check = BlobCheck::new(chunk.digest, Some(chunk.size), None);
+            // The fill tiers publish it only with a proof: the one its
+            // read gave, without hashing it again.
+            let mut check = BlobCheck::read_chunk(chunk);
             let proof = match check.push(data.clone()).and_then(|_| check.finish()) {
                 Ok(proof) => proof,
                 Err(e) => {
-                    // The tier that gave it checked it; this is a bug.
+                    // The tier that gave it checked its length; a bug.
                     warn!(digest = %chunk.digest, error = %e, "verified chunk failed its proof");
                     return;
                 }
@@ -920,9 +938,8 @@ impl Inner {
         stat: BlobStat,
     ) -> Result<SharedSpool> {
         // Nothing in the spool is released before the whole run is proven.
-        let outboard = self.fetch_outboard(&digest, k, &stat).await?;
-        let pieces = self.unchecked_pieces(digest, k, &stat).await?;
-        let spooled = spool_verified_shared(digest, Some(stat.size), outboard, None, pieces).await;
+        let (check, pieces) = self.fetch(digest, k, &stat).await?;
+        let spooled = spool_verified_shared(check, Some(stat.size), None, pieces).await;
         let (spool, proof) = match spooled {
             Ok(spooled) => spooled,
             Err(e) => {
