@@ -654,7 +654,8 @@ impl DiskStore {
     /// pack is first read without waiting for the disk (`RWF_NOWAIT`); if
     /// the page cache held it, it is also checked right here, on the async
     /// task. Otherwise it is read and checked in one blocking task. A chunk
-    /// whose file vanished is forgotten and reported absent.
+    /// whose file vanished or was cut short, or that the disk cannot read
+    /// ([`lost_to_the_disk`]), is forgotten and reported absent.
     ///
     /// Hashing on the async task is bounded work, as everywhere a chunk is
     /// checked (`docs/architecture.md`): one chunk of at most
@@ -693,23 +694,29 @@ impl DiskStore {
                 ChunkAt::File(path) => std::fs::read(path).map(Bytes::from),
             };
             let read = match data {
-                Ok(data) => Ok(Some(checked(data, meta))),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Ok(data) => Ok(Ok(checked(data, meta))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Err(None)),
                 // A pack cut short behind the store's back.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(Err(None)),
+                Err(e) if lost_to_the_disk(&e) => Ok(Err(Some(e))),
                 Err(e) => Err(e),
             };
             (at, read)
         })
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))?;
-        if let Some(checked) = read? {
-            return checked.map(Some);
-        }
+        let unreadable = match read? {
+            Ok(checked) => return checked.map(Some),
+            Err(unreadable) => unreadable,
+        };
         match at {
-            ChunkAt::Pack(at) if self.packs.path(at.pack).exists() => {
+            ChunkAt::Pack(at) if unreadable.is_some() || self.packs.path(at.pack).exists() => {
                 let path = self.packs.path(at.pack);
-                warn!(%digest, pack = %path.display(), "a stored chunk was cut short");
+                match unreadable {
+                    Some(e) => warn!(%digest, pack = %path.display(), error = %e,
+                        "a stored chunk cannot be read: forgotten, to be stored again"),
+                    None => warn!(%digest, pack = %path.display(), "a stored chunk was cut short"),
+                }
                 if self.packs.forget_chunk(&digest) {
                     self.chunk_losses.fetch_add(1, Ordering::SeqCst);
                 }
@@ -727,6 +734,16 @@ impl DiskStore {
         }
         Ok(None)
     }
+}
+
+/// Whether a read failed because the disk lost the bytes it was asked for
+/// (a bad sector, a file system's failed checksum), rather than for a
+/// reason of the moment (no file handles left, say): the chunk is then as
+/// good as gone, and is forgotten so that the next fill stores it anew,
+/// where a read that keeps failing would send every request for it on to
+/// the far tiers for good.
+fn lost_to_the_disk(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EIO | libc::EUCLEAN))
 }
 
 impl DiskStore {

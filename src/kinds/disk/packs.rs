@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::SystemTime;
@@ -131,6 +131,10 @@ pub(super) struct Packs {
     direct: bool,
     /// Buffers for direct reads.
     buffers: Arc<BufPool>,
+    /// An OS error every read answers with instead of reading (0: none),
+    /// set by tests to stand for a failing disk.
+    #[cfg(test)]
+    failing: std::sync::atomic::AtomicI32,
 }
 
 /// Direct-read buffers kept for reuse: enough for the read-ahead of two
@@ -255,6 +259,46 @@ fn copy_error(e: &std::io::Error) -> std::io::Error {
     }
 }
 
+/// Pack files that tests make fail to open, standing for a disk that
+/// cannot read them (as root, permissions cannot).
+#[cfg(test)]
+pub(super) static UNOPENABLE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Opens pack file `path`, found at start-up, by its table of contents or
+/// else by scanning it: then it is cut back to its last whole record and
+/// given a table. One without any record is deleted (`None`). Returns its
+/// records, its length and its metadata from before it was cut.
+fn open_found(path: &Path) -> std::io::Result<Option<(pack::Scanned, u64, std::fs::Metadata)>> {
+    #[cfg(test)]
+    if UNOPENABLE
+        .lock()
+        .is_ok_and(|paths| paths.iter().any(|p| p == path))
+    {
+        return Err(std::io::Error::from_raw_os_error(libc::EIO));
+    }
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let scanned = pack::records(&file)?;
+    if scanned.records.is_empty() {
+        drop(file);
+        std::fs::remove_file(path)?;
+        return Ok(None);
+    }
+    // Taken before the pack is cut or given its table: its age orders the
+    // cache index.
+    let meta = file.metadata()?;
+    let mut len = scanned.valid_len;
+    if !scanned.has_toc {
+        if meta.len() > len {
+            file.set_len(len)?;
+        }
+        if scanned.records.len() <= pack::MAX_TOC_ENTRIES {
+            let listed: Vec<_> = scanned.records.iter().map(|r| (r.digest, r.len)).collect();
+            len += pack::append_toc(&file, &listed, len);
+        }
+    }
+    Ok(Some((scanned, len, meta)))
+}
+
 impl Packs {
     /// Opens the packs in `dir` (created if missing), each by its table of
     /// contents, or else by scanning it: then it is cut back to its last
@@ -281,27 +325,20 @@ impl Packs {
         let mut found = Vec::with_capacity(ids.len());
         for &id in &ids {
             let path = dir.join(pack::file_name(id));
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            let scanned = pack::records(&file)?;
-            if scanned.records.is_empty() {
-                drop(file);
-                std::fs::remove_file(&path)?;
-                continue;
-            }
-            // Taken before the pack is cut or given its table: its age
-            // orders the cache index.
-            let meta = file.metadata()?;
-            let mut len = scanned.valid_len;
-            if !scanned.has_toc {
-                if meta.len() > len {
-                    file.set_len(len)?;
+            let (scanned, len, meta) = match open_found(&path) {
+                Ok(Some(found)) => found,
+                Ok(None) => continue,
+                Err(e) => {
+                    // One bad file should not keep the whole tier (and the
+                    // server) from starting: the pack is left as it is, for
+                    // the operator to look at, and its chunks are fetched
+                    // again when asked for.
+                    tracing::error!(pack = %path.display(), error = %e,
+                        "a pack cannot be opened: left as it is, its chunks unused \
+                         and its space not counted");
+                    continue;
                 }
-                if scanned.records.len() <= pack::MAX_TOC_ENTRIES {
-                    let listed: Vec<_> =
-                        scanned.records.iter().map(|r| (r.digest, r.len)).collect();
-                    len += pack::append_toc(&file, &listed, len);
-                }
-            }
+            };
             let members = scanned.records.iter().map(|r| r.digest).collect();
             for r in scanned.records {
                 let location = Location {
@@ -334,6 +371,8 @@ impl Packs {
             nowait: AtomicBool::new(!direct),
             direct,
             buffers: BufPool::new(BUFFERS),
+            #[cfg(test)]
+            failing: Default::default(),
         };
         Ok((packs, found))
     }
@@ -376,6 +415,11 @@ impl Packs {
     /// The chunk at `at` (blocking). A pack cut short reads as
     /// `UnexpectedEof`, a pack gone as `NotFound`.
     pub fn read(&self, at: &Location) -> std::io::Result<Bytes> {
+        #[cfg(test)]
+        match self.failing.load(Ordering::Relaxed) {
+            0 => {}
+            code => return Err(std::io::Error::from_raw_os_error(code)),
+        }
         let file = match self.readers.get(&at.pack) {
             Some(file) => file,
             None => {
@@ -407,6 +451,12 @@ impl Packs {
     #[cfg(test)]
     pub fn pretend_writing(&self, writing: bool) {
         self.writer().flushing = writing;
+    }
+
+    /// Makes every read fail with OS error `code` (0: read again).
+    #[cfg(test)]
+    pub fn fail_reads(&self, code: i32) {
+        self.failing.store(code, Ordering::Relaxed);
     }
 
     /// Whether a read handle of pack `id` is open.

@@ -667,6 +667,58 @@ async fn a_pack_deleted_behind_the_stores_back_is_a_miss() {
 }
 
 #[tokio::test]
+async fn a_chunk_the_disk_cannot_read_is_forgotten_and_stored_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open(dir.path(), 1 << 30).await;
+    let blob = pseudo_random(3 << 20, 72);
+    let digest = put(&svc, &blob).await;
+    let chunks = svc.stat(&digest).await.unwrap().unwrap().chunks;
+    let store = svc.store();
+
+    // A failure of the moment is an error, and the chunk is kept.
+    store.packs.fail_reads(libc::EMFILE);
+    assert!(svc.read_chunk(&chunks[0]).await.is_err());
+    assert!(store.holds(&chunks[0].digest));
+
+    // Bytes the disk lost are a miss: the chunk, and the blob it made
+    // whole, are gone, and the blob's other chunks stay.
+    store.packs.fail_reads(libc::EIO);
+    assert_eq!(svc.read_chunk(&chunks[0]).await.unwrap(), None);
+    assert!(!store.holds(&chunks[0].digest));
+    assert!(store.holds(&chunks[1].digest));
+    assert!(svc.stat(&digest).await.unwrap().is_none());
+
+    // Put again, the lost chunk goes to a new record, and reads back.
+    store.packs.fail_reads(0);
+    assert_eq!(put(&svc, &blob).await, digest);
+    assert!(store.holds(&chunks[0].digest));
+    assert!(read_all(&svc, &digest).await == blob);
+}
+
+#[tokio::test]
+async fn a_pack_that_cannot_be_opened_is_left_alone_and_the_rest_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (pseudo_random(3 << 20, 73), pseudo_random(3 << 20, 74));
+    // Each put by a store of its own, so each blob in a pack of its own.
+    let first_digest = put(&open(dir.path(), 1 << 30).await, &first).await;
+    let second_digest = put(&open(dir.path(), 1 << 30).await, &second).await;
+    let packs = packs_in(dir.path());
+    assert_eq!(packs.len(), 2, "{packs:?}");
+    let bad = packs[0].clone();
+    let before = std::fs::read(&bad).unwrap();
+    packs::UNOPENABLE.lock().unwrap().push(bad.clone());
+    let svc = open(dir.path(), 1 << 30).await;
+    packs::UNOPENABLE.lock().unwrap().retain(|p| p != &bad);
+
+    assert!(svc.stat(&first_digest).await.unwrap().is_none());
+    assert!(read_all(&svc, &second_digest).await == second);
+    // Untouched, and never written to: the blob put again lands elsewhere.
+    assert_eq!(put(&svc, &first).await, first_digest);
+    assert!(read_all(&svc, &first_digest).await == first);
+    assert!(std::fs::read(&bad).unwrap() == before);
+}
+
+#[tokio::test]
 async fn chunk_files_of_older_versions_are_read_and_evicted() {
     let dir = tempfile::tempdir().unwrap();
     let blob = pseudo_random(3 << 20, 80);
