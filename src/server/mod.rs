@@ -293,9 +293,11 @@ pub async fn serve(
                 None => return Ok(()),
             },
             () = &mut grace_over => {
-                warn!(?grace, "shutdown grace period over: dropping the connections still open");
+                warn!(?grace, "shutdown grace period over: no longer waiting for the connections still open");
                 // The connections are tasks of their own: they end when the
-                // runtime does, right after this returns.
+                // runtime does, once the caller's drain of queued fills
+                // (bounded by `fill_drain`) is over. Until then they may
+                // finish; no new one is accepted.
                 tasks.abort_all();
                 for path in sockets {
                     let _ = std::fs::remove_file(path);
