@@ -25,7 +25,8 @@ use crate::verify::BlobProof;
 ///
 /// A blob of a single chunk comes as one write, verified against the blob's
 /// own digest (which is the chunk's), and is stored as that chunk alone; its
-/// proof may be the one its read gave ([`BlobProof::read_chunk`]).
+/// proof may be the one its read gave
+/// ([`crate::verify::BlobCheck::read_chunk`]).
 pub struct ListedWriter<S> {
     store: Arc<S>,
     digest: B3Digest,

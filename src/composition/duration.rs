@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer};
 pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
 
 /// A duration written as `"50ms"`, `"5s"`, `"1m 30s"` (humantime syntax),
-/// at most [`MAX_DURATION`].
+/// at most `MAX_DURATION`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Duration(pub std::time::Duration);
 

@@ -21,7 +21,7 @@ const BATCH: usize = 4 * 1024 * 1024;
 
 /// Computes a blob's digest and outboard, like [`OutboardHasher`], but once
 /// the blob outgrows `INLINE_LIMIT` (1 MiB) its pieces are hashed on the
-/// blocking pool, a [`BATCH`] at a time, while the caller goes on with the
+/// blocking pool, a `BATCH` at a time, while the caller goes on with the
 /// next.
 ///
 /// A Put's writer chunks, hashes each chunk and stores it; hashing the whole

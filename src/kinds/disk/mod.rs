@@ -16,7 +16,7 @@
 //!   up to 64 MiB ([`pack`] has the format). A file per chunk would cost
 //!   an inode allocated and one freed per 256 KiB filled, which on ext4
 //!   costs more CPU than the write itself. Packs are written and read with
-//!   direct I/O unless `direct_io = false` ([`direct`] says why): the
+//!   direct I/O unless `direct_io = false` (module `direct` says why): the
 //!   `memory` tier is the cache of hot chunks, and with `false` the page
 //!   cache becomes a second one;
 //! * `blobs/<2 hex>/<64 hex>`: the chunk list of a blob of two or more
@@ -97,7 +97,7 @@ pub struct DiskConfig {
     /// Upper bound on the bytes of files kept.
     #[serde(default = "default_max_size")]
     pub max_size: ByteSize,
-    /// Whether packs bypass the page cache (see [`direct`]).
+    /// Whether packs bypass the page cache (module `direct` says why).
     #[serde(default = "default_direct_io")]
     pub direct_io: bool,
 }
@@ -1067,7 +1067,7 @@ impl ChunkStore for DiskStore {
 
     /// A large outboard goes to a file of its own, written before the
     /// index that makes the blob visible; the index file holds the chunk
-    /// list, and a small outboard ([`INLINE_OUTBOARD_MAX`]).
+    /// list, and a small outboard (`INLINE_OUTBOARD_MAX`).
     #[instrument(skip(self, index), fields(%digest), err)]
     async fn put_index(&self, digest: B3Digest, index: BlobIndex) -> Result<()> {
         let BlobIndex { size, chunks, bao } = index;
@@ -1105,7 +1105,7 @@ impl ChunkStore for DiskStore {
 
     /// Enough chunks in flight (4 MiB of the default chunking, 8 MiB at
     /// most) that while one batch of appends is written the next fills
-    /// (see [`Packs::append`]); with a window of 4, each batch held one
+    /// (see `Packs::append`); with a window of 4, each batch held one
     /// or two chunks and a Put still waited on nearly every write.
     fn write_concurrency(&self) -> usize {
         16
