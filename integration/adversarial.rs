@@ -635,16 +635,22 @@ async fn a_race_carries_on_from_its_honest_member_when_the_winner_lies() {
 }
 
 /// When the winner's chunk list is the lie, no member has its chunks as
-/// listed: the read fails (the race gave the list), and no member is
-/// blamed inside the race, which cannot tell whose the lie is (the honest
-/// member's chunks fail against the liar's list too).
+/// listed, so the stream of them fails; the race cannot tell whose lie
+/// that is from the chunks (the honest member's fail against the liar's
+/// list too) and blames no member for them. The engine in front tells the
+/// race its list was caught lying: the race passes over the member whose
+/// Stat gave it, the engine does not pass over the race, and asks it
+/// again. The read succeeds from the honest member, and a second read
+/// fills the near tier from it.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_race_does_not_blame_its_honest_member_for_the_winners_chunk_list() {
+async fn a_race_passes_over_the_member_whose_chunk_list_lied_and_is_asked_again() {
     let (honest, digest) = honest_peer().await;
     let liar = FaultPeer::start(Lie::ChunkSizes);
     let near = tempfile::tempdir().unwrap();
     let sidecar = start_racing_sidecar(near.path(), &liar.addr, &honest.tcp_addr()).await;
-    assert!(read_blob(&sidecar.tcp_addr(), &digest).await.is_err());
+    let got = read_blob(&sidecar.tcp_addr(), &digest).await;
+    let got = got.unwrap_or_else(|f| panic!("{f:?}\n{}", sidecar.log_text()));
+    assert!(got == blob(), "wrong bytes");
     let log = sidecar.log_text();
     assert!(
         log.contains("asking the others for the rest"),
@@ -652,10 +658,42 @@ async fn a_race_does_not_blame_its_honest_member_for_the_winners_chunk_list() {
     );
     assert!(
         !log.contains("race member gave chunks of this blob that failed their check"),
-        "a race member was blamed for the list:\n{log}"
+        "a race member was blamed for its chunks:\n{log}"
+    );
+    let passed_over: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("chunk list of this blob was caught lying"))
+        .collect();
+    assert!(
+        passed_over.len() == 1 && passed_over[0].contains("liar"),
+        "not the liar alone passed over for its list:\n{log}"
+    );
+    assert!(
+        !log.contains("the tier lied about this digest: passed over for it"),
+        "the engine passed over the race:\n{log}"
+    );
+
+    // Asked again, the race answers from the honest member alone, and its
+    // fill brings the blob into the near tier.
+    let again = read_blob(&sidecar.tcp_addr(), &digest).await;
+    assert!(again.is_ok_and(|b| b == blob()), "second read");
+    assert!(
+        eventually(Duration::from_secs(20), || metric(
+            &sidecar.metrics(),
+            "strata_tier_fills_total{tier=\"near\"}"
+        ) >= 1.0)
+        .await,
+        "no fill of the near tier:\n{}",
+        sidecar.log_text()
     );
     drop(sidecar);
     assert_near_tier_clean(near.path(), &digest, Lie::ChunkSizes).await;
+    let disk = near_alone(near.path()).await;
+    let filled = read_blob(&disk.tcp_addr(), &digest).await;
+    assert!(
+        filled.is_ok_and(|f| f == blob()),
+        "the near tier was not filled right"
+    );
 }
 
 /// With `fill = "off"` the client's stream comes straight from the liar's

@@ -206,6 +206,19 @@ pub trait BlobService: Send + Sync + 'static {
         let _ = deadline;
         Ok(())
     }
+
+    /// Tells the service that the chunk list it gave for blob `digest` (its
+    /// latest [`stat`](Self::stat) or [`stat_before_read`](Self::stat_before_read)
+    /// answer) was caught lying: the listed chunks, each as listed, do not
+    /// make up the blob. Returns whether the service passed over the
+    /// source of that list, so that asked again it answers from another (a
+    /// `race` of several peers does); then the caller asks it again rather
+    /// than passing over the whole service. The default: `false`.
+    /// Wrappers forward it.
+    fn caught_lying(&self, digest: &B3Digest) -> bool {
+        let _ = digest;
+        false
+    }
 }
 
 /// An in-progress blob upload.
@@ -274,6 +287,9 @@ impl<T: BlobService + ?Sized> BlobService for std::sync::Arc<T> {
     }
     async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
         (**self).shutdown(deadline).await
+    }
+    fn caught_lying(&self, digest: &B3Digest) -> bool {
+        (**self).caught_lying(digest)
     }
 }
 

@@ -272,6 +272,10 @@ impl BlobService for BreakerService {
     async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
         self.inner.shutdown(deadline).await
     }
+
+    fn caught_lying(&self, digest: &B3Digest) -> bool {
+        self.inner.caught_lying(digest)
+    }
 }
 
 #[cfg(test)]

@@ -236,6 +236,10 @@ impl BlobService for InstrumentedService {
     async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
         self.inner.shutdown(deadline).await
     }
+
+    fn caught_lying(&self, digest: &B3Digest) -> bool {
+        self.inner.caught_lying(digest)
+    }
 }
 
 /// Counts the bytes a reader delivers, and a read that fails.

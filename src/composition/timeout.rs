@@ -138,6 +138,10 @@ impl BlobService for TimeoutService {
     async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
         self.inner.shutdown(deadline).await
     }
+
+    fn caught_lying(&self, digest: &B3Digest) -> bool {
+        self.inner.caught_lying(digest)
+    }
 }
 
 /// Fails a read that makes no progress for `idle`.

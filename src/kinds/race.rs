@@ -24,9 +24,12 @@
 //! one of them gives the chunk as listed, the winner lied, and is passed
 //! over for that blob for ten minutes, so the fast liar does not win its
 //! next race for it. If none does, the chunk list is what was wrong, and
-//! the stream ends with the error (the engine in front blames the race,
-//! which gave the list). A reader (`open_read`) is not carried on this
-//! way: the engine in front moves a failed reader to its next tier.
+//! the stream ends with the error. The engine in front then tells the race
+//! ([`BlobService::caught_lying`]): the race passes over the member whose
+//! Stat gave the list, for ten minutes too, and the engine asks the race
+//! again rather than passing over it, honest members and all. A reader
+//! (`open_read`) is not carried on this way: the engine in front moves a
+//! failed reader to its next tier.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,6 +96,10 @@ impl TierConfig for RaceConfig {
             shared: Arc::new(Shared {
                 members,
                 hedge_after: self.hedge_after.map(|h| h.0),
+                listed_by: moka::sync::Cache::builder()
+                    .max_capacity(LISTED_BY)
+                    .time_to_live(LISTED_FOR)
+                    .build(),
             }),
         }))
     }
@@ -105,6 +112,12 @@ const DISTRUST_FOR: Duration = Duration::from_secs(600);
 const DISTRUSTED_PER_MEMBER: u64 = 16_384;
 /// Chunks fetched at once when a stream is carried on chunk by chunk.
 const RESUME_AHEAD: usize = 8;
+/// How long the race remembers which member's Stat it passed on for a
+/// blob: long enough for the read that follows the Stat to catch a lie in
+/// its chunk list.
+const LISTED_FOR: Duration = Duration::from_secs(120);
+/// Most blobs whose Stat's member the race remembers at once.
+const LISTED_BY: u64 = 65_536;
 
 /// The `race` combinator. See the module docs.
 pub struct RaceService {
@@ -122,6 +135,9 @@ struct Member {
 struct Shared {
     members: Vec<Member>,
     hedge_after: Option<Duration>,
+    /// The member whose Stat answer the race passed on last, by blob: where
+    /// a chunk list caught lying came from ([`BlobService::caught_lying`]).
+    listed_by: moka::sync::Cache<B3Digest, usize>,
 }
 
 type Attempt<T> = BoxFuture<'static, (usize, Result<Option<T>>)>;
@@ -281,6 +297,26 @@ impl Shared {
             .boxed()
     }
 
+    /// The first Stat answer of a race, remembering its member.
+    async fn stat(&self, digest: &B3Digest, before_read: bool) -> Result<Option<BlobStat>> {
+        let d = *digest;
+        let won = self
+            .race(digest, &[], move |svc| {
+                Box::pin(async move {
+                    if before_read {
+                        svc.stat_before_read(&d).await
+                    } else {
+                        svc.stat(&d).await
+                    }
+                })
+            })
+            .await?;
+        Ok(won.map(|(i, stat)| {
+            self.listed_by.insert(d, i);
+            stat
+        }))
+    }
+
     fn distrust(&self, i: usize, digest: &B3Digest) {
         let m = &self.members[i];
         if m.distrusted.entry(*digest).or_insert(()).is_fresh() {
@@ -308,21 +344,13 @@ impl RaceService {
 #[async_trait]
 impl BlobService for RaceService {
     async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        let d = *digest;
-        self.race(digest, move |svc| {
-            Box::pin(async move { svc.stat(&d).await })
-        })
-        .await
+        self.shared.stat(digest, false).await
     }
 
     /// The winner may have brought a small blob along for the read that
     /// follows; that read races too, and the winner answers it at once.
     async fn stat_before_read(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
-        let d = *digest;
-        self.race(digest, move |svc| {
-            Box::pin(async move { svc.stat_before_read(&d).await })
-        })
-        .await
+        self.shared.stat(digest, true).await
     }
 
     async fn outboard(&self, digest: &B3Digest) -> Result<Option<Outboard>> {
@@ -381,5 +409,24 @@ impl BlobService for RaceService {
             m.svc.shutdown(deadline).await?;
         }
         Ok(())
+    }
+
+    /// Passes over the member whose Stat gave the list, for that blob, as
+    /// for chunks that failed their check; asked again, the race answers
+    /// from the others, if any is left that is not passed over.
+    fn caught_lying(&self, digest: &B3Digest) -> bool {
+        let shared = &self.shared;
+        let Some(lister) = shared.listed_by.remove(digest) else {
+            return false;
+        };
+        let m = &shared.members[lister];
+        if m.distrusted.entry(*digest).or_insert(()).is_fresh() {
+            warn!(tier = %m.name, %digest, for_secs = DISTRUST_FOR.as_secs(),
+                "race member's chunk list of this blob was caught lying: passed over for it");
+        }
+        shared
+            .members
+            .iter()
+            .any(|m| !m.distrusted.contains_key(digest))
     }
 }

@@ -120,6 +120,11 @@ const HOLD_LIMIT: u64 = crate::blobservice::SPOOL_IN_MEMORY as u64;
 /// cost a file or an object per few bytes, is cut afresh instead.
 const MIN_KEPT_CHUNK: u64 = 16 * 1024;
 
+/// How many times one read asks a tier again after it passed over the
+/// source of a lie itself ([`Member::asks_again`]): a bound, should each
+/// answer it then gives be a lie as well.
+const ASK_AGAIN: usize = 2;
+
 /// Whether a fill hands the fill tiers the blob in pieces they may store as
 /// they come, without cutting and hashing them again
 /// ([`BlobService::open_fill`]): the chunks of a list it keeps, or a small
@@ -415,6 +420,33 @@ impl Member {
             warn!(tier = %self.name, %digest, for_secs = DISTRUST_FOR.as_secs(),
                 "the tier lied about this digest: passed over for it");
         }
+    }
+
+    /// [`Member::record_failure`] for what a fill from this tier caught: a
+    /// lie there is in the chunk list this tier gave (its chunks, each
+    /// checked as listed, do not make up the blob). A tier that passes
+    /// over the list's source itself ([`BlobService::caught_lying`]: a
+    /// `race`) is not passed over, and is asked again
+    /// ([`Member::asks_again`]): its other members may have the blob.
+    fn record_list_lie(&self, what: &str, digest: &B3Digest, err: &Error) {
+        if self.distrusted.is_some()
+            && matches!(err.root(), Error::Verification(_))
+            && self.svc.caught_lying(digest)
+        {
+            self.count_failure(err);
+            warn!(tier = %self.name, %digest, error = %err,
+                "{what} failed; the tier passed over the source of the list, asking it again");
+            return;
+        }
+        self.record_failure(what, digest, err);
+    }
+
+    /// Whether, after a lie caught in what it gave for `digest`, this tier
+    /// is to be asked again: it could have been passed over for it, and
+    /// was not, since it passed over the liar itself
+    /// ([`Member::record_list_lie`]).
+    fn asks_again(&self, digest: &B3Digest) -> bool {
+        self.distrusted.is_some() && !self.distrusts(digest)
     }
 
     /// [`Member::record_failure`] for a read that failed after `position`
@@ -844,7 +876,7 @@ impl Inner {
         }
         let source_lied = |e: &Error| {
             if matches!(e.root(), Error::Verification(_)) {
-                self.members[k].record_failure("fill source", &digest, e);
+                self.members[k].record_list_lie("fill source", &digest, e);
             }
         };
         while let Some(piece) = pieces.next().await {
@@ -943,7 +975,7 @@ impl Inner {
         let (spool, proof) = match spooled {
             Ok(spooled) => spooled,
             Err(e) => {
-                self.members[k].record_failure("fetch", &digest, &e);
+                self.members[k].record_list_lie("fetch", &digest, &e);
                 return Err(e);
             }
         };
@@ -989,6 +1021,7 @@ impl BlobService for TiersService {
         }
         let mut from = 0;
         let mut lie: Option<Error> = None;
+        let mut asked_again = 0;
         loop {
             let Some((k, stat)) = self.inner.locate(digest, from, Purpose::Read).await? else {
                 // Absent from the honest tiers: a liar's error says more.
@@ -997,8 +1030,14 @@ impl BlobService for TiersService {
             match self.read_located(digest, k, stat).await {
                 Err(e) if matches!(e.root(), Error::Verification(_)) => {
                     // Tier k served data that is not this blob (recorded
-                    // where it was caught); try the tiers after it.
-                    from = k + 1;
+                    // where it was caught). Unless it passed over the liar
+                    // itself, and only a few times, try the tiers after it.
+                    if self.inner.members[k].asks_again(digest) && asked_again < ASK_AGAIN {
+                        asked_again += 1;
+                        from = k;
+                    } else {
+                        from = k + 1;
+                    }
                     lie = Some(e);
                 }
                 other => return other,
@@ -1656,6 +1695,77 @@ mod tests {
             far.fetches.load(std::sync::atomic::Ordering::SeqCst),
             fetched
         );
+    }
+
+    /// A tier that passes over the source of a lying chunk list itself
+    /// ([`BlobService::caught_lying`]) is asked again, but not for ever: one
+    /// that keeps lying is passed over after [`ASK_AGAIN`] more tries, and
+    /// the read goes on to the next tier.
+    #[tokio::test]
+    async fn a_tier_that_keeps_lying_is_asked_again_only_so_often() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        /// Lists the blob's first two chunks swapped, and claims each time
+        /// that it passed over the liar.
+        struct Swapping {
+            svc: Arc<ChunkedBlobService<MemoryStore>>,
+            stats: AtomicUsize,
+        }
+        #[async_trait]
+        impl BlobService for Swapping {
+            async fn stat(&self, digest: &B3Digest) -> Result<Option<BlobStat>> {
+                self.stats.fetch_add(1, Ordering::SeqCst);
+                let mut stat = self.svc.stat(digest).await?;
+                if let Some(stat) = &mut stat {
+                    stat.chunks.swap(0, 1);
+                }
+                Ok(stat)
+            }
+            async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+                self.svc.open_read(digest).await
+            }
+            async fn read_chunk(&self, chunk: &ChunkMeta) -> Result<Option<Bytes>> {
+                self.svc.read_chunk(chunk).await
+            }
+            async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+                self.svc.open_write().await
+            }
+            fn caught_lying(&self, _: &B3Digest) -> bool {
+                true
+            }
+        }
+        let blob = crate::testkit::pseudo_random(1_300_000, 6);
+        let (far, digest) = listed_as(&blob, 100 * 1024).await;
+        let liar = Arc::new(Swapping {
+            svc: far.clone(),
+            stats: 0.into(),
+        });
+        let near = Arc::new(ChunkedBlobService::new(MemoryStore::new(64 << 20)));
+        let metrics = Metrics::new();
+        let members = vec![
+            Member::new(
+                "near".into(),
+                near.clone(),
+                true,
+                None,
+                metrics.tier("near"),
+            ),
+            Member::new(
+                "liar".into(),
+                liar.clone(),
+                false,
+                None,
+                metrics.tier("liar"),
+            ),
+            Member::new("honest".into(), far, false, None, metrics.tier("honest")),
+        ];
+        let write_to = vec![members[0].clone()];
+        let tiers = TiersService::new(members, write_to, Fill::Async, 4, 8, metrics);
+
+        assert!(read_all(&tiers, &digest).await == blob);
+        assert_eq!(liar.stats.load(Ordering::SeqCst), 1 + ASK_AGAIN);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        tiers.shutdown(deadline).await.unwrap();
+        assert!(read_all(&*near, &digest).await == blob);
     }
 
     #[tokio::test]

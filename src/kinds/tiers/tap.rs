@@ -155,7 +155,7 @@ impl TapReader {
 
 /// A reader of the blob at `pos`, once `fill` is over: from the tiers it
 /// filled, else from the source tier on (after the source, if the source
-/// lied).
+/// lied and did not pass over the liar itself).
 async fn after_fill(
     inner: Arc<Inner>,
     digest: B3Digest,
@@ -171,7 +171,11 @@ async fn after_fill(
             }
             (source, None)
         }
-        Err(e) if matches!(e.root(), Error::Verification(_)) => (source + 1, Some(e)),
+        // A source that passed over the liar itself is read again.
+        Err(e) if matches!(e.root(), Error::Verification(_)) => {
+            let again = inner.members[source].asks_again(&digest);
+            (if again { source } else { source + 1 }, Some(e))
+        }
         Err(e) => {
             warn!(%digest, error = %e, "fetch and fill failed; reading directly");
             (source, Some(e))
