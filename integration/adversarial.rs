@@ -586,6 +586,28 @@ async fn start_racing_sidecar(near: &Path, liar: &str, honest: &str) -> Daemon {
         .unwrap()
 }
 
+/// That `sidecar` (from [`start_racing_sidecar`]) filled its near tier,
+/// in `near`, with the blob, right, and with nothing the liar made up.
+async fn assert_racing_sidecar_filled(sidecar: Daemon, near: &Path, digest: &B3Digest, lie: Lie) {
+    assert!(
+        eventually(Duration::from_secs(20), || metric(
+            &sidecar.metrics(),
+            "strata_tier_fills_total{tier=\"near\"}"
+        ) >= 1.0)
+        .await,
+        "{lie:?}: no fill of the near tier:\n{}",
+        sidecar.log_text()
+    );
+    drop(sidecar);
+    assert_near_tier_clean(near, digest, lie).await;
+    let disk = near_alone(near).await;
+    let filled = read_blob(&disk.tcp_addr(), digest).await;
+    assert!(
+        filled.is_ok_and(|f| f == blob()),
+        "{lie:?}: the near tier was not filled right"
+    );
+}
+
 /// A `race` whose fast member lies in its data (the chunk list is right):
 /// the chunk that fails its check is taken from the other member, the read
 /// succeeds, the near tier fills with proven bytes only, and the liar is
@@ -614,23 +636,7 @@ async fn a_race_carries_on_from_its_honest_member_when_the_winner_lies() {
             0.0,
             "{lie:?}: the engine blamed the race"
         );
-        assert!(
-            eventually(Duration::from_secs(20), || metric(
-                &sidecar.metrics(),
-                "strata_tier_fills_total{tier=\"near\"}"
-            ) >= 1.0)
-            .await,
-            "{lie:?}: no fill of the near tier:\n{}",
-            sidecar.log_text()
-        );
-        drop(sidecar);
-        assert_near_tier_clean(near.path(), &digest, lie).await;
-        let disk = near_alone(near.path()).await;
-        let filled = read_blob(&disk.tcp_addr(), &digest).await;
-        assert!(
-            filled.is_ok_and(|f| f == blob()),
-            "{lie:?}: the near tier was not filled right"
-        );
+        assert_racing_sidecar_filled(sidecar, near.path(), &digest, lie).await;
     }
 }
 
@@ -677,23 +683,7 @@ async fn a_race_passes_over_the_member_whose_chunk_list_lied_and_is_asked_again(
     // fill brings the blob into the near tier.
     let again = read_blob(&sidecar.tcp_addr(), &digest).await;
     assert!(again.is_ok_and(|b| b == blob()), "second read");
-    assert!(
-        eventually(Duration::from_secs(20), || metric(
-            &sidecar.metrics(),
-            "strata_tier_fills_total{tier=\"near\"}"
-        ) >= 1.0)
-        .await,
-        "no fill of the near tier:\n{}",
-        sidecar.log_text()
-    );
-    drop(sidecar);
-    assert_near_tier_clean(near.path(), &digest, Lie::ChunkSizes).await;
-    let disk = near_alone(near.path()).await;
-    let filled = read_blob(&disk.tcp_addr(), &digest).await;
-    assert!(
-        filled.is_ok_and(|f| f == blob()),
-        "the near tier was not filled right"
-    );
+    assert_racing_sidecar_filled(sidecar, near.path(), &digest, Lie::ChunkSizes).await;
 }
 
 /// With `fill = "off"` the client's stream comes straight from the liar's
