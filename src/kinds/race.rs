@@ -105,8 +105,9 @@ impl TierConfig for RaceConfig {
     }
 }
 
-/// How long a member whose chunks failed their check is passed over for
-/// that blob (as a `tiers` engine passes over a lying tier).
+/// How long a member that lied about a blob (its chunks, or its chunk
+/// list) is passed over for that blob (as a `tiers` engine passes over a
+/// lying tier).
 const DISTRUST_FOR: Duration = Duration::from_secs(600);
 /// Most digests a member is distrusted for at once.
 const DISTRUSTED_PER_MEMBER: u64 = 16_384;
@@ -127,7 +128,8 @@ pub struct RaceService {
 struct Member {
     name: String,
     svc: Arc<dyn BlobService>,
-    /// Blobs this member gave chunks of that failed their check lately.
+    /// Blobs this member lied about lately: chunks that failed their check,
+    /// or a chunk list caught lying.
     distrusted: moka::sync::Cache<B3Digest, ()>,
 }
 
@@ -160,7 +162,7 @@ impl Shared {
             }
             if m.distrusted.contains_key(digest) {
                 failures.push(format!(
-                    "{}: passed over, its chunks of this blob failed their check in the last {} s",
+                    "{}: passed over, it lied about this blob in the last {} s",
                     m.name,
                     DISTRUST_FOR.as_secs()
                 ));
@@ -250,7 +252,7 @@ impl Shared {
             match rest.next().await {
                 Some(Ok(chunk)) => {
                     // Another member has the chunk as listed: `from` lied.
-                    self.distrust(from, &digest);
+                    self.distrust(from, &digest, "race member gave chunks of this blob that failed their check");
                     yield Ok(chunk);
                 }
                 // None has it as listed: the list is the lie (or the chunk
@@ -317,11 +319,13 @@ impl Shared {
         }))
     }
 
-    fn distrust(&self, i: usize, digest: &B3Digest) {
+    /// Passes over member `i` for blob `digest` for [`DISTRUST_FOR`], saying
+    /// `why` once, however many reads caught the same lie.
+    fn distrust(&self, i: usize, digest: &B3Digest, why: &str) {
         let m = &self.members[i];
         if m.distrusted.entry(*digest).or_insert(()).is_fresh() {
             warn!(tier = %m.name, %digest, for_secs = DISTRUST_FOR.as_secs(),
-                "race member gave chunks of this blob that failed their check: passed over for it");
+                "{why}: passed over for it");
         }
     }
 }
@@ -419,11 +423,11 @@ impl BlobService for RaceService {
         let Some(lister) = shared.listed_by.remove(digest) else {
             return false;
         };
-        let m = &shared.members[lister];
-        if m.distrusted.entry(*digest).or_insert(()).is_fresh() {
-            warn!(tier = %m.name, %digest, for_secs = DISTRUST_FOR.as_secs(),
-                "race member's chunk list of this blob was caught lying: passed over for it");
-        }
+        shared.distrust(
+            lister,
+            digest,
+            "race member's chunk list of this blob was caught lying",
+        );
         shared
             .members
             .iter()
