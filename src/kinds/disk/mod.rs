@@ -624,6 +624,17 @@ fn account(index: &moka::sync::Cache<Entry, u64>, occupancy: &Gauge, wrote: Wrot
     wrote.staged_left
 }
 
+/// Writes the records left staged with nobody writing them, and any
+/// staged behind those meanwhile, in a blocking task of no request's:
+/// their appenders wait for the answers its batches send.
+fn write_staged_later(packs: Arc<Packs>, index: moka::sync::Cache<Entry, u64>, occupancy: Gauge) {
+    tokio::task::spawn_blocking(
+        move || {
+            while account(&index, &occupancy, packs.write_staged()) {}
+        },
+    );
+}
+
 /// Whether chunk `digest` is stored, in a pack or a file of its own. One
 /// that is counts as a use of where it is: a Put or a fill that skips it
 /// relies on it staying, as much as a read does, and would otherwise
@@ -747,10 +758,42 @@ fn lost_to_the_disk(e: &std::io::Error) -> bool {
 }
 
 impl DiskStore {
-    /// Appends a chunk to the open pack in one blocking task, which first
-    /// hashes it when `digest` is not given and skips a chunk the store
-    /// already holds. Returns its digest.
+    /// Appends a chunk to the open pack, hashing it first when `digest` is
+    /// not given and skipping a chunk the store already holds. Returns its
+    /// digest.
+    ///
+    /// A chunk of at most [`MAX_CHUNK_SIZE`] is hashed and staged right
+    /// here, on the async task ([`Packs::try_stage`]): both are bounded
+    /// work, as a chunk's check on a read is (see `read_chunk`), and a
+    /// blocking task is started only when a batch must be written. Taking
+    /// every chunk to a blocking thread cost a 1 GiB Put about 15,000
+    /// context switches, and its share of the sidecar's CPU (see
+    /// `docs/benchmarks.md`). Anything else goes to [`Self::append_blocking`].
     async fn append(&self, digest: Option<B3Digest>, data: Bytes) -> Result<B3Digest> {
+        if data.len() > MAX_CHUNK_SIZE as usize {
+            return self.append_blocking(digest, data).await;
+        }
+        let digest = digest.unwrap_or_else(|| B3Digest::of(&data));
+        if self.holds(&digest) {
+            return Ok(digest);
+        }
+        let Some(appended) = self.packs.try_stage(digest, &data) else {
+            return self.append_blocking(Some(digest), data).await;
+        };
+        if account(&self.index, &self.metrics.occupancy_bytes, appended.wrote) {
+            write_staged_later(
+                self.packs.clone(),
+                self.index.clone(),
+                self.metrics.occupancy_bytes.clone(),
+            );
+        }
+        appended.answer.stored().await.map_err(Error::from)?;
+        Ok(digest)
+    }
+
+    /// [`Self::append`] in one blocking task, for a chunk that may have to
+    /// wait for a write.
+    async fn append_blocking(&self, digest: Option<B3Digest>, data: Bytes) -> Result<B3Digest> {
         let packs = self.packs.clone();
         let index = self.index.clone();
         let occupancy = self.metrics.occupancy_bytes.clone();
@@ -763,11 +806,8 @@ impl DiskStore {
             }
             let appended = packs.append(digest, &data);
             if account(&index, &occupancy, appended.wrote) {
-                // Others staged behind the batch this append wrote: a
-                // blocking task of no request's writes them.
-                tokio::task::spawn_blocking(move || {
-                    while account(&index, &occupancy, packs.write_staged()) {}
-                });
+                // Others staged behind the batch this append wrote.
+                write_staged_later(packs, index, occupancy);
             }
             (digest, appended.answer)
         })

@@ -95,6 +95,47 @@ impl Answer {
     }
 }
 
+/// The length field of a record holding `len` bytes, if a pack can hold
+/// one.
+fn record_len(len: usize) -> std::io::Result<u32> {
+    u32::try_from(len)
+        .ok()
+        .filter(|&len| len > 0 && len <= pack::MAX_RECORD)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a chunk of {len} bytes cannot be packed"),
+            )
+        })
+}
+
+/// Copies the record of chunk `digest` into `open`'s tail, unless the tail
+/// has no room for it, and notes it staged. Returns where its answer
+/// comes.
+fn stage_record(
+    open: &mut OpenPack,
+    staged: &mut HashSet<B3Digest>,
+    header: &[u8],
+    data: &[u8],
+    digest: B3Digest,
+    len: u32,
+) -> Option<oneshot::Receiver<std::io::Result<()>>> {
+    let start = open.len;
+    if !open.tail.stage(&[header, data]) {
+        return None;
+    }
+    let (answer, answered) = oneshot::channel();
+    open.unwritten.push(StagedRecord {
+        digest,
+        offset: start + RECORD_HEADER_LEN,
+        len,
+        answer,
+    });
+    open.len += RECORD_HEADER_LEN + u64::from(len);
+    staged.insert(digest);
+    Some(answered)
+}
+
 /// Whether records are staged in the open pack with no append writing.
 fn unled(w: &Writer) -> bool {
     !w.flushing && w.open.as_ref().is_some_and(|o| !o.unwritten.is_empty())
@@ -537,6 +578,46 @@ impl Packs {
         }
     }
 
+    /// Stages chunk `digest` in the open pack if that takes neither I/O
+    /// nor a wait: the part of [`Packs::append`] that is only a copy under
+    /// the writer lock, which an async task can do without a hop to a
+    /// blocking thread. `None` when the append would have to write a batch
+    /// first, wait for one, seal or start a pack, or join another append
+    /// of the same chunk: the caller then calls [`Packs::append`] on a
+    /// blocking thread. A record staged with nobody writing is reported in
+    /// `staged_left`, as by `append`, for the caller to hand to
+    /// [`Packs::write_staged`]; this call never writes it itself.
+    pub fn try_stage(&self, digest: B3Digest, data: &[u8]) -> Option<Appended> {
+        let len = record_len(data.len()).ok()?;
+        let record = RECORD_HEADER_LEN + u64::from(len);
+        let header = pack::record_header(&digest, len);
+        let mut w = self.writer();
+        let answer = if self.contains(&digest) {
+            Answer::Now(Ok(()))
+        } else {
+            let Writer {
+                open: Some(open),
+                staged,
+                ..
+            } = &mut *w
+            else {
+                return None;
+            };
+            if staged.contains(&digest) || open.full_for(record, self.target) {
+                return None;
+            }
+            Answer::Staged(stage_record(open, staged, &header, data, digest, len)?)
+        };
+        Some(Appended {
+            wrote: Wrote {
+                sealed: Vec::new(),
+                added: 0,
+                staged_left: unled(&w),
+            },
+            answer,
+        })
+    }
+
     fn append_locked<'a>(
         &'a self,
         mut w: MutexGuard<'a, Writer>,
@@ -545,18 +626,9 @@ impl Packs {
         digest: B3Digest,
         data: &[u8],
     ) -> (MutexGuard<'a, Writer>, Answer) {
-        let len = match u32::try_from(data.len())
-            .ok()
-            .filter(|&len| len > 0 && len <= pack::MAX_RECORD)
-        {
-            Some(len) => len,
-            None => {
-                let e = std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("a chunk of {} bytes cannot be packed", data.len()),
-                );
-                return (w, Answer::Now(Err(e)));
-            }
+        let len = match record_len(data.len()) {
+            Ok(len) => len,
+            Err(e) => return (w, Answer::Now(Err(e))),
         };
         let record = RECORD_HEADER_LEN + u64::from(len);
         let header = pack::record_header(&digest, len);
@@ -621,17 +693,7 @@ impl Packs {
             else {
                 continue;
             };
-            let start = open.len;
-            if open.tail.stage(&[&header, data]) {
-                let (answer, answered) = oneshot::channel();
-                open.unwritten.push(StagedRecord {
-                    digest,
-                    offset: start + RECORD_HEADER_LEN,
-                    len,
-                    answer,
-                });
-                open.len += record;
-                staged.insert(digest);
+            if let Some(answered) = stage_record(open, staged, &header, data, digest, len) {
                 break answered;
             }
             // A record larger than a batch, with nothing staged before it:

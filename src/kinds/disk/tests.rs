@@ -835,6 +835,65 @@ async fn a_chunk_staged_behind_another_write_is_answered_by_the_next_one() {
     assert_eq!(packs.write_staged().added, 0);
 }
 
+/// The async task's part of an append only stages: anything that would
+/// write, wait, or start a pack is left to the blocking `append`.
+#[tokio::test]
+async fn a_chunk_is_staged_without_a_blocking_thread_only_when_nothing_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open(dir.path(), 64 << 20).await;
+    let packs = &svc.store().packs;
+    let chunk = |seed: u64, len: usize| {
+        let data = pseudo_random(len, seed);
+        (B3Digest::of(&data), data)
+    };
+    // No pack is open yet: starting one creates a file.
+    let (first, data) = chunk(1, 1000);
+    assert!(packs.try_stage(first, &data).is_none());
+    packs.append(first, &data).answer.stored().await.unwrap();
+
+    // Stored already: answered at once, nothing staged.
+    let stored = packs.try_stage(first, &data).expect("no wait");
+    assert!(matches!(stored.answer, packs::Answer::Now(Ok(()))));
+    assert!(!stored.wrote.staged_left);
+
+    // Staged with nobody writing: the caller must see it written.
+    let (second, data) = chunk(2, 100_000);
+    let staged = packs.try_stage(second, &data).expect("room in the tail");
+    assert!(staged.wrote.staged_left);
+    assert_eq!(staged.wrote.added, 0);
+    let packs::Answer::Staged(answer) = staged.answer else {
+        panic!("not staged: {:?}", staged.answer);
+    };
+    assert!(!packs.contains(&second), "mapped before it was written");
+    // Another append of the same chunk joins it on the blocking path.
+    assert!(packs.try_stage(second, &data).is_none());
+    // A record the tail has no room for waits for the write.
+    let (large, large_data) = chunk(3, 3 << 20);
+    assert!(packs.try_stage(large, &large_data).is_none());
+
+    let wrote = packs.write_staged();
+    assert!(!wrote.staged_left);
+    assert_eq!(wrote.added, pack::RECORD_HEADER_LEN + 100_000);
+    tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("never answered")
+        .unwrap()
+        .unwrap();
+    let got = svc.store().get_chunk(&second).await.unwrap();
+    assert_eq!(got.as_deref(), Some(&data[..]));
+
+    // While a batch is written, the next chunk stages behind it, left to
+    // that writer.
+    packs.pretend_writing(true);
+    let (third, data) = chunk(4, 50_000);
+    let staged = packs.try_stage(third, &data).expect("room in the tail");
+    assert!(!staged.wrote.staged_left, "the writing append takes it");
+    packs.pretend_writing(false);
+    assert!(packs.write_staged().added > 0);
+    staged.answer.stored().await.unwrap();
+    assert!(packs.contains(&third));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_appends_are_written_together_and_each_reads_back() {
     let dir = tempfile::tempdir().unwrap();
