@@ -117,10 +117,9 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Stores a chunk under the digest this computes, unless the store has
     /// it already, and returns the digest.
     ///
-    /// The default hashes on the caller's task. A store whose writes block
-    /// anyway hashes on the same blocking thread, so that a Put's chunk
-    /// hashing runs there rather than on the runtime's threads, without a
-    /// hop of its own.
+    /// The default hashes on the caller's task. A store may hash where it
+    /// writes instead: the `disk` tier does so for a chunk it must take to
+    /// a blocking thread anyway.
     async fn put_chunk_hashing(&self, data: Bytes) -> Result<B3Digest> {
         let digest = B3Digest::of(&data);
         if !self.has_chunk(&digest).await? {

@@ -26,8 +26,8 @@ use crate::verify::{PipelinedHasher, STORED_SHIFT};
 /// outboard are computed on the blocking pool, one piece behind
 /// ([`PipelinedHasher`]), and each chunk is hashed and stored by an upload
 /// task ([`ChunkStore::write_concurrency`] at most in flight) through
-/// [`ChunkStore::put_chunk_hashing`], on the blocking thread that writes
-/// it when the store has one. Memory stays at
+/// [`ChunkStore::put_chunk_hashing`] (a store may hash it where it writes
+/// it instead). Memory stays at
 /// about one maximum chunk, plus the queued pieces and uploads.
 pub struct ChunkingWriter<S> {
     store: Arc<S>,
