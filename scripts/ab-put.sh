@@ -56,7 +56,7 @@ for _ in $(seq "$rounds"); do
         tail -n 1 "$work/results"
     done
 done
-median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+median() { sort -n | awk '{ a[NR] = $1 } END { print NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 for b in old new; do
     for col in 2 3 4; do
         printf '%s ' "$(awk -v b="$b" -v c="$col" '$1 == b { print $c }' "$work/results" | median)"
