@@ -74,7 +74,7 @@ impl<S: ChunkStore> BlobWriter for ListedWriter<S> {
         let index = self.written;
         self.written += 1;
         self.uploads
-            .start(index, data, Some(meta.digest), &mut |_, _| {})
+            .start(index, data.into(), Some(meta.digest), &mut |_, _| {})
             .await
     }
 

@@ -16,6 +16,7 @@ mod cdc;
 mod fill;
 mod index;
 mod reader;
+mod split;
 mod streamed;
 mod uploads;
 mod writer;
@@ -24,6 +25,7 @@ pub use cdc::{AVG_CHUNK_SIZE, Chunking, Cutter, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 pub use fill::ListedWriter;
 pub use index::BlobIndex;
 pub use reader::{ChunkSource, ChunkedReader, ServiceChunks, StoreChunks};
+pub use split::SplitChunk;
 pub use streamed::{OpenStream, StreamedReader};
 pub use writer::ChunkingWriter;
 
@@ -115,15 +117,18 @@ pub trait ChunkStore: Send + Sync + 'static {
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()>;
 
     /// Stores a chunk under the digest this computes, unless the store has
-    /// it already, and returns the digest.
+    /// it already, and returns the digest. The chunk comes as the pieces
+    /// a Put cut it from ([`SplitChunk`]).
     ///
-    /// The default hashes on the caller's task. A store may hash where it
-    /// writes instead: the `disk` tier does so for a chunk it must take to
-    /// a blocking thread anyway.
-    async fn put_chunk_hashing(&self, data: Bytes) -> Result<B3Digest> {
-        let digest = B3Digest::of(&data);
+    /// The default hashes on the caller's task, and joins the pieces for
+    /// [`ChunkStore::put_chunk`]. A store may hash where it writes
+    /// instead, and take the pieces as they are: the `disk` tier copies
+    /// them into its write buffer, so a chunk that straddles two frames
+    /// costs it no extra copy.
+    async fn put_chunk_hashing(&self, chunk: SplitChunk) -> Result<B3Digest> {
+        let digest = chunk.digest();
         if !self.has_chunk(&digest).await? {
-            self.put_chunk(digest, data).await?;
+            self.put_chunk(digest, chunk.join()).await?;
         }
         Ok(digest)
     }

@@ -14,9 +14,23 @@ use crate::kinds::memory::MemoryStore;
 use crate::testkit::pseudo_random as data;
 
 async fn put(svc: &dyn BlobService, data: &[u8], piece: usize) -> crate::blobservice::PutResult {
+    put_in(svc, data, &[piece]).await
+}
+
+/// Puts `data` in pieces of the sizes in `pieces`, round and round.
+async fn put_in(
+    svc: &dyn BlobService,
+    mut data: &[u8],
+    pieces: &[usize],
+) -> crate::blobservice::PutResult {
     let mut w = svc.open_write().await.unwrap();
-    for p in data.chunks(piece.max(1)) {
+    for &piece in pieces.iter().cycle() {
+        if data.is_empty() {
+            break;
+        }
+        let (p, rest) = data.split_at(piece.clamp(1, data.len()));
         w.write(Bytes::copy_from_slice(p)).await.unwrap();
+        data = rest;
     }
     w.close().await.unwrap()
 }
@@ -36,10 +50,22 @@ async fn chunks_match_a_streaming_fastcdc_whatever_the_write_sizes() {
     })
     .collect();
     // Pieces smaller than a chunk, just over a maximum chunk, and several
-    // chunks long: cut from the carry, from the piece, and both.
-    for piece in [1000, 65_536, 524_289, 700_001, 1 << 20, 3 << 20] {
+    // chunks long: cut from the carry, from the piece, and both; then
+    // pieces of mixed sizes, so that a chunk begins in a piece kept as it
+    // came and ends in a gathered run of small ones, and the other way.
+    let sizes: [&[usize]; 8] = [
+        &[1000],
+        &[65_536],
+        &[524_289],
+        &[700_001],
+        &[1 << 20],
+        &[3 << 20],
+        &[700_001, 3, 200_000, 1000, 1 << 20, 77],
+        &[300_000, 100_000, 1 << 20, 5, 524_288, 131_072],
+    ];
+    for pieces in sizes {
         let svc = ChunkedBlobService::new(MemoryStore::new(64 << 20));
-        let result = put(&svc, &blob, piece).await;
+        let result = put_in(&svc, &blob, pieces).await;
         assert_eq!(result.digest, B3Digest::of(&blob));
         let mut offset = 0u64;
         let ours: Vec<(u64, usize)> = result
@@ -51,7 +77,7 @@ async fn chunks_match_a_streaming_fastcdc_whatever_the_write_sizes() {
                 r
             })
             .collect();
-        assert_eq!(ours, reference, "write pieces of {piece}");
+        assert_eq!(ours, reference, "write pieces of {pieces:?}");
         for (c, (offset, len)) in result.chunks.iter().zip(&reference) {
             assert!(c.size <= MAX_CHUNK_SIZE as u64);
             let bytes = &blob[*offset as usize..*offset as usize + len];

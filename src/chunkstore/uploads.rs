@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::task::JoinSet;
 
-use super::ChunkStore;
+use super::{ChunkStore, SplitChunk};
 use crate::blobservice::ChunkMeta;
 use crate::digest::B3Digest;
 use crate::error::Result;
@@ -35,7 +34,7 @@ impl<S: ChunkStore> Uploads<S> {
     pub(super) async fn start(
         &mut self,
         index: usize,
-        chunk: Bytes,
+        chunk: SplitChunk,
         digest: Option<B3Digest>,
         done: &mut impl FnMut(usize, ChunkMeta),
     ) -> Result<()> {
@@ -48,7 +47,7 @@ impl<S: ChunkStore> Uploads<S> {
             let digest = match digest {
                 Some(digest) => {
                     if !store.has_chunk(&digest).await? {
-                        store.put_chunk(digest, chunk).await?;
+                        store.put_chunk(digest, chunk.join()).await?;
                     }
                     digest
                 }

@@ -8,7 +8,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use super::cdc::{Chunking, Cutter};
 use super::uploads::Uploads;
-use super::{BlobIndex, ChunkStore};
+use super::{BlobIndex, ChunkStore, SplitChunk};
 use crate::blobservice::{BlobWriter, ChunkMeta, PutResult};
 use crate::error::Result;
 use crate::verify::{PipelinedHasher, STORED_SHIFT};
@@ -19,8 +19,10 @@ use crate::verify::{PipelinedHasher, STORED_SHIFT};
 /// maximum chunk size, so cutting wherever a maximum chunk's worth of bytes
 /// is at hand yields exactly the chunks a streaming FastCDC v2020 chunker
 /// (snix's) produces. Chunks are cut straight out of the incoming pieces
-/// when they lie inside one, without a copy; only the bytes of a chunk that
-/// straddles two pieces are gathered in a carry buffer.
+/// without a copy: one that lies inside a piece as a slice of it, one that
+/// straddles two as a slice of each ([`SplitChunk`]). Only pieces too small
+/// to end a chunk (fewer bytes than a maximum chunk, with the carried
+/// ones) are gathered into a buffer of their own.
 ///
 /// The work is spread so a Put is not bound by one task: the blob digest and
 /// outboard are computed on the blocking pool, one piece behind
@@ -33,9 +35,8 @@ pub struct ChunkingWriter<S> {
     store: Arc<S>,
     chunking: Chunking,
     cutter: Cutter,
-    /// Bytes of the chunk being assembled across pieces (less than a
-    /// maximum chunk).
-    carry: BytesMut,
+    /// The start of the chunk being assembled across pieces.
+    carry: Carry,
     /// The blob's digest and outboard.
     blob_hasher: PipelinedHasher,
     /// The chunks cut so far, in order; `None` until its upload task has
@@ -44,6 +45,19 @@ pub struct ChunkingWriter<S> {
     size: u64,
     /// Chunk uploads in flight; each reports its index in `chunks`.
     uploads: Uploads<S>,
+}
+
+/// The bytes of a chunk that began in an earlier piece than the one being
+/// cut: fewer than a maximum chunk.
+#[derive(Default)]
+enum Carry {
+    /// None: the next chunk starts at the start of the next piece.
+    #[default]
+    Empty,
+    /// The end of the last piece, as it arrived.
+    Piece(Bytes),
+    /// Copied out of pieces too small to end a chunk.
+    Gathered(BytesMut),
 }
 
 impl<S: ChunkStore> ChunkingWriter<S> {
@@ -55,7 +69,7 @@ impl<S: ChunkStore> ChunkingWriter<S> {
             store,
             chunking,
             cutter: Cutter::new(chunking),
-            carry: BytesMut::new(),
+            carry: Carry::Empty,
             blob_hasher: PipelinedHasher::new(STORED_SHIFT),
             chunks: Vec::new(),
             size: 0,
@@ -70,7 +84,7 @@ impl<S: ChunkStore> ChunkingWriter<S> {
 
     /// Hashes and stores `chunk` (unless the store has it) in an upload
     /// task, after waiting for room in the upload window.
-    async fn store_chunk(&mut self, chunk: Bytes) -> Result<()> {
+    async fn store_chunk(&mut self, chunk: SplitChunk) -> Result<()> {
         let index = self.chunks.len();
         self.chunks.push(None);
         let chunks = &mut self.chunks;
@@ -87,43 +101,81 @@ impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
         self.blob_hasher.update(data.clone()).await?;
         let max = self.chunking.max() as usize;
         loop {
-            if self.carry.is_empty() {
-                // Chunks that lie inside this piece: cut without copying.
-                while data.len() >= max {
-                    let end = self.cut(&data[..max]);
-                    let chunk = data.split_to(end);
+            match std::mem::take(&mut self.carry) {
+                Carry::Empty => {
+                    // Chunks that lie inside this piece: cut without copying.
+                    while data.len() >= max {
+                        let end = self.cut(&data[..max]);
+                        let chunk = data.split_to(end);
+                        self.store_chunk(chunk.into()).await?;
+                    }
+                    if !data.is_empty() {
+                        self.carry = Carry::Piece(data);
+                    }
+                    return Ok(());
+                }
+                Carry::Piece(mut head) => {
+                    let carried = head.len();
+                    if carried + data.len() < max {
+                        // Pieces too small to end a chunk: gathered, each
+                        // copied once, with room for the whole chunk (growing
+                        // the buffer later would copy it again).
+                        let mut gathered = BytesMut::with_capacity(max);
+                        gathered.extend_from_slice(&head);
+                        gathered.extend_from_slice(&data);
+                        self.carry = Carry::Gathered(gathered);
+                        return Ok(());
+                    }
+                    // A chunk starts in the carried piece and ends in it or
+                    // in this one: cut across both, and keep both as they
+                    // are.
+                    let end = self.cutter.cut_split(&head, &data[..max - carried]);
+                    let chunk = if end > carried {
+                        SplitChunk::new(head, data.split_to(end - carried))
+                    } else {
+                        let chunk = head.split_to(end);
+                        if !head.is_empty() {
+                            self.carry = Carry::Piece(head);
+                        }
+                        chunk.into()
+                    };
                     self.store_chunk(chunk).await?;
                 }
-                if !data.is_empty() {
-                    // Room for the whole chunk at once: growing the carry
-                    // later would copy it again.
-                    self.carry.reserve(max);
-                    self.carry.extend_from_slice(&data);
+                Carry::Gathered(mut gathered) => {
+                    let carried = gathered.len();
+                    if carried + data.len() < max {
+                        gathered.extend_from_slice(&data);
+                        self.carry = Carry::Gathered(gathered);
+                        return Ok(());
+                    }
+                    // A chunk starts in the gathered bytes: cut it across
+                    // them and this piece, then copy only the part of the
+                    // piece it takes.
+                    let end = self.cutter.cut_split(&gathered, &data[..max - carried]);
+                    if end > carried {
+                        gathered.extend_from_slice(&data[..end - carried]);
+                        data.advance(end - carried);
+                    }
+                    let chunk = gathered.split_to(end).freeze();
+                    if !gathered.is_empty() {
+                        self.carry = Carry::Gathered(gathered);
+                    }
+                    self.store_chunk(chunk.into()).await?;
                 }
-                return Ok(());
             }
-            let carried = self.carry.len();
-            if carried + data.len() < max {
-                self.carry.extend_from_slice(&data);
-                return Ok(());
-            }
-            // A chunk starts in the carry: cut it across the carry and this
-            // piece, then copy only the part of the piece it takes.
-            let end = self.cutter.cut_split(&self.carry, &data[..max - carried]);
-            if end > carried {
-                self.carry.extend_from_slice(&data[..end - carried]);
-                data.advance(end - carried);
-            }
-            let chunk = self.carry.split_to(end).freeze();
-            self.store_chunk(chunk).await?;
         }
     }
 
     async fn close(mut self: Box<Self>) -> Result<PutResult> {
-        while !self.carry.is_empty() {
-            let end = self.cut(&self.carry);
-            let chunk = self.carry.split_to(end).freeze();
-            self.store_chunk(chunk).await?;
+        let mut rest = match std::mem::take(&mut self.carry) {
+            Carry::Empty => Bytes::new(),
+            Carry::Piece(piece) => piece,
+            Carry::Gathered(gathered) => gathered.freeze(),
+        };
+        while !rest.is_empty() {
+            let end = self.cut(&rest);
+            let chunk = rest.split_to(end);
+            self.store_chunk(chunk.into()).await?;
         }
         let chunks = &mut self.chunks;
         self.uploads

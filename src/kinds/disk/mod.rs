@@ -68,7 +68,9 @@ use serde::Deserialize;
 use tracing::{info, instrument, warn};
 
 use crate::blobservice::{BlobService, ChunkMeta};
-use crate::chunkstore::{BlobIndex, ChunkStore, ChunkedBlobService, MAX_CHUNK_SIZE, ObjectKey};
+use crate::chunkstore::{
+    BlobIndex, ChunkStore, ChunkedBlobService, MAX_CHUNK_SIZE, ObjectKey, SplitChunk,
+};
 use crate::composition::{BuildContext, ByteSize, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
@@ -769,16 +771,20 @@ impl DiskStore {
     /// every chunk to a blocking thread cost a 1 GiB Put about 15,000
     /// context switches, and its share of the sidecar's CPU (see
     /// `docs/benchmarks.md`). Anything else goes to [`Self::append_blocking`].
-    async fn append(&self, digest: Option<B3Digest>, data: Bytes) -> Result<B3Digest> {
-        if data.len() > MAX_CHUNK_SIZE as usize {
-            return self.append_blocking(digest, data).await;
+    ///
+    /// The chunk's pieces are copied into the pack's write buffer as they
+    /// are, never joined first.
+    async fn append(&self, digest: Option<B3Digest>, chunk: SplitChunk) -> Result<B3Digest> {
+        if chunk.len() > MAX_CHUNK_SIZE as usize {
+            return self.append_blocking(digest, chunk).await;
         }
-        let digest = digest.unwrap_or_else(|| B3Digest::of(&data));
+        let digest = digest.unwrap_or_else(|| chunk.digest());
         if self.holds(&digest) {
             return Ok(digest);
         }
-        let Some(appended) = self.packs.try_stage(digest, &data) else {
-            return self.append_blocking(Some(digest), data).await;
+        let parts: Vec<&[u8]> = chunk.parts().collect();
+        let Some(appended) = self.packs.try_stage(digest, &parts) else {
+            return self.append_blocking(Some(digest), chunk).await;
         };
         if account(&self.index, &self.metrics.occupancy_bytes, appended.wrote) {
             write_staged_later(
@@ -793,18 +799,23 @@ impl DiskStore {
 
     /// [`Self::append`] in one blocking task, for a chunk that may have to
     /// wait for a write.
-    async fn append_blocking(&self, digest: Option<B3Digest>, data: Bytes) -> Result<B3Digest> {
+    async fn append_blocking(
+        &self,
+        digest: Option<B3Digest>,
+        chunk: SplitChunk,
+    ) -> Result<B3Digest> {
         let packs = self.packs.clone();
         let index = self.index.clone();
         let occupancy = self.metrics.occupancy_bytes.clone();
         // As in `write`: the blocking task accounts for what it wrote even
         // if this future is dropped.
         let (digest, answer) = tokio::task::spawn_blocking(move || {
-            let digest = digest.unwrap_or_else(|| B3Digest::of(&data));
+            let digest = digest.unwrap_or_else(|| chunk.digest());
             if stored(&packs, &index, &digest) {
                 return (digest, Answer::Now(Ok(())));
             }
-            let appended = packs.append(digest, &data);
+            let parts: Vec<&[u8]> = chunk.parts().collect();
+            let appended = packs.append(digest, &parts);
             if account(&index, &occupancy, appended.wrote) {
                 // Others staged behind the batch this append wrote.
                 write_staged_later(packs, index, occupancy);
@@ -1024,13 +1035,14 @@ impl ChunkStore for DiskStore {
         if self.holds(&digest) {
             return Ok(());
         }
-        self.append(Some(digest), data).await.map(drop)
+        self.append(Some(digest), data.into()).await.map(drop)
     }
 
-    /// Hashes the chunk on the blocking thread that appends it.
-    #[instrument(skip(self, data), fields(len = data.len()), err)]
-    async fn put_chunk_hashing(&self, data: Bytes) -> Result<B3Digest> {
-        self.append(None, data).await
+    /// Hashes the chunk where it is appended (see `append`), and copies
+    /// its pieces into the pack as they are.
+    #[instrument(skip(self, chunk), fields(len = chunk.len()), err)]
+    async fn put_chunk_hashing(&self, chunk: SplitChunk) -> Result<B3Digest> {
+        self.append(None, chunk).await
     }
 
     /// The chunk list, then the outboard: kept with the list when small,

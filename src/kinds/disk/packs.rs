@@ -95,9 +95,10 @@ impl Answer {
     }
 }
 
-/// The length field of a record holding `len` bytes, if a pack can hold
-/// one.
-fn record_len(len: usize) -> std::io::Result<u32> {
+/// The length field of a record holding the chunk `data` (in pieces), if
+/// a pack can hold one.
+fn record_len(data: &[&[u8]]) -> std::io::Result<u32> {
+    let len: usize = data.iter().map(|piece| piece.len()).sum();
     u32::try_from(len)
         .ok()
         .filter(|&len| len > 0 && len <= pack::MAX_RECORD)
@@ -116,12 +117,12 @@ fn stage_record(
     open: &mut OpenPack,
     staged: &mut HashSet<B3Digest>,
     header: &[u8],
-    data: &[u8],
+    data: &[&[u8]],
     digest: B3Digest,
     len: u32,
 ) -> Option<oneshot::Receiver<std::io::Result<()>>> {
     let start = open.len;
-    if !open.tail.stage(&[header, data]) {
+    if !open.tail.stage(&record_parts(header, data)) {
         return None;
     }
     let (answer, answered) = oneshot::channel();
@@ -134,6 +135,14 @@ fn stage_record(
     open.len += RECORD_HEADER_LEN + u64::from(len);
     staged.insert(digest);
     Some(answered)
+}
+
+/// A record's bytes: its header, then its chunk's pieces.
+fn record_parts<'a>(header: &'a [u8], data: &[&'a [u8]]) -> Vec<&'a [u8]> {
+    let mut parts = Vec::with_capacity(1 + data.len());
+    parts.push(header);
+    parts.extend_from_slice(data);
+    parts
 }
 
 /// Whether records are staged in the open pack with no append writing.
@@ -545,7 +554,7 @@ impl Packs {
     /// chunks for as long as they keep coming. Appends once waited here
     /// for their batch, each holding a blocking thread, and every batch
     /// written woke them all: about five context switches per chunk stored.
-    pub fn append(&self, digest: B3Digest, data: &[u8]) -> Appended {
+    pub fn append(&self, digest: B3Digest, data: &[&[u8]]) -> Appended {
         let mut sealed = Vec::new();
         let mut added = 0;
         let writer = self.writer();
@@ -587,8 +596,8 @@ impl Packs {
     /// blocking thread. A record staged with nobody writing is reported in
     /// `staged_left`, as by `append`, for the caller to hand to
     /// [`Packs::write_staged`]; this call never writes it itself.
-    pub fn try_stage(&self, digest: B3Digest, data: &[u8]) -> Option<Appended> {
-        let len = record_len(data.len()).ok()?;
+    pub fn try_stage(&self, digest: B3Digest, data: &[&[u8]]) -> Option<Appended> {
+        let len = record_len(data).ok()?;
         let record = RECORD_HEADER_LEN + u64::from(len);
         let header = pack::record_header(&digest, len);
         let mut w = self.writer();
@@ -624,9 +633,9 @@ impl Packs {
         sealed: &mut Vec<Sealed>,
         added: &mut u64,
         digest: B3Digest,
-        data: &[u8],
+        data: &[&[u8]],
     ) -> (MutexGuard<'a, Writer>, Answer) {
-        let len = match record_len(data.len()) {
+        let len = match record_len(data) {
             Ok(len) => len,
             Err(e) => return (w, Answer::Now(Err(e))),
         };
@@ -657,7 +666,7 @@ impl Packs {
             let blocked = full
                 || w.open
                     .as_ref()
-                    .is_some_and(|o| o.tail.room() < header.len() + data.len());
+                    .is_some_and(|o| o.tail.room() < header.len() + len as usize);
             if blocked {
                 // Everything staged must be written first: to seal the
                 // pack, or to make room in its tail.
@@ -752,12 +761,12 @@ impl Packs {
         &self,
         open: &mut OpenPack,
         header: &[u8],
-        data: &[u8],
+        data: &[&[u8]],
         digest: B3Digest,
         len: u32,
     ) -> std::io::Result<()> {
         let start = open.len;
-        if let Err(e) = open.tail.append(&open.file, &[header, data]) {
+        if let Err(e) = open.tail.append(&open.file, &record_parts(header, data)) {
             let _ = open.tail.rewind(&open.file, start);
             return Err(e);
         }

@@ -445,7 +445,7 @@ async fn a_chunk_is_stored_once_however_often_it_is_put() {
                 if i % 2 == 0 {
                     store.put_chunk(digest, c.clone()).await
                 } else {
-                    let hashed = store.put_chunk_hashing(c.clone()).await?;
+                    let hashed = store.put_chunk_hashing(c.clone().into()).await?;
                     assert_eq!(hashed, digest);
                     Ok(())
                 }
@@ -800,7 +800,7 @@ async fn a_chunk_staged_behind_another_write_is_answered_by_the_next_one() {
     let packs = &svc.store().packs;
     let first = pseudo_random(1000, 1);
     packs
-        .append(B3Digest::of(&first), &first)
+        .append(B3Digest::of(&first), &[&first[..]])
         .answer
         .stored()
         .await
@@ -810,7 +810,7 @@ async fn a_chunk_staged_behind_another_write_is_answered_by_the_next_one() {
     packs.pretend_writing(true);
     let data = pseudo_random(100_000, 2);
     let digest = B3Digest::of(&data);
-    let appended = packs.append(digest, &data);
+    let appended = packs.append(digest, &[&data[..]]);
     assert!(!appended.wrote.staged_left, "the writing append takes it");
     assert_eq!(appended.wrote.added, 0);
     let packs::Answer::Staged(mut answer) = appended.answer else {
@@ -848,17 +848,24 @@ async fn a_chunk_is_staged_without_a_blocking_thread_only_when_nothing_waits() {
     };
     // No pack is open yet: starting one creates a file.
     let (first, data) = chunk(1, 1000);
-    assert!(packs.try_stage(first, &data).is_none());
-    packs.append(first, &data).answer.stored().await.unwrap();
+    assert!(packs.try_stage(first, &[&data[..]]).is_none());
+    packs
+        .append(first, &[&data[..]])
+        .answer
+        .stored()
+        .await
+        .unwrap();
 
     // Stored already: answered at once, nothing staged.
-    let stored = packs.try_stage(first, &data).expect("no wait");
+    let stored = packs.try_stage(first, &[&data[..]]).expect("no wait");
     assert!(matches!(stored.answer, packs::Answer::Now(Ok(()))));
     assert!(!stored.wrote.staged_left);
 
     // Staged with nobody writing: the caller must see it written.
     let (second, data) = chunk(2, 100_000);
-    let staged = packs.try_stage(second, &data).expect("room in the tail");
+    let staged = packs
+        .try_stage(second, &[&data[..]])
+        .expect("room in the tail");
     assert!(staged.wrote.staged_left);
     assert_eq!(staged.wrote.added, 0);
     let packs::Answer::Staged(answer) = staged.answer else {
@@ -866,10 +873,10 @@ async fn a_chunk_is_staged_without_a_blocking_thread_only_when_nothing_waits() {
     };
     assert!(!packs.contains(&second), "mapped before it was written");
     // Another append of the same chunk joins it on the blocking path.
-    assert!(packs.try_stage(second, &data).is_none());
+    assert!(packs.try_stage(second, &[&data[..]]).is_none());
     // A record the tail has no room for waits for the write.
     let (large, large_data) = chunk(3, 3 << 20);
-    assert!(packs.try_stage(large, &large_data).is_none());
+    assert!(packs.try_stage(large, &[&large_data[..]]).is_none());
 
     let wrote = packs.write_staged();
     assert!(!wrote.staged_left);
@@ -886,7 +893,9 @@ async fn a_chunk_is_staged_without_a_blocking_thread_only_when_nothing_waits() {
     // that writer.
     packs.pretend_writing(true);
     let (third, data) = chunk(4, 50_000);
-    let staged = packs.try_stage(third, &data).expect("room in the tail");
+    let staged = packs
+        .try_stage(third, &[&data[..]])
+        .expect("room in the tail");
     assert!(!staged.wrote.staged_left, "the writing append takes it");
     packs.pretend_writing(false);
     assert!(packs.write_staged().added > 0);
@@ -915,8 +924,11 @@ async fn concurrent_appends_are_written_together_and_each_reads_back() {
         .collect();
     // Every append is answered: by the batch it staged into, written by
     // whichever append or follow-up write found it staged.
-    let appends =
-        futures::future::try_join_all(chunks.iter().map(|c| store.put_chunk_hashing(c.clone())));
+    let appends = futures::future::try_join_all(
+        chunks
+            .iter()
+            .map(|c| store.put_chunk_hashing(c.clone().into())),
+    );
     tokio::time::timeout(std::time::Duration::from_secs(60), appends)
         .await
         .expect("an append was never answered")
