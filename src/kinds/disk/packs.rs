@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -592,15 +592,18 @@ impl Packs {
     /// the writer lock, which an async task can do without a hop to a
     /// blocking thread. `None` when the append would have to write a batch
     /// first, wait for one, seal or start a pack, or join another append
-    /// of the same chunk: the caller then calls [`Packs::append`] on a
-    /// blocking thread. A record staged with nobody writing is reported in
+    /// of the same chunk, or when another holds the writer lock: the
+    /// caller then calls [`Packs::append`] on a blocking thread. A record staged with nobody writing is reported in
     /// `staged_left`, as by `append`, for the caller to hand to
     /// [`Packs::write_staged`]; this call never writes it itself.
     pub fn try_stage(&self, digest: B3Digest, data: &[&[u8]]) -> Option<Appended> {
         let len = record_len(data).ok()?;
         let record = RECORD_HEADER_LEN + u64::from(len);
         let header = pack::record_header(&digest, len);
-        let mut w = self.writer();
+        // Not waited for: an append holds the lock while it starts or
+        // seals a pack, or writes a record too large to stage, all I/O
+        // that must not hold up a runtime thread.
+        let mut w = self.try_writer()?;
         let answer = if self.contains(&digest) {
             Answer::Now(Ok(()))
         } else {
@@ -963,5 +966,14 @@ impl Packs {
 
     fn writer(&self) -> MutexGuard<'_, Writer> {
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The writer lock, unless another holds it.
+    fn try_writer(&self) -> Option<MutexGuard<'_, Writer>> {
+        match self.writer.try_lock() {
+            Ok(w) => Some(w),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 }
