@@ -6,6 +6,9 @@
 # the medians, and how many rounds the second build won.
 # Usage: bash scripts/ab-put.sh OLD_BIN NEW_BIN FILE [ROUNDS] [DIR]
 #   (ROUNDS: 10; DIR, where the disk tiers go: a temp dir)
+# With TONIC_PUT set to the `tonic_put` example's binary, the Puts come
+# from a stock tonic client in 1 MiB messages, as in `strata bench`, and
+# the rate is the one it measures (the file read before its clock starts).
 set -euo pipefail
 old="$1" new="$2" file="$3" rounds="${4:-10}"
 work="$(mktemp -d "${5:-${TMPDIR:-/tmp}}/ab-put.XXXXXX")"
@@ -39,12 +42,16 @@ one_put() {
         sleep 0.05
     done
     start=$(date +%s.%N)
-    "$new" put --addr "grpc+http://127.0.0.1:$port" "$file" > /dev/null
+    if [ -n "${TONIC_PUT:-}" ]; then
+        rate=$("$TONIC_PUT" "grpc+http://127.0.0.1:$port" "$file" | awk '{ print $2 }')
+    else
+        "$new" put --addr "grpc+http://127.0.0.1:$port" "$file" > /dev/null
+    fi
     end=$(date +%s.%N)
-    awk -v n="$name" -v b="$bytes" -v s="$start" -v e="$end" \
+    awk -v n="$name" -v b="$bytes" -v s="$start" -v e="$end" -v rate="${rate:-}" \
         -v cpu="$(awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat")" \
         -v cs="$(cat /proc/"$pid"/task/*/status | awk '/ctxt_switches/ { s += $2 } END { print s }')" \
-        'BEGIN { printf "%s %.0f %.2f %d\n", n, b / (e - s) / 1e6, cpu, cs }'
+        'BEGIN { printf "%s %.0f %.2f %d\n", n, rate ? rate : b / (e - s) / 1e6, cpu, cs }'
     kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 }
 

@@ -151,9 +151,18 @@ impl Cutter {
     /// [`Cutter::cut`] of `head` followed by `tail`, without joining them:
     /// a writer holding the start of a chunk from an earlier piece learns
     /// how much of the next piece the chunk takes before it copies any of
-    /// it. A whole input is a `head` with an empty `tail`.
+    /// it.
     pub fn cut_split(&self, head: &[u8], tail: &[u8]) -> usize {
-        let len = head.len() + tail.len();
+        self.cut_pieces(&[head, tail])
+    }
+
+    /// [`Cutter::cut`] of `pieces` one after the other, without joining
+    /// them: a writer holding a chunk's start in the pieces it arrived in
+    /// (the end of a large one and a few small ones, as an HTTP/2 stream
+    /// often cuts 1 MiB messages) cuts it where it lies. A whole input is
+    /// one piece.
+    pub fn cut_pieces(&self, pieces: &[&[u8]]) -> usize {
+        let len = pieces.iter().map(|p| p.len()).sum();
         if len <= self.min {
             return len;
         }
@@ -165,66 +174,59 @@ impl Cutter {
         let origin = self.min / 2 * 2;
         let middle = center / 2 * 2;
         let end = remaining / 2 * 2;
-        let split = Split {
-            head: &head[..min(head.len(), end)],
-            tail: &tail[..end.saturating_sub(head.len()).min(tail.len())],
-        };
-        self.first_match_split(split, origin, origin, middle, self.mask_s)
-            .or_else(|| self.first_match_split(split, origin, middle, end, self.mask_l))
+        self.first_match_pieces(pieces, origin, origin, middle, self.mask_s)
+            .or_else(|| self.first_match_pieces(pieces, origin, middle, end, self.mask_l))
             .unwrap_or(remaining)
     }
 
-    /// [`Cutter::first_match`] over `data.head` followed by `data.tail`.
-    /// Positions in either part are scanned in place; only the positions
-    /// whose hash reaches back across the join, [`WINDOW`] of them, are
-    /// scanned from a copy of the bytes around it.
-    fn first_match_split(
+    /// [`Cutter::first_match`] over `pieces` one after the other. Each
+    /// position is scanned in place, in the piece that holds it, unless
+    /// its hash reaches back across the start of that piece: those, at
+    /// most [`WINDOW`] after each join, are scanned from a copy of the
+    /// bytes around the join.
+    fn first_match_pieces(
         &self,
-        data: Split<'_>,
+        pieces: &[&[u8]],
         origin: usize,
         from: usize,
         to: usize,
         mask: u64,
     ) -> Option<usize> {
-        let join = data.head.len();
-        if from < join
-            && let Some(at) = self.first_match(data.head, origin, from, min(to, join), mask)
-        {
-            return Some(at);
-        }
-        let from = max(from, join);
-        let bridged = min(to, join + WINDOW);
-        if from < bridged {
-            // The bytes the hashes at from..bridged depend on.
-            let start = max(origin, from.saturating_sub(WINDOW));
-            let mut bridge = [0u8; 2 * WINDOW];
-            let bridge = &mut bridge[..bridged - start];
-            for (i, b) in bridge.iter_mut().enumerate() {
-                let at = start + i;
-                *b = if at < join {
-                    data.head[at]
-                } else {
-                    data.tail[at - join]
-                };
+        // The first position not scanned yet, and where the piece starts.
+        let mut next = from;
+        let mut at = 0;
+        for piece in pieces {
+            let end = at + piece.len();
+            if next >= to {
+                break;
             }
-            let hash = self.prime(bridge, 0, from - start);
-            if let Some(i) = self.scan(bridge, hash, from - start..bridged - start, mask) {
-                return Some(start + i);
+            if next < end && origin < at && next < at + WINDOW {
+                // The bytes the hashes at next..bridged depend on (from
+                // this piece and those before it, and after it if it is
+                // shorter than a window).
+                let bridged = min(to, at + WINDOW);
+                let start = max(origin, next.saturating_sub(WINDOW));
+                let mut bridge = [0u8; 2 * WINDOW];
+                let bridge = &mut bridge[..bridged - start];
+                gather(pieces, start, bridge);
+                let hash = self.prime(bridge, 0, next - start);
+                if let Some(i) = self.scan(bridge, hash, next - start..bridged - start, mask) {
+                    return Some(start + i);
+                }
+                next = bridged;
             }
+            let stop = min(to, end);
+            if next < stop {
+                // From here on every hash lies within this piece.
+                let local = origin.saturating_sub(at);
+                if let Some(i) = self.first_match(piece, local, next - at, stop - at, mask) {
+                    return Some(at + i);
+                }
+                next = stop;
+            }
+            at = end;
         }
-        let from = max(from, bridged);
-        if from >= to {
-            return None;
-        }
-        // From here on every hash lies within the tail.
-        self.first_match(
-            data.tail,
-            origin.saturating_sub(join),
-            from - join,
-            to - join,
-            mask,
-        )
-        .map(|at| at + join)
+        None
     }
 
     /// The first position in `from..to` whose hash, taken from `origin`
@@ -336,11 +338,24 @@ impl Cutter {
     }
 }
 
-/// Input in two parts, cut to the scan's end.
-#[derive(Clone, Copy)]
-struct Split<'a> {
-    head: &'a [u8],
-    tail: &'a [u8],
+/// Copies the bytes of `pieces`, one after the other, from offset `start`
+/// on into `out`.
+fn gather(pieces: &[&[u8]], start: usize, out: &mut [u8]) {
+    let mut at = 0;
+    let mut filled = 0;
+    for piece in pieces {
+        if filled == out.len() {
+            break;
+        }
+        let end = at + piece.len();
+        let from = start + filled;
+        if from < end {
+            let take = min(end - from, out.len() - filled);
+            out[filled..filled + take].copy_from_slice(&piece[from - at..from - at + take]);
+            filled += take;
+        }
+        at = end;
+    }
 }
 
 impl std::fmt::Debug for Cutter {
@@ -514,6 +529,107 @@ mod tests {
             let at = at.index(data.len().min(cutter.max - 1) + 1);
             let (head, tail) = data.split_at(at);
             prop_assert_eq!(cutter.cut_split(head, tail), cutter.cut(&data));
+        }
+    }
+
+    /// `data` cut into pieces of the sizes in `sizes`, round and round.
+    fn pieces_of<'a>(data: &'a [u8], sizes: &[usize]) -> Vec<&'a [u8]> {
+        let mut pieces = Vec::new();
+        let mut rest = data;
+        for &size in sizes.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (piece, after) = rest.split_at(size.min(rest.len()));
+            pieces.push(piece);
+            rest = after;
+        }
+        pieces
+    }
+
+    #[test]
+    fn an_input_in_many_pieces_cuts_where_the_joined_one_does() {
+        // Pieces shorter than, as long as and longer than a window, so
+        // that a join's bridge spans several of them; empty ones too; and
+        // a large piece followed by small ones, as a 1 MiB message often
+        // arrives.
+        let sizes: [&[usize]; 7] = [
+            &[1],
+            &[63, 0, 1, 64, 65],
+            &[WINDOW - 1],
+            &[3, 1000, 7],
+            &[200_000, 10, 5],
+            &[100_000, 1, 0, 2, 300_000],
+            &[4099, 17],
+        ];
+        for chunking in [
+            Chunking::default(),
+            Chunking::with_avg(4096).expect("valid"),
+        ] {
+            let cutter = Cutter::new(chunking);
+            for seed in 0..8 {
+                let data = random(cutter.max + 100, seed);
+                let whole = cutter.cut(&data);
+                for sizes in sizes {
+                    // The pieces the writer holds: the start of a chunk,
+                    // then the next piece cut at a maximum chunk.
+                    let pieces = pieces_of(&data[..cutter.max], sizes);
+                    assert_eq!(cutter.cut_pieces(&pieces), whole, "{sizes:?}, seed {seed}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_pieces_cut_where_the_joined_input_does() {
+        // Small averages match often, and pieces shorter than a few
+        // windows put a join within a window of nearly every position: a
+        // hash that misses bytes across a join, or takes some from before
+        // the scan's start, shows.
+        let sizes: [&[usize]; 5] = [
+            &[1],
+            &[7, 0],
+            &[WINDOW / 2],
+            &[WINDOW + 3],
+            &[2 * WINDOW - 1, 5],
+        ];
+        for avg in [Chunking::MIN_AVG, 700, 1000] {
+            let chunking = Chunking::with_avg(avg).expect("a valid average");
+            let cutter = Cutter::new(chunking);
+            for seed in 0..200 {
+                let data = random(cutter.max, seed);
+                let whole = cutter.cut(&data);
+                for sizes in sizes {
+                    let pieces = pieces_of(&data, sizes);
+                    assert_eq!(
+                        cutter.cut_pieces(&pieces),
+                        whole,
+                        "average {avg}, {sizes:?}, seed {seed}"
+                    );
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn any_pieces_cut_where_the_joined_input_does(
+            avg in Chunking::MIN_AVG..20_000u32,
+            len in 0usize..90_000,
+            seed in any::<u64>(),
+            alphabet in 1u8..=255,
+            sizes in prop::collection::vec(0usize..3 * WINDOW, 1..8),
+            large in 0usize..40_000,
+        ) {
+            let chunking = Chunking::with_avg(avg).expect("in range");
+            let data = low_entropy(len, seed, alphabet);
+            let cutter = Cutter::new(chunking);
+            let data = &data[..data.len().min(cutter.max)];
+            let mut sizes = sizes;
+            sizes.push(large);
+            let pieces = pieces_of(data, &sizes);
+            prop_assert_eq!(cutter.cut_pieces(&pieces), cutter.cut(data));
         }
     }
 
