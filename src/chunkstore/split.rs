@@ -4,55 +4,47 @@ use bytes::{Bytes, BytesMut};
 
 use crate::digest::B3Digest;
 
-/// A chunk as one or two pieces of the buffers it arrived in, in order.
+/// A chunk as slices of the buffers it arrived in, in order.
 ///
 /// A Put's chunks are cut straight out of the frames it arrives in, and a
-/// chunk that straddles two frames is made of the end of one and the start
-/// of the next. Joining them would copy the chunk; a store that copies it
-/// anyway on its way out (the `disk` tier into its aligned write buffer)
-/// takes the two pieces as they are ([`SplitChunk::parts`]), and any other
-/// joins them once ([`SplitChunk::join`]).
+/// chunk that straddles frames is made of the end of one, the start of the
+/// last, and any in between. Joining them would copy the chunk; a store
+/// that copies it anyway on its way out (the `disk` tier, into its aligned
+/// write buffer) takes the pieces as they are ([`SplitChunk::parts`]), and
+/// any other joins them once ([`SplitChunk::join`]).
 #[derive(Debug, Clone, Default)]
 pub struct SplitChunk {
-    head: Bytes,
-    /// Empty unless the chunk straddles two pieces.
-    tail: Bytes,
+    /// None empty.
+    pieces: Vec<Bytes>,
 }
 
 impl SplitChunk {
-    /// `head` followed by `tail`.
-    pub fn new(head: Bytes, tail: Bytes) -> Self {
-        if head.is_empty() {
-            SplitChunk {
-                head: tail,
-                tail: Bytes::new(),
-            }
-        } else {
-            SplitChunk { head, tail }
+    /// The chunk made of `pieces`, one after the other.
+    pub fn new(pieces: impl IntoIterator<Item = Bytes>) -> Self {
+        SplitChunk {
+            pieces: pieces.into_iter().filter(|p| !p.is_empty()).collect(),
         }
     }
 
     /// The chunk's length.
     pub fn len(&self) -> usize {
-        self.head.len() + self.tail.len()
+        self.pieces.iter().map(Bytes::len).sum()
     }
 
     /// Whether the chunk has no bytes.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.pieces.is_empty()
     }
 
-    /// The chunk's bytes, in order: one or two slices.
+    /// The chunk's bytes, in order, none empty.
     pub fn parts(&self) -> impl Iterator<Item = &[u8]> {
-        [&self.head[..], &self.tail[..]]
-            .into_iter()
-            .filter(|part| !part.is_empty())
+        self.pieces.iter().map(|p| &p[..])
     }
 
     /// The chunk's digest.
     pub fn digest(&self) -> B3Digest {
-        if self.tail.is_empty() {
-            return B3Digest::of(&self.head);
+        if let [only] = &self.pieces[..] {
+            return B3Digest::of(only);
         }
         let mut hasher = blake3::Hasher::new();
         for part in self.parts() {
@@ -61,24 +53,25 @@ impl SplitChunk {
         B3Digest::from(hasher.finalize())
     }
 
-    /// The chunk in one buffer: its only piece, or a copy of both.
-    pub fn join(self) -> Bytes {
-        if self.tail.is_empty() {
-            return self.head;
+    /// The chunk in one buffer: its only piece, or a copy of them all.
+    pub fn join(mut self) -> Bytes {
+        match self.pieces.len() {
+            0 => Bytes::new(),
+            1 => self.pieces.swap_remove(0),
+            _ => {
+                let mut joined = BytesMut::with_capacity(self.len());
+                for part in &self.pieces {
+                    joined.extend_from_slice(part);
+                }
+                joined.freeze()
+            }
         }
-        let mut joined = BytesMut::with_capacity(self.len());
-        joined.extend_from_slice(&self.head);
-        joined.extend_from_slice(&self.tail);
-        joined.freeze()
     }
 }
 
 impl From<Bytes> for SplitChunk {
     fn from(data: Bytes) -> Self {
-        SplitChunk {
-            head: data,
-            tail: Bytes::new(),
-        }
+        SplitChunk::new([data])
     }
 }
 
@@ -89,17 +82,25 @@ mod tests {
     #[test]
     fn a_split_chunk_is_the_same_chunk_as_its_pieces_joined() {
         let data = Bytes::from(crate::testkit::pseudo_random(300_000, 9));
-        for at in [0, 1, 1024, 150_001, 299_999, 300_000] {
-            let split = SplitChunk::new(data.slice(..at), data.slice(at..));
+        let cuts: [&[usize]; 6] = [
+            &[],
+            &[0],
+            &[1024],
+            &[1, 150_001, 150_001, 299_999],
+            &[300_000],
+            &[7, 70, 700, 7000, 70_000],
+        ];
+        for cuts in cuts {
+            let mut bounds = vec![0];
+            bounds.extend_from_slice(cuts);
+            bounds.push(data.len());
+            let split = SplitChunk::new(bounds.windows(2).map(|w| data.slice(w[0]..w[1])));
             assert_eq!(split.len(), data.len());
-            assert_eq!(split.digest(), B3Digest::of(&data), "split at {at}");
-            assert_eq!(
-                split.parts().collect::<Vec<_>>().concat(),
-                data,
-                "split at {at}"
-            );
+            assert_eq!(split.digest(), B3Digest::of(&data), "cut at {cuts:?}");
+            assert_eq!(split.parts().collect::<Vec<_>>().concat(), data);
             assert!(split.parts().all(|p| !p.is_empty()));
-            assert_eq!(split.join(), data, "split at {at}");
+            assert_eq!(split.join(), data, "cut at {cuts:?}");
         }
+        assert!(SplitChunk::new([Bytes::new()]).is_empty());
     }
 }

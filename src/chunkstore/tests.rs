@@ -49,12 +49,15 @@ async fn chunks_match_a_streaming_fastcdc_whatever_the_write_sizes() {
         (c.offset, c.length)
     })
     .collect();
-    // Pieces smaller than a chunk, just over a maximum chunk, and several
-    // chunks long: cut from the carry, from the piece, and both; then
-    // pieces of mixed sizes, so that a chunk begins in a piece kept as it
-    // came and ends in a gathered run of small ones, and the other way.
-    let sizes: [&[usize]; 8] = [
+    // Pieces smaller than a chunk (so many that they are gathered, and
+    // just few enough to be kept as they came), just over a maximum chunk,
+    // and several chunks long: cut from the carry, from the piece, and
+    // both; then pieces of mixed sizes, as an HTTP/2 stream cuts 1 MiB
+    // messages and others, so that a chunk spans pieces of every size.
+    let sizes: [&[usize]; 10] = [
         &[1000],
+        &[8191],
+        &[1 << 20, 10],
         &[65_536],
         &[524_289],
         &[700_001],

@@ -20,9 +20,10 @@ use crate::verify::{PipelinedHasher, STORED_SHIFT};
 /// is at hand yields exactly the chunks a streaming FastCDC v2020 chunker
 /// (snix's) produces. Chunks are cut straight out of the incoming pieces
 /// without a copy: one that lies inside a piece as a slice of it, one that
-/// straddles two as a slice of each ([`SplitChunk`]). Only pieces too small
-/// to end a chunk (fewer bytes than a maximum chunk, with the carried
-/// ones) are gathered into a buffer of their own.
+/// straddles several as a slice of each ([`SplitChunk`]), however the
+/// frames cut the stream (an HTTP/2 client often sends a 1 MiB message as
+/// a frame of 1 MiB and one of a few bytes). Only a chunk that would be
+/// more than [`MAX_PIECES`] pieces is gathered into a buffer of its own.
 ///
 /// The work is spread so a Put is not bound by one task: the blob digest and
 /// outboard are computed on the blocking pool, one piece behind
@@ -47,17 +48,41 @@ pub struct ChunkingWriter<S> {
     uploads: Uploads<S>,
 }
 
+/// Most pieces a chunk is kept in: with pieces of 8 KiB and more, a
+/// maximum chunk of the default chunking fits. A Put in smaller pieces has
+/// them gathered into one buffer instead, so that a stream of tiny frames
+/// cannot make a list of millions.
+const MAX_PIECES: usize = 64;
+
 /// The bytes of a chunk that began in an earlier piece than the one being
 /// cut: fewer than a maximum chunk.
-#[derive(Default)]
 enum Carry {
-    /// None: the next chunk starts at the start of the next piece.
-    #[default]
-    Empty,
-    /// The end of the last piece, as it arrived.
-    Piece(Bytes),
-    /// Copied out of pieces too small to end a chunk.
+    /// Slices of the pieces as they arrived, at most [`MAX_PIECES`] of
+    /// them; none if the next chunk starts with the next piece.
+    Pieces(Vec<Bytes>),
+    /// Copied out of more pieces than that.
     Gathered(BytesMut),
+}
+
+impl Default for Carry {
+    fn default() -> Self {
+        Carry::Pieces(Vec::new())
+    }
+}
+
+/// Takes the first `len` bytes of `pieces` (which hold more), as pieces.
+fn take_front(pieces: &mut Vec<Bytes>, mut len: usize) -> Vec<Bytes> {
+    let mut front = Vec::new();
+    while len > 0 {
+        let piece = &mut pieces[0];
+        if piece.len() > len {
+            front.push(piece.split_to(len));
+            break;
+        }
+        len -= piece.len();
+        front.push(pieces.remove(0));
+    }
+    front
 }
 
 impl<S: ChunkStore> ChunkingWriter<S> {
@@ -69,7 +94,7 @@ impl<S: ChunkStore> ChunkingWriter<S> {
             store,
             chunking,
             cutter: Cutter::new(chunking),
-            carry: Carry::Empty,
+            carry: Carry::default(),
             blob_hasher: PipelinedHasher::new(STORED_SHIFT),
             chunks: Vec::new(),
             size: 0,
@@ -97,12 +122,15 @@ impl<S: ChunkStore> ChunkingWriter<S> {
 #[async_trait]
 impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
     async fn write(&mut self, mut data: Bytes) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
         self.size += data.len() as u64;
         self.blob_hasher.update(data.clone()).await?;
         let max = self.chunking.max() as usize;
         loop {
             match std::mem::take(&mut self.carry) {
-                Carry::Empty => {
+                Carry::Pieces(pieces) if pieces.is_empty() => {
                     // Chunks that lie inside this piece: cut without copying.
                     while data.len() >= max {
                         let end = self.cut(&data[..max]);
@@ -110,34 +138,44 @@ impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
                         self.store_chunk(chunk.into()).await?;
                     }
                     if !data.is_empty() {
-                        self.carry = Carry::Piece(data);
+                        self.carry = Carry::Pieces(vec![data]);
                     }
                     return Ok(());
                 }
-                Carry::Piece(mut head) => {
-                    let carried = head.len();
+                Carry::Pieces(mut pieces) => {
+                    let carried: usize = pieces.iter().map(Bytes::len).sum();
                     if carried + data.len() < max {
-                        // Pieces too small to end a chunk: gathered, each
-                        // copied once, with room for the whole chunk (growing
-                        // the buffer later would copy it again).
-                        let mut gathered = BytesMut::with_capacity(max);
-                        gathered.extend_from_slice(&head);
-                        gathered.extend_from_slice(&data);
-                        self.carry = Carry::Gathered(gathered);
+                        // Too little to end a chunk: kept as it came, or,
+                        // past the bound, everything is gathered, room
+                        // made for the whole chunk at once (growing the
+                        // buffer later would copy it again).
+                        self.carry = if pieces.len() < MAX_PIECES {
+                            pieces.push(data);
+                            Carry::Pieces(pieces)
+                        } else {
+                            let mut gathered = BytesMut::with_capacity(max);
+                            for piece in pieces.iter().chain([&data]) {
+                                gathered.extend_from_slice(piece);
+                            }
+                            Carry::Gathered(gathered)
+                        };
                         return Ok(());
                     }
-                    // A chunk starts in the carried piece and ends in it or
-                    // in this one: cut across both, and keep both as they
-                    // are.
-                    let end = self.cutter.cut_split(&head, &data[..max - carried]);
+                    // A chunk starts in the carried pieces and ends in them
+                    // or in this one: cut across them all, and keep each as
+                    // it is.
+                    let end = {
+                        let mut parts: Vec<&[u8]> = pieces.iter().map(|p| &p[..]).collect();
+                        parts.push(&data[..max - carried]);
+                        self.cutter.cut_pieces(&parts)
+                    };
                     let chunk = if end > carried {
-                        SplitChunk::new(head, data.split_to(end - carried))
+                        pieces.push(data.split_to(end - carried));
+                        SplitChunk::new(pieces)
                     } else {
-                        let chunk = head.split_to(end);
-                        if !head.is_empty() {
-                            self.carry = Carry::Piece(head);
-                        }
-                        chunk.into()
+                        let chunk = SplitChunk::new(take_front(&mut pieces, end));
+                        self.carry = Carry::Pieces(pieces);
+                        chunk
                     };
                     self.store_chunk(chunk).await?;
                 }
@@ -168,14 +206,16 @@ impl<S: ChunkStore> BlobWriter for ChunkingWriter<S> {
 
     async fn close(mut self: Box<Self>) -> Result<PutResult> {
         let mut rest = match std::mem::take(&mut self.carry) {
-            Carry::Empty => Bytes::new(),
-            Carry::Piece(piece) => piece,
-            Carry::Gathered(gathered) => gathered.freeze(),
+            Carry::Pieces(pieces) => pieces,
+            Carry::Gathered(gathered) => vec![gathered.freeze()],
         };
         while !rest.is_empty() {
-            let end = self.cut(&rest);
-            let chunk = rest.split_to(end);
-            self.store_chunk(chunk.into()).await?;
+            let end = {
+                let parts: Vec<&[u8]> = rest.iter().map(|p| &p[..]).collect();
+                self.cutter.cut_pieces(&parts)
+            };
+            let chunk = SplitChunk::new(take_front(&mut rest, end));
+            self.store_chunk(chunk).await?;
         }
         let chunks = &mut self.chunks;
         self.uploads

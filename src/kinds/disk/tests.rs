@@ -80,6 +80,46 @@ fn padded(len: u64) -> u64 {
     len.next_multiple_of(direct::ALIGN as u64)
 }
 
+/// A Put in pieces the way HTTP/2 clients cut theirs (a 1 MiB frame and
+/// a few bytes, a run of small frames): each chunk reaches the tier in as
+/// many pieces as it spans, is packed from them, and reads back whole.
+#[tokio::test]
+async fn a_chunk_put_in_many_pieces_is_packed_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open(dir.path(), 1 << 30).await;
+    let blob = pseudo_random(5 << 20, 31);
+    let mut w = svc.open_write().await.unwrap();
+    let mut rest = &blob[..];
+    for &size in [1 << 20, 10, 3, 300_000, 16_384, 16_384, 9].iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let (piece, after) = rest.split_at(size.min(rest.len()));
+        w.write(Bytes::copy_from_slice(piece)).await.unwrap();
+        rest = after;
+    }
+    let put = w.close().await.unwrap();
+    assert_eq!(put.digest, B3Digest::of(&blob));
+    // The chunks a whole-blob cut gives.
+    let cutter = crate::chunkstore::Cutter::new(Default::default());
+    let mut cuts = Vec::new();
+    let mut at = 0;
+    while at < blob.len() {
+        let len = cutter.cut(&blob[at..]);
+        cuts.push(len as u64);
+        at += len;
+    }
+    assert_eq!(put.chunks.iter().map(|c| c.size).collect::<Vec<_>>(), cuts);
+    let mut offset = 0;
+    for chunk in &put.chunks {
+        let stored = svc.store().get_chunk(&chunk.digest).await.unwrap();
+        let want = &blob[offset..offset + chunk.size as usize];
+        assert_eq!(stored.as_deref(), Some(want), "chunk at {offset}");
+        offset += chunk.size as usize;
+    }
+    assert!(read_all(&svc, &put.digest).await == blob);
+}
+
 #[tokio::test]
 async fn the_outboard_is_stored_apart_from_the_chunk_list() {
     let dir = tempfile::tempdir().unwrap();
