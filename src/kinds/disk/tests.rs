@@ -833,6 +833,27 @@ async fn a_directory_serves_one_store_at_a_time() {
     DiskStore::open(dir.path().into(), 1 << 30).await.unwrap();
 }
 
+/// Writes what is staged, as the follow-up write of a batch does, and
+/// checks that it was the one record of chunk `digest`, whose appender
+/// waits on `answer`, and that the chunk reads back.
+async fn the_next_write_answers(
+    svc: &ChunkedBlobService<DiskStore>,
+    answer: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+    digest: &B3Digest,
+    data: &[u8],
+) {
+    let wrote = svc.store().packs.write_staged();
+    assert!(!wrote.staged_left);
+    assert_eq!(wrote.added, pack::RECORD_HEADER_LEN + data.len() as u64);
+    tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("never answered")
+        .unwrap()
+        .unwrap();
+    let got = svc.store().get_chunk(digest).await.unwrap();
+    assert_eq!(got.as_deref(), Some(data));
+}
+
 #[tokio::test]
 async fn a_chunk_staged_behind_another_write_is_answered_by_the_next_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -861,16 +882,7 @@ async fn a_chunk_staged_behind_another_write_is_answered_by_the_next_one() {
 
     // That append is done and left it staged: the follow-up write takes it.
     packs.pretend_writing(false);
-    let wrote = packs.write_staged();
-    assert!(!wrote.staged_left);
-    assert_eq!(wrote.added, pack::RECORD_HEADER_LEN + 100_000);
-    tokio::time::timeout(std::time::Duration::from_secs(10), answer)
-        .await
-        .expect("never answered")
-        .unwrap()
-        .unwrap();
-    let got = svc.store().get_chunk(&digest).await.unwrap();
-    assert_eq!(got.as_deref(), Some(&data[..]));
+    the_next_write_answers(&svc, answer, &digest, &data).await;
     // Nothing is left to write.
     assert_eq!(packs.write_staged().added, 0);
 }
@@ -918,16 +930,7 @@ async fn a_chunk_is_staged_without_a_blocking_thread_only_when_nothing_waits() {
     let (large, large_data) = chunk(3, 3 << 20);
     assert!(packs.try_stage(large, &[&large_data[..]]).is_none());
 
-    let wrote = packs.write_staged();
-    assert!(!wrote.staged_left);
-    assert_eq!(wrote.added, pack::RECORD_HEADER_LEN + 100_000);
-    tokio::time::timeout(std::time::Duration::from_secs(10), answer)
-        .await
-        .expect("never answered")
-        .unwrap()
-        .unwrap();
-    let got = svc.store().get_chunk(&second).await.unwrap();
-    assert_eq!(got.as_deref(), Some(&data[..]));
+    the_next_write_answers(&svc, answer, &second, &data).await;
 
     // While a batch is written, the next chunk stages behind it, left to
     // that writer.
