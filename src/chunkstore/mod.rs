@@ -123,8 +123,8 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// The default hashes on the caller's task, and joins the pieces for
     /// [`ChunkStore::put_chunk`]. A store may hash where it writes
     /// instead, and take the pieces as they are: the `disk` tier copies
-    /// them into its write buffer, so a chunk that straddles two frames
-    /// costs it no extra copy.
+    /// them into its write buffer, so a chunk that straddles frames costs
+    /// it no extra copy.
     async fn put_chunk_hashing(&self, chunk: SplitChunk) -> Result<B3Digest> {
         let digest = chunk.digest();
         if !self.has_chunk(&digest).await? {

@@ -630,11 +630,10 @@ fn account(index: &moka::sync::Cache<Entry, u64>, occupancy: &Gauge, wrote: Wrot
 /// staged behind those meanwhile, in a blocking task of no request's:
 /// their appenders wait for the answers its batches send.
 fn write_staged_later(packs: Arc<Packs>, index: moka::sync::Cache<Entry, u64>, occupancy: Gauge) {
-    tokio::task::spawn_blocking(
-        move || {
-            while account(&index, &occupancy, packs.write_staged()) {}
-        },
-    );
+    let write = move || {
+        while account(&index, &occupancy, packs.write_staged()) {}
+    };
+    tokio::task::spawn_blocking(write);
 }
 
 /// Whether chunk `digest` is stored, in a pack or a file of its own. One

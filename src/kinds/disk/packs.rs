@@ -593,9 +593,10 @@ impl Packs {
     /// blocking thread. `None` when the append would have to write a batch
     /// first, wait for one, seal or start a pack, or join another append
     /// of the same chunk, or when another holds the writer lock: the
-    /// caller then calls [`Packs::append`] on a blocking thread. A record staged with nobody writing is reported in
-    /// `staged_left`, as by `append`, for the caller to hand to
-    /// [`Packs::write_staged`]; this call never writes it itself.
+    /// caller then calls [`Packs::append`] on a blocking thread. A record
+    /// staged with nobody writing is reported in `staged_left`, as by
+    /// `append`, for the caller to hand to [`Packs::write_staged`]; this
+    /// call never writes it itself.
     pub fn try_stage(&self, digest: B3Digest, data: &[&[u8]]) -> Option<Appended> {
         let len = record_len(data).ok()?;
         let record = RECORD_HEADER_LEN + u64::from(len);
