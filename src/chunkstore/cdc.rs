@@ -145,7 +145,7 @@ impl Cutter {
     /// Length of the chunk that starts at `data[0]`. `data` must hold at
     /// least a maximum chunk, or be the end of the blob.
     pub fn cut(&self, data: &[u8]) -> usize {
-        self.cut_split(data, &[])
+        self.cut_pieces(&[data])
     }
 
     /// [`Cutter::cut`] of `head` followed by `tail`, without joining them:

@@ -761,7 +761,9 @@ fn lost_to_the_disk(e: &std::io::Error) -> bool {
 impl DiskStore {
     /// Appends a chunk to the open pack, hashing it first when `digest` is
     /// not given and skipping a chunk the store already holds. Returns its
-    /// digest.
+    /// digest. A chunk whose digest is known here and that is stored
+    /// already is answered on the async task, whatever its size (a caller
+    /// need not check first).
     ///
     /// A chunk of at most [`MAX_CHUNK_SIZE`] is hashed and staged right
     /// here, on the async task ([`Packs::try_stage`]): both are bounded
@@ -774,15 +776,22 @@ impl DiskStore {
     /// The chunk's pieces are copied into the pack's write buffer as they
     /// are, never joined first.
     async fn append(&self, digest: Option<B3Digest>, chunk: SplitChunk) -> Result<B3Digest> {
-        if chunk.len() > MAX_CHUNK_SIZE as usize {
-            return self.append_blocking(digest, chunk).await;
-        }
-        let digest = digest.unwrap_or_else(|| chunk.digest());
+        let bounded = chunk.len() <= MAX_CHUNK_SIZE as usize;
+        let digest = match digest {
+            Some(digest) => digest,
+            None if bounded => chunk.digest(),
+            None => return self.append_blocking(None, chunk).await,
+        };
         if self.holds(&digest) {
             return Ok(digest);
         }
-        let parts: Vec<&[u8]> = chunk.parts().collect();
-        let Some(appended) = self.packs.try_stage(digest, &parts) else {
+        let staged = if bounded {
+            let parts: Vec<&[u8]> = chunk.parts().collect();
+            self.packs.try_stage(digest, &parts)
+        } else {
+            None
+        };
+        let Some(appended) = staged else {
             return self.append_blocking(Some(digest), chunk).await;
         };
         if account(&self.index, &self.metrics.occupancy_bytes, appended.wrote) {
@@ -1031,9 +1040,6 @@ impl ChunkStore for DiskStore {
     /// Appended to the open pack, unless already stored.
     #[instrument(skip(self, data), fields(%digest, len = data.len()), err)]
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
-        if self.holds(&digest) {
-            return Ok(());
-        }
         self.append(Some(digest), data.into()).await.map(drop)
     }
 
