@@ -3,7 +3,8 @@
 # (`tiers` memory 256 MiB -> disk, the disk tier on an empty directory)
 # of each build in turn, ROUNDS times. One line per Put: build, MB/s, the
 # sidecar's CPU seconds (user + system) and its context switches; then
-# the medians, and how many rounds the second build won.
+# the medians, and how many rounds the second build won. With MEMORY_ONLY
+# set, the sidecar is a single memory tier twice the file's size.
 # Usage: bash scripts/ab-put.sh OLD_BIN NEW_BIN FILE [ROUNDS] [DIR]
 #   (ROUNDS: 10; DIR, where the disk tiers go: a temp dir)
 # With TONIC_PUT set to the `tonic_put` example's binary, the Puts come
@@ -18,7 +19,14 @@ trap cleanup EXIT
 
 bytes=$(stat -c %s "$file")
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$work/sidecar.toml" <<EOF
+if [ -n "${MEMORY_ONLY:-}" ]; then
+    cat > "$work/sidecar.toml" <<EOF
+[blobservices.root]
+type = "memory"
+max_size = $((bytes * 2))
+EOF
+else
+    cat > "$work/sidecar.toml" <<EOF
 [blobservices.root]
 type = "tiers"
 tiers = ["mem", "disk"]
@@ -30,6 +38,7 @@ type = "disk"
 path = "$work/disk"
 max_size = "16GiB"
 EOF
+fi
 cat "$file" > /dev/null  # from the page cache for every Put
 
 one_put() {
@@ -56,8 +65,11 @@ one_put() {
 }
 
 echo "build MB/s cpu_s ctx_switches"
-for _ in $(seq "$rounds"); do
-    for build in old new; do
+# Each round swaps which build goes first: on some hosts the first Put
+# after a sidecar exits runs faster or slower than the next.
+for round in $(seq "$rounds"); do
+    order="old new"; [ $((round % 2)) = 0 ] && order="new old"
+    for build in $order; do
         bin="$old"; [ "$build" = new ] && bin="$new"
         one_put "$build" "$bin" >> "$work/results"
         tail -n 1 "$work/results"

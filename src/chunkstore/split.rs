@@ -58,14 +58,19 @@ impl SplitChunk {
         match self.pieces.len() {
             0 => Bytes::new(),
             1 => self.pieces.swap_remove(0),
-            _ => {
-                let mut joined = BytesMut::with_capacity(self.len());
-                for part in &self.pieces {
-                    joined.extend_from_slice(part);
-                }
-                joined.freeze()
-            }
+            _ => self.copied(),
         }
+    }
+
+    /// The chunk copied into an allocation of its own, whatever its
+    /// pieces: for a store that keeps chunks in memory, where a slice of a
+    /// frame would pin the whole frame.
+    pub fn copied(&self) -> Bytes {
+        let mut own = BytesMut::with_capacity(self.len());
+        for part in &self.pieces {
+            own.extend_from_slice(part);
+        }
+        own.freeze()
     }
 }
 
@@ -99,6 +104,7 @@ mod tests {
             assert_eq!(split.digest(), B3Digest::of(&data), "cut at {cuts:?}");
             assert_eq!(split.parts().collect::<Vec<_>>().concat(), data);
             assert!(split.parts().all(|p| !p.is_empty()));
+            assert_eq!(split.copied(), data, "cut at {cuts:?}");
             assert_eq!(split.join(), data, "cut at {cuts:?}");
         }
         assert!(SplitChunk::new([Bytes::new()]).is_empty());

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::blobservice::{BlobService, ChunkMeta};
-use crate::chunkstore::{BlobIndex, ChunkStore, ChunkedBlobService, ObjectKey};
+use crate::chunkstore::{BlobIndex, ChunkStore, ChunkedBlobService, ObjectKey, SplitChunk};
 use crate::composition::{BuildContext, ByteSize, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::Result;
@@ -203,6 +203,18 @@ impl ChunkStore for MemoryStore {
         Ok(())
     }
 
+    /// Copies the pieces straight into the chunk's own allocation: the
+    /// default would join a chunk that straddles frames, and
+    /// [`put_chunk`](ChunkStore::put_chunk) would copy the join again.
+    async fn put_chunk_hashing(&self, chunk: SplitChunk) -> Result<B3Digest> {
+        let digest = chunk.digest();
+        let key = ObjectKey::Chunk(digest);
+        if !self.cache.contains_key(&key) {
+            self.insert(key, Entry::Chunk(chunk.copied()));
+        }
+        Ok(digest)
+    }
+
     async fn get_index(&self, digest: &B3Digest) -> Result<Option<BlobIndex>> {
         Ok(match self.cache.get(&ObjectKey::Index(*digest)) {
             Some(Entry::Index(stored)) => Some(stored.index.clone()),
@@ -276,6 +288,38 @@ mod tests {
         let mut w = svc.open_write().await.unwrap();
         w.write(Bytes::copy_from_slice(blob)).await.unwrap();
         w.close().await.unwrap().digest
+    }
+
+    #[tokio::test]
+    async fn a_chunk_put_in_pieces_is_kept_whole_in_a_buffer_of_its_own() {
+        let store = MemoryStore::new(16 << 20);
+        let frame = Bytes::from(data(1 << 20, 3));
+        let within_frame = |b: &Bytes| {
+            let start = frame.as_ptr() as usize;
+            (start..start + frame.len()).contains(&(b.as_ptr() as usize))
+        };
+        // A chunk that straddles frames, and one cut from a single frame.
+        let tail = Bytes::from(data(4096, 4));
+        let chunks = [
+            SplitChunk::new([frame.slice(900_000..), frame.slice(..1000), tail]),
+            SplitChunk::from(frame.slice(1000..300_000)),
+        ];
+        for chunk in chunks {
+            let whole = chunk.clone().join();
+            let digest = store.put_chunk_hashing(chunk).await.unwrap();
+            assert_eq!(digest, B3Digest::of(&whole));
+            let kept = store.get_chunk(&digest).await.unwrap().expect("stored");
+            assert_eq!(kept, whole);
+            assert!(!within_frame(&kept), "the chunk pins the frame it came in");
+        }
+        // Stored once: the chunk is counted once, and putting it again
+        // keeps the first copy.
+        let again = SplitChunk::from(frame.slice(1000..300_000));
+        let digest = again.digest();
+        let before = store.get_chunk(&digest).await.unwrap().expect("stored");
+        store.put_chunk_hashing(again).await.unwrap();
+        let after = store.get_chunk(&digest).await.unwrap().expect("stored");
+        assert_eq!(before.as_ptr(), after.as_ptr());
     }
 
     #[tokio::test]
