@@ -207,16 +207,18 @@ pub trait BlobService: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Tells the service that the chunk list it gave for blob `digest` (its
-    /// latest [`stat`](Self::stat) or [`stat_before_read`](Self::stat_before_read)
-    /// answer) was caught lying: the listed chunks, each as listed, do not
-    /// make up the blob. Returns whether the service passed over the
-    /// source of that list, so that asked again it answers from another (a
-    /// `race` of several peers does); then the caller asks it again rather
-    /// than passing over the whole service. The default: `false`.
-    /// Wrappers forward it.
-    fn caught_lying(&self, digest: &B3Digest) -> bool {
-        let _ = digest;
+    /// Tells the service that `chunks`, the chunk list it gave for blob
+    /// `digest` (a [`stat`](Self::stat) or
+    /// [`stat_before_read`](Self::stat_before_read) answer), was caught
+    /// lying: the listed chunks, each as listed, do not make up the blob.
+    /// Returns whether the service passed over the source of that list, so
+    /// that asked again it answers from another (a `race` of several peers
+    /// does); then the caller asks it again rather than passing over the
+    /// whole service. The list itself is passed because the service may
+    /// have given different lists to reads close together, from different
+    /// sources. The default: `false`. Wrappers forward it.
+    fn caught_lying(&self, digest: &B3Digest, chunks: &[ChunkMeta]) -> bool {
+        let _ = (digest, chunks);
         false
     }
 }
@@ -288,8 +290,8 @@ impl<T: BlobService + ?Sized> BlobService for std::sync::Arc<T> {
     async fn shutdown(&self, deadline: tokio::time::Instant) -> Result<()> {
         (**self).shutdown(deadline).await
     }
-    fn caught_lying(&self, digest: &B3Digest) -> bool {
-        (**self).caught_lying(digest)
+    fn caught_lying(&self, digest: &B3Digest, chunks: &[ChunkMeta]) -> bool {
+        (**self).caught_lying(digest, chunks)
     }
 }
 

@@ -237,8 +237,8 @@ impl BlobService for InstrumentedService {
         self.inner.shutdown(deadline).await
     }
 
-    fn caught_lying(&self, digest: &B3Digest) -> bool {
-        self.inner.caught_lying(digest)
+    fn caught_lying(&self, digest: &B3Digest, chunks: &[ChunkMeta]) -> bool {
+        self.inner.caught_lying(digest, chunks)
     }
 }
 

@@ -139,8 +139,8 @@ impl BlobService for TimeoutService {
         self.inner.shutdown(deadline).await
     }
 
-    fn caught_lying(&self, digest: &B3Digest) -> bool {
-        self.inner.caught_lying(digest)
+    fn caught_lying(&self, digest: &B3Digest, chunks: &[ChunkMeta]) -> bool {
+        self.inner.caught_lying(digest, chunks)
     }
 }
 

@@ -25,9 +25,12 @@
 //! over for that blob for ten minutes, so the fast liar does not win its
 //! next race for it. If none does, the chunk list is what was wrong, and
 //! the stream ends with the error. The engine in front then tells the race
-//! ([`BlobService::caught_lying`]): the race passes over the member whose
-//! Stat gave the list, for ten minutes too, and the engine asks the race
-//! again rather than passing over it, honest members and all. A reader
+//! which list lied ([`BlobService::caught_lying`]): the race passes over
+//! the member whose Stat gave that list, for ten minutes too, and the
+//! engine asks the race again rather than passing over it, honest members
+//! and all. Members are told apart by their lists, not by which won the
+//! last Stat: two reads of one blob close together may each have been
+//! answered by a different member. A reader
 //! (`open_read`) is not carried on this way: the engine in front moves a
 //! failed reader to its next tier.
 
@@ -113,11 +116,11 @@ const DISTRUST_FOR: Duration = Duration::from_secs(600);
 const DISTRUSTED_PER_MEMBER: u64 = 16_384;
 /// Chunks fetched at once when a stream is carried on chunk by chunk.
 const RESUME_AHEAD: usize = 8;
-/// How long the race remembers which member's Stat it passed on for a
-/// blob: long enough for the read that follows the Stat to catch a lie in
-/// its chunk list.
+/// How long the race remembers which member's Stat gave a chunk list it
+/// passed on: long enough for the read that follows the Stat to catch a
+/// lie in the list.
 const LISTED_FOR: Duration = Duration::from_secs(120);
-/// Most blobs whose Stat's member the race remembers at once.
+/// Most chunk lists the race remembers the member of at once.
 const LISTED_BY: u64 = 65_536;
 
 /// The `race` combinator. See the module docs.
@@ -137,9 +140,25 @@ struct Member {
 struct Shared {
     members: Vec<Member>,
     hedge_after: Option<Duration>,
-    /// The member whose Stat answer the race passed on last, by blob: where
-    /// a chunk list caught lying came from ([`BlobService::caught_lying`]).
-    listed_by: moka::sync::Cache<B3Digest, usize>,
+    /// The member whose Stat answer gave each chunk list the race passed
+    /// on, by blob and list: where a list caught lying came from
+    /// ([`BlobService::caught_lying`]). Two members that give the same list
+    /// share a key; the later one is remembered.
+    listed_by: moka::sync::Cache<(B3Digest, ListPrint), usize>,
+}
+
+/// A chunk list's BLAKE3 digest (of each chunk's digest and size, in
+/// order): what the race remembers of a list it passed on, in 32 bytes
+/// whatever its length (a 1 GiB blob lists thousands of chunks).
+type ListPrint = blake3::Hash;
+
+fn list_print(chunks: &[ChunkMeta]) -> ListPrint {
+    let mut hasher = blake3::Hasher::new();
+    for c in chunks {
+        hasher.update(c.digest.as_bytes());
+        hasher.update(&c.size.to_le_bytes());
+    }
+    hasher.finalize()
 }
 
 type Attempt<T> = BoxFuture<'static, (usize, Result<Option<T>>)>;
@@ -299,7 +318,7 @@ impl Shared {
             .boxed()
     }
 
-    /// The first Stat answer of a race, remembering its member.
+    /// The first Stat answer of a race, remembering its member by its list.
     async fn stat(&self, digest: &B3Digest, before_read: bool) -> Result<Option<BlobStat>> {
         let d = *digest;
         let won = self
@@ -314,7 +333,7 @@ impl Shared {
             })
             .await?;
         Ok(won.map(|(i, stat)| {
-            self.listed_by.insert(d, i);
+            self.listed_by.insert((d, list_print(&stat.chunks)), i);
             stat
         }))
     }
@@ -415,12 +434,14 @@ impl BlobService for RaceService {
         Ok(())
     }
 
-    /// Passes over the member whose Stat gave the list, for that blob, as
+    /// Passes over the member whose Stat gave `chunks`, for that blob, as
     /// for chunks that failed their check; asked again, the race answers
-    /// from the others, if any is left that is not passed over.
-    fn caught_lying(&self, digest: &B3Digest) -> bool {
+    /// from the others, if any is left that is not passed over. A list the
+    /// race does not remember passing on (not from it, or too long ago)
+    /// passes over no member.
+    fn caught_lying(&self, digest: &B3Digest, chunks: &[ChunkMeta]) -> bool {
         let shared = &self.shared;
-        let Some(lister) = shared.listed_by.remove(digest) else {
+        let Some(lister) = shared.listed_by.remove(&(*digest, list_print(chunks))) else {
             return false;
         };
         shared.distrust(
@@ -432,5 +453,108 @@ impl BlobService for RaceService {
             .members
             .iter()
             .any(|m| !m.distrusted.contains_key(digest))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A member that lists a blob's chunks as told, while told to answer.
+    struct Lister {
+        chunks: Vec<ChunkMeta>,
+        answers: AtomicBool,
+    }
+
+    impl Lister {
+        fn new(chunks: &[ChunkMeta]) -> Arc<Self> {
+            Arc::new(Lister {
+                chunks: chunks.to_vec(),
+                answers: AtomicBool::new(true),
+            })
+        }
+
+        fn answers(&self, yes: bool) {
+            self.answers.store(yes, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait]
+    impl BlobService for Lister {
+        async fn stat(&self, _: &B3Digest) -> Result<Option<BlobStat>> {
+            Ok(self.answers.load(Ordering::SeqCst).then(|| BlobStat {
+                size: self.chunks.iter().map(|c| c.size).sum(),
+                chunks: self.chunks.clone(),
+            }))
+        }
+
+        async fn open_read(&self, _: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+            Ok(None)
+        }
+
+        async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+            Err(Error::ReadOnly("a test member".into()))
+        }
+    }
+
+    fn race_of(members: &[(&str, Arc<Lister>)]) -> RaceService {
+        let members = members
+            .iter()
+            .map(|(name, svc)| Member {
+                name: name.to_string(),
+                svc: svc.clone(),
+                distrusted: moka::sync::Cache::new(DISTRUSTED_PER_MEMBER),
+            })
+            .collect();
+        RaceService {
+            shared: Arc::new(Shared {
+                members,
+                hedge_after: None,
+                listed_by: moka::sync::Cache::new(LISTED_BY),
+            }),
+        }
+    }
+
+    /// Two reads of one blob close together, whose Stats two members won
+    /// in turn: the read that catches the first list lying blames the
+    /// member that gave it, not the one whose Stat the race passed on
+    /// last.
+    #[tokio::test]
+    async fn the_member_whose_list_lied_is_passed_over_whoever_answered_since() {
+        let digest = B3Digest::of(b"a blob");
+        let honest_list = [b"one", b"two"].map(|c| ChunkMeta {
+            digest: B3Digest::of(c),
+            size: 3,
+        });
+        let lying_list = [honest_list[1], honest_list[0]];
+        let (liar, honest) = (Lister::new(&lying_list), Lister::new(&honest_list));
+        let race = race_of(&[("liar", liar.clone()), ("honest", honest.clone())]);
+        let listed = |stat: Option<BlobStat>| stat.expect("a member answers").chunks;
+
+        honest.answers(false);
+        assert_eq!(listed(race.stat(&digest).await.unwrap()), lying_list);
+        liar.answers(false);
+        honest.answers(true);
+        assert_eq!(listed(race.stat(&digest).await.unwrap()), honest_list);
+
+        assert!(
+            race.caught_lying(&digest, &lying_list),
+            "the honest member is left"
+        );
+        let distrusted = |i: usize| race.shared.members[i].distrusted.contains_key(&digest);
+        assert!(distrusted(0), "the liar is not passed over");
+        assert!(!distrusted(1), "the honest member is passed over");
+        liar.answers(true);
+        for _ in 0..4 {
+            assert_eq!(listed(race.stat(&digest).await.unwrap()), honest_list);
+        }
+
+        // A list the race did not pass on passes over nobody, and says so.
+        assert!(!race.caught_lying(&digest, &honest_list[..1]));
+        assert!(!distrusted(1));
+        // Nor does a list of another blob.
+        assert!(!race.caught_lying(&B3Digest::of(b"another"), &honest_list));
+        assert!(!distrusted(1));
     }
 }

@@ -423,15 +423,15 @@ impl Member {
     }
 
     /// [`Member::record_failure`] for what a fill from this tier caught: a
-    /// lie there is in the chunk list this tier gave (its chunks, each
-    /// checked as listed, do not make up the blob). A tier that passes
+    /// lie there is in the chunk list this tier gave, `chunks` (its chunks,
+    /// each checked as listed, do not make up the blob). A tier that passes
     /// over the list's source itself ([`BlobService::caught_lying`]: a
     /// `race`) is not passed over, and is asked again
     /// ([`Member::asks_again`]): its other members may have the blob.
-    fn record_list_lie(&self, what: &str, digest: &B3Digest, err: &Error) {
+    fn record_list_lie(&self, what: &str, digest: &B3Digest, chunks: &[ChunkMeta], err: &Error) {
         if self.distrusted.is_some()
             && matches!(err.root(), Error::Verification(_))
-            && self.svc.caught_lying(digest)
+            && self.svc.caught_lying(digest, chunks)
         {
             self.count_failure(err);
             warn!(tier = %self.name, %digest, error = %err,
@@ -876,7 +876,7 @@ impl Inner {
         }
         let source_lied = |e: &Error| {
             if matches!(e.root(), Error::Verification(_)) {
-                self.members[k].record_list_lie("fill source", &digest, e);
+                self.members[k].record_list_lie("fill source", &digest, &stat.chunks, e);
             }
         };
         while let Some(piece) = pieces.next().await {
@@ -975,7 +975,7 @@ impl Inner {
         let (spool, proof) = match spooled {
             Ok(spooled) => spooled,
             Err(e) => {
-                self.members[k].record_list_lie("fetch", &digest, &e);
+                self.members[k].record_list_lie("fetch", &digest, &stat.chunks, &e);
                 return Err(e);
             }
         };
@@ -1729,7 +1729,7 @@ mod tests {
             async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
                 self.svc.open_write().await
             }
-            fn caught_lying(&self, _: &B3Digest) -> bool {
+            fn caught_lying(&self, _: &B3Digest, _: &[ChunkMeta]) -> bool {
                 true
             }
         }
