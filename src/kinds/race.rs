@@ -525,6 +525,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_list_print_is_the_digest_of_every_entry() {
+        let list: Vec<ChunkMeta> = (0..600u64)
+            .map(|i| ChunkMeta {
+                digest: B3Digest::of(&i.to_le_bytes()),
+                size: 1000 + i,
+            })
+            .collect();
+        let whole: Vec<u8> = list
+            .iter()
+            .flat_map(|c| [&c.digest.as_bytes()[..], &c.size.to_le_bytes()].concat())
+            .collect();
+        for n in [0, 1, 255, 256, 257, 600] {
+            let of = |l: &[ChunkMeta]| list_print(l);
+            assert_eq!(
+                of(&list[..n]),
+                blake3::hash(&whole[..n * 40]),
+                "{n} entries"
+            );
+        }
+        let mut other = list.clone();
+        other[599].size += 1;
+        assert_ne!(list_print(&list), list_print(&other));
+    }
+
     /// Two reads of one blob close together, whose Stats two members won
     /// in turn: the read that catches the first list lying blames the
     /// member that gave it, not the one whose Stat the race passed on
