@@ -538,12 +538,8 @@ mod tests {
             .flat_map(|c| [&c.digest.as_bytes()[..], &c.size.to_le_bytes()].concat())
             .collect();
         for n in [0, 1, 255, 256, 257, 600] {
-            let of = |l: &[ChunkMeta]| list_print(l);
-            assert_eq!(
-                of(&list[..n]),
-                blake3::hash(&whole[..n * 40]),
-                "{n} entries"
-            );
+            let print = list_print(&list[..n]);
+            assert_eq!(print, blake3::hash(&whole[..n * 40]), "{n} entries");
         }
         let mut other = list.clone();
         other[599].size += 1;
