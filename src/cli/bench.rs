@@ -147,6 +147,11 @@ pub struct BenchReport {
     pub put_bound_mbps: f64,
     /// Put into the sidecar (lands on its disk tier).
     pub put_mbps: f64,
+    /// Put of a blob the sidecar already holds: the same transport, cut
+    /// scan and hashing, every chunk found stored and nothing written. What
+    /// a Put costs with storage out of the picture, and what a client that
+    /// uploads a blob twice sees the second time.
+    pub put_again_mbps: f64,
     /// Read of the Put blob from the sidecar, checked by the client: from
     /// its disk tier when the blob is larger than half its 256 MiB memory
     /// tier (the full run), from the memory tier otherwise.
@@ -163,6 +168,8 @@ pub struct BenchReport {
     /// CPU time (user and system) the sidecar process spent on the Put,
     /// per GiB: steadier than the throughput on a busy machine.
     pub put_cpu_s_per_gib: f64,
+    /// The same for the Put of a blob the sidecar already holds.
+    pub put_again_cpu_s_per_gib: f64,
     /// The same for the warm read.
     pub warm_cpu_s_per_gib: f64,
     /// The same for the warm read from the memory tier.
@@ -300,6 +307,17 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     let (put_mbps, put_cpu_s_per_gib) = puts.medians();
     progress(&format!(
         "put: {put_mbps:.0} MB/s (sidecar: {put_cpu_s_per_gib:.2} CPU-s per GiB)"
+    ));
+    let mut puts_again = Samples::default();
+    for _ in 0..samples {
+        puts_again
+            .time(opts.size, &sidecar, put(&sidecar_client, &main, digest))
+            .await?;
+    }
+    let (put_again_mbps, put_again_cpu_s_per_gib) = puts_again.medians();
+    progress(&format!(
+        "put of a blob already stored: {put_again_mbps:.0} MB/s \
+         (sidecar: {put_again_cpu_s_per_gib:.2} CPU-s per GiB)"
     ));
 
     // The disk's own reads, taken beside each warm read (its speed here
@@ -507,11 +525,13 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         put_work_cpu_s_per_gib,
         put_bound_mbps,
         put_mbps,
+        put_again_mbps,
         warm_read_mbps,
         warm_memory_read_mbps,
         cold_read_mbps,
         direct_read_mbps,
         put_cpu_s_per_gib,
+        put_again_cpu_s_per_gib,
         warm_cpu_s_per_gib,
         warm_memory_cpu_s_per_gib,
         cold_cpu_s_per_gib,
