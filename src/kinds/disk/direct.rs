@@ -58,6 +58,13 @@ pub enum Open {
     CreateNew,
 }
 
+/// A transparent huge page on x86-64 and most arm64 kernels. A buffer of
+/// a multiple of this size (a [`Tail`]'s) is aligned to it and asks for
+/// huge pages: a direct write pins the buffer's pages and maps each into
+/// its request, and 512 pages of 4 KiB for every 2 MiB cost the Put more
+/// than the one page that holds them (see `docs/benchmarks.md`).
+const HUGE_PAGE: usize = 2 << 20;
+
 /// Opens `path` for direct I/O if `direct` and the file system allows it,
 /// else buffered (the same aligned transfers work either way).
 pub fn open(path: &Path, how: Open, direct: bool) -> std::io::Result<File> {
@@ -107,6 +114,11 @@ impl AlignedBuf {
         // SAFETY: the layout has a nonzero size.
         let ptr = unsafe { alloc::alloc(layout) };
         let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        if cap.is_multiple_of(HUGE_PAGE) {
+            // SAFETY: advice on memory this buffer owns, none of it touched
+            // yet; an error only means the kernel will not take it.
+            unsafe { libc::madvise(ptr.as_ptr().cast(), cap, libc::MADV_HUGEPAGE) };
+        }
         AlignedBuf { ptr, cap, len: 0 }
     }
 
@@ -121,7 +133,12 @@ impl AlignedBuf {
     fn layout(cap: usize) -> Layout {
         // Only fails for a size near `isize::MAX`, which no chunk or
         // stage comes near.
-        Layout::from_size_align(cap, ALIGN).unwrap_or_else(|_| panic!("{cap} bytes to align"))
+        let align = if cap.is_multiple_of(HUGE_PAGE) {
+            HUGE_PAGE
+        } else {
+            ALIGN
+        };
+        Layout::from_size_align(cap, align).unwrap_or_else(|_| panic!("{cap} bytes to align"))
     }
 
     /// The bytes after the initialised ones.
@@ -603,5 +620,17 @@ mod tests {
             assert_eq!(buf.ptr.as_ptr() as usize % ALIGN, 0);
             assert!(buf.cap >= cap && buf.cap.is_multiple_of(ALIGN));
         }
+    }
+
+    #[test]
+    fn a_tail_buffer_sits_on_a_huge_page_boundary() {
+        for cap in [HUGE_PAGE, STAGE, 2 * HUGE_PAGE] {
+            let buf = AlignedBuf::zeroed(cap);
+            assert_eq!(buf.ptr.as_ptr() as usize % HUGE_PAGE, 0, "{cap}");
+            assert!(buf.as_ref().iter().all(|&b| b == 0));
+        }
+        // Smaller buffers keep the block alignment alone.
+        let small = AlignedBuf::with_capacity(HUGE_PAGE - ALIGN);
+        assert_eq!(AlignedBuf::layout(small.cap).align(), ALIGN);
     }
 }
