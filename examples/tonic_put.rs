@@ -1,7 +1,9 @@
 //! Puts a file the way a stock client does: tonic's generated client, in
 //! 1 MiB messages, as `strata bench` puts its blob (where `strata put`
 //! frames its pieces by hand, which reaches the server in other frames).
-//! Prints the digest and the rate.
+//! Prints the digest, the rate, and the client's own CPU time (user +
+//! system, all its threads) per GiB while the Put ran: on one machine,
+//! the share of the cores the client leaves the server.
 //!
 //! ```sh
 //! cargo run --release --example tonic_put -- ADDR FILE
@@ -14,6 +16,7 @@ use strata::B3Digest;
 use strata::addr::PeerAddr;
 use strata::proto::snix::BlobChunk;
 use strata::proto::snix::blob_service_client::BlobServiceClient;
+use strata::testkit::cpu_seconds;
 
 const MESSAGE: usize = 1 << 20;
 
@@ -31,16 +34,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             data: data.slice(i..(i + MESSAGE).min(data.len())),
         })
         .collect();
+    let cpu = cpu_seconds(std::process::id())?;
     let started = Instant::now();
     let answer = client
         .put(futures::stream::iter(messages))
         .await?
         .into_inner();
     let elapsed = started.elapsed();
+    let cpu = cpu_seconds(std::process::id())? - cpu;
     let digest = B3Digest::try_from(&answer.digest[..])?;
     println!(
-        "{digest} {:.0} MB/s",
-        data.len() as f64 / elapsed.as_secs_f64() / 1e6
+        "{digest} {:.0} MB/s client {:.2} CPU-s/GiB",
+        data.len() as f64 / elapsed.as_secs_f64() / 1e6,
+        cpu * (1u64 << 30) as f64 / data.len() as f64
     );
     Ok(())
 }

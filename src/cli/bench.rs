@@ -170,6 +170,10 @@ pub struct BenchReport {
     pub put_cpu_s_per_gib: f64,
     /// The same for the Put of a blob the sidecar already holds.
     pub put_again_cpu_s_per_gib: f64,
+    /// CPU time the bench process, the Put's client, spent on each Put,
+    /// per GiB (median): on one machine, what the client leaves the
+    /// sidecar of the cores.
+    pub put_client_cpu_s_per_gib: f64,
     /// The same for the warm read.
     pub warm_cpu_s_per_gib: f64,
     /// The same for the warm read from the memory tier.
@@ -305,8 +309,10 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
             .await?;
     }
     let (put_mbps, put_cpu_s_per_gib) = puts.medians();
+    let put_client_cpu_s_per_gib = puts.client_median();
     progress(&format!(
-        "put: {put_mbps:.0} MB/s (sidecar: {put_cpu_s_per_gib:.2} CPU-s per GiB)"
+        "put: {put_mbps:.0} MB/s (sidecar: {put_cpu_s_per_gib:.2} CPU-s per GiB, \
+         client: {put_client_cpu_s_per_gib:.2})"
     ));
     let mut puts_again = Samples::default();
     for _ in 0..samples {
@@ -532,6 +538,7 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         direct_read_mbps,
         put_cpu_s_per_gib,
         put_again_cpu_s_per_gib,
+        put_client_cpu_s_per_gib,
         warm_cpu_s_per_gib,
         warm_memory_cpu_s_per_gib,
         cold_cpu_s_per_gib,
@@ -803,6 +810,8 @@ fn blob_and_digest(size: usize, seed: u64) -> (Bytes, B3Digest) {
 struct Samples {
     mbps: Vec<f64>,
     cpu_s_per_gib: Vec<f64>,
+    /// The bench process's own CPU time per GiB: the client's.
+    client_cpu_s_per_gib: Vec<f64>,
 }
 
 impl Samples {
@@ -815,12 +824,22 @@ impl Samples {
         scenario: impl std::future::Future<Output = anyhow::Result<()>>,
     ) -> anyhow::Result<()> {
         let cpu = sidecar.cpu_seconds()?;
+        let client_cpu = cpu_seconds(std::process::id())?;
         let started = Instant::now();
         scenario.await?;
         self.mbps.push(mbps(bytes, started.elapsed()));
         self.cpu_s_per_gib
             .push(per_gib(bytes, sidecar.cpu_seconds()? - cpu));
+        self.client_cpu_s_per_gib.push(per_gib(
+            bytes,
+            cpu_seconds(std::process::id())? - client_cpu,
+        ));
         Ok(())
+    }
+
+    /// The median of the client's CPU time per GiB.
+    fn client_median(&self) -> f64 {
+        median(self.client_cpu_s_per_gib.iter().copied())
     }
 
     /// The median rate and the median CPU time (of the runs, each on its
