@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use strata::B3Digest;
 use strata::addr::{CONNECTION_WINDOW, MAX_FRAME_SIZE, PeerAddr, STREAM_WINDOW};
 use strata::chunkstore::{Chunking, Cutter};
+use strata::kinds::disk::io_buffer;
 use strata::proto::snix::blob_service_client::BlobServiceClient;
 use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
 use strata::proto::snix::{
@@ -692,16 +693,6 @@ struct DirectFile {
     len: usize,
 }
 
-/// Direct transfers need aligned buffers.
-const DIRECT_ALIGN: usize = 4096;
-
-/// An aligned `len`-byte window into `backing`, which has [`DIRECT_ALIGN`]
-/// bytes to spare: a slice of a larger Vec, rather than an unsafe aligned
-/// allocation, for a reference figure.
-fn aligned(backing: &mut [u8], len: usize) -> &mut [u8] {
-    let skip = backing.as_ptr().align_offset(DIRECT_ALIGN);
-    &mut backing[skip..skip + len]
-}
 
 impl DirectFile {
     const BLOCK: usize = 1 << 20;
@@ -729,8 +720,8 @@ impl DirectFile {
             file,
             len: data.len() - data.len() % Self::BLOCK,
         };
-        let mut backing = vec![0u8; Self::BLOCK + DIRECT_ALIGN];
-        let buf = aligned(&mut backing, Self::BLOCK);
+        let mut backing = io_buffer(Self::BLOCK);
+        let buf = &mut backing.as_mut_slice()[..Self::BLOCK];
         let started = Instant::now();
         for (i, piece) in data[..written.len].chunks(Self::BLOCK).enumerate() {
             buf.copy_from_slice(piece);
@@ -743,8 +734,8 @@ impl DirectFile {
     /// after the other.
     fn read(&self) -> anyhow::Result<Duration> {
         use std::os::unix::fs::FileExt;
-        let mut backing = vec![0u8; Self::BLOCK + DIRECT_ALIGN];
-        let buf = aligned(&mut backing, Self::BLOCK);
+        let mut backing = io_buffer(Self::BLOCK);
+        let buf = &mut backing.as_mut_slice()[..Self::BLOCK];
         let started = Instant::now();
         for i in 0..self.len / Self::BLOCK {
             self.file.read_exact_at(buf, (i * Self::BLOCK) as u64)?;
@@ -764,8 +755,8 @@ impl DirectFile {
             let readers: Vec<_> = (0..PARALLEL_READS)
                 .map(|first| {
                     scope.spawn(move || -> std::io::Result<()> {
-                        let mut backing = vec![0u8; PARALLEL_READ_LEN + DIRECT_ALIGN];
-                        let buf = aligned(&mut backing, PARALLEL_READ_LEN);
+                        let mut backing = io_buffer(PARALLEL_READ_LEN);
+                        let buf = &mut backing.as_mut_slice()[..PARALLEL_READ_LEN];
                         for piece in (first..pieces).step_by(PARALLEL_READS) {
                             file.read_exact_at(buf, (piece * PARALLEL_READ_LEN) as u64)?;
                         }

@@ -99,6 +99,9 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     cap: usize,
     len: usize,
+    /// The allocation this buffer is a piece of, when it is not its own
+    /// ([`AlignedBuf::pieces`]): freed with the last of its pieces.
+    slab: Option<Arc<AlignedBuf>>,
 }
 
 // SAFETY: the buffer owns its allocation outright, like a `Vec<u8>`.
@@ -119,7 +122,30 @@ impl AlignedBuf {
             // yet; an error only means the kernel will not take it.
             unsafe { libc::madvise(ptr.as_ptr().cast(), cap, libc::MADV_HUGEPAGE) };
         }
-        AlignedBuf { ptr, cap, len: 0 }
+        AlignedBuf {
+            ptr,
+            cap,
+            len: 0,
+            slab: None,
+        }
+    }
+
+    /// A huge page cut into buffers of `size` bytes (a multiple of
+    /// [`ALIGN`]), none initialised, as many as fit.
+    fn pieces(size: usize) -> Vec<AlignedBuf> {
+        debug_assert!(size.is_multiple_of(ALIGN) && size <= HUGE_PAGE);
+        let slab = Arc::new(AlignedBuf::with_capacity(HUGE_PAGE));
+        (0..HUGE_PAGE / size)
+            .map(|i| AlignedBuf {
+                // SAFETY: piece `i` ends at most at the slab's end, and no
+                // two pieces overlap; the slab itself is never read or
+                // written, only kept alive by its pieces.
+                ptr: unsafe { slab.ptr.add(i * size) },
+                cap: size,
+                len: 0,
+                slab: Some(Arc::clone(&slab)),
+            })
+            .collect()
     }
 
     /// `cap` zeroed bytes (rounded up to [`ALIGN`]), all initialised.
@@ -153,7 +179,8 @@ impl AlignedBuf {
         }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    /// The initialised bytes.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: the first `len` bytes are initialised.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
@@ -168,9 +195,19 @@ impl AsRef<[u8]> for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `with_capacity` with this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
+        // A piece's memory is its slab's, freed with the slab.
+        if self.slab.is_none() {
+            // SAFETY: allocated in `with_capacity` with this layout.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
+        }
     }
+}
+
+/// A zeroed buffer of at least `len` bytes for direct transfers, on huge
+/// pages as the tier's own buffers are: for measurements that should move
+/// bytes the way the tier does (`strata bench`'s disk references).
+pub fn io_buffer(len: usize) -> AlignedBuf {
+    AlignedBuf::zeroed(len.max(1).next_multiple_of(HUGE_PAGE))
 }
 
 /// Read buffers of one size, big enough for a chunk of the default
@@ -179,13 +216,21 @@ impl Drop for AlignedBuf {
 /// blocking threads the reads run on they spread over glibc's per-thread
 /// arenas, each of which keeps what is freed into it: a sidecar grew from
 /// 50 to 160 MB resident over a few warm reads of 1 GiB that way.
+///
+/// The buffers are cut three to a huge page ([`HUGE_PAGE`]): a direct read
+/// into one then pins a single page and lands in one physically contiguous
+/// range, where 4 KiB pages made it pin and map 130 of them. Warm reads
+/// from the disk tier ran 11–17% faster that way here, at less CPU
+/// (`docs/benchmarks.md`).
 pub struct BufPool {
     free: Mutex<Vec<AlignedBuf>>,
     keep: usize,
 }
 
-/// The size of a pooled buffer.
-const POOLED: usize = crate::chunkstore::MAX_CHUNK_SIZE as usize + 2 * ALIGN;
+/// The size of a pooled buffer: a third of a huge page, in whole blocks.
+const POOLED: usize = HUGE_PAGE / 3 / ALIGN * ALIGN;
+// A chunk of the default chunking and the blocks around it fit.
+const _: () = assert!(POOLED >= crate::chunkstore::MAX_CHUNK_SIZE as usize + 2 * ALIGN);
 
 impl BufPool {
     /// A pool that keeps up to `keep` buffers of [`POOLED`] bytes.
@@ -200,8 +245,17 @@ impl BufPool {
     /// own (freed, not kept).
     fn take(&self, len: usize) -> AlignedBuf {
         if len <= POOLED {
-            let kept = self.free().pop();
-            kept.unwrap_or_else(|| AlignedBuf::with_capacity(POOLED))
+            if let Some(kept) = self.free().pop() {
+                return kept;
+            }
+            // A fresh huge page: one piece for this read, the others kept
+            // for the next ones while there is room.
+            let mut pieces = AlignedBuf::pieces(POOLED);
+            let buf = pieces.pop().expect("a huge page holds a pooled buffer");
+            let mut free = self.free();
+            let room = self.keep.saturating_sub(free.len());
+            free.extend(pieces.into_iter().take(room));
+            buf
         } else {
             AlignedBuf::with_capacity(len)
         }
@@ -620,6 +674,35 @@ mod tests {
             assert_eq!(buf.ptr.as_ptr() as usize % ALIGN, 0);
             assert!(buf.cap >= cap && buf.cap.is_multiple_of(ALIGN));
         }
+    }
+
+    #[test]
+    fn pooled_buffers_are_cut_from_one_huge_page_and_outlive_each_other() {
+        let count = HUGE_PAGE / POOLED;
+        assert_eq!(count, 3);
+        let pool = BufPool::new(8);
+        let mut bufs = vec![pool.take(1)];
+        assert_eq!(pool.kept(), count - 1, "the rest of the page is kept");
+        bufs.extend((1..count).map(|_| pool.take(POOLED)));
+        assert_eq!(pool.kept(), 0);
+        let base = bufs.iter().map(|b| b.ptr.as_ptr() as usize).min().unwrap();
+        assert_eq!(base % HUGE_PAGE, 0);
+        let mut starts: Vec<usize> = bufs
+            .iter()
+            .map(|b| b.ptr.as_ptr() as usize - base)
+            .collect();
+        starts.sort_unstable();
+        assert_eq!(starts, (0..count).map(|i| i * POOLED).collect::<Vec<_>>());
+        // Each piece holds its own bytes, and keeps the page alive alone.
+        for (i, buf) in bufs.iter_mut().enumerate() {
+            buf.spare().fill(MaybeUninit::new(i as u8 + 1));
+            buf.len = buf.cap;
+        }
+        let last = bufs.pop().unwrap();
+        drop(bufs);
+        assert!(last.as_ref().iter().all(|&b| b == count as u8));
+        // A buffer of its own is not cut from a page.
+        assert!(pool.take(POOLED + 1).slab.is_none());
     }
 
     #[test]

@@ -79,6 +79,8 @@ use crate::verify::verify_chunk_meta;
 
 mod direct;
 pub mod pack;
+
+pub use direct::{AlignedBuf, io_buffer};
 mod packs;
 
 use packs::{Answer, Location, Packs, Sealed, Wrote};
