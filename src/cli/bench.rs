@@ -693,7 +693,6 @@ struct DirectFile {
     len: usize,
 }
 
-
 impl DirectFile {
     const BLOCK: usize = 1 << 20;
 

@@ -59,10 +59,11 @@ pub enum Open {
 }
 
 /// A transparent huge page on x86-64 and most arm64 kernels. A buffer of
-/// a multiple of this size (a [`Tail`]'s) is aligned to it and asks for
-/// huge pages: a direct write pins the buffer's pages and maps each into
-/// its request, and 512 pages of 4 KiB for every 2 MiB cost the Put more
-/// than the one page that holds them (see `docs/benchmarks.md`).
+/// a multiple of this size (a [`Tail`]'s, or a page [`BufPool`] cuts into
+/// read buffers) is aligned to it and asks for huge pages: a direct
+/// transfer pins the buffer's pages and maps each into its request, and
+/// 512 pages of 4 KiB for every 2 MiB cost more than the one page that
+/// holds them (see `docs/benchmarks.md`).
 const HUGE_PAGE: usize = 2 << 20;
 
 /// Opens `path` for direct I/O if `direct` and the file system allows it,
@@ -104,7 +105,8 @@ pub struct AlignedBuf {
     slab: Option<Arc<AlignedBuf>>,
 }
 
-// SAFETY: the buffer owns its allocation outright, like a `Vec<u8>`.
+// SAFETY: the buffer owns its bytes outright, like a `Vec<u8>` (a piece of
+// a slab, its own range of it: no two pieces overlap).
 unsafe impl Send for AlignedBuf {}
 // SAFETY: shared access only reads the initialised bytes.
 unsafe impl Sync for AlignedBuf {}
@@ -220,7 +222,7 @@ pub fn io_buffer(len: usize) -> AlignedBuf {
 /// The buffers are cut three to a huge page ([`HUGE_PAGE`]): a direct read
 /// into one then pins a single page and lands in one physically contiguous
 /// range, where 4 KiB pages made it pin and map 130 of them. Warm reads
-/// from the disk tier ran 11–17% faster that way here, at less CPU
+/// from the disk tier ran about a third faster that way here, at less CPU
 /// (`docs/benchmarks.md`).
 pub struct BufPool {
     free: Mutex<Vec<AlignedBuf>>,

@@ -79,9 +79,9 @@ use crate::verify::verify_chunk_meta;
 
 mod direct;
 pub mod pack;
+mod packs;
 
 pub use direct::{AlignedBuf, io_buffer};
-mod packs;
 
 use packs::{Answer, Location, Packs, Sealed, Wrote};
 
