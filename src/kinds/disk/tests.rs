@@ -1101,3 +1101,124 @@ async fn an_index_cut_at_a_chunk_boundary_is_damaged_not_shorter() {
     assert!(svc.open_read(&digest).await.unwrap().is_none());
     assert!(!path.exists(), "the damaged index was kept");
 }
+
+/// Chunks `metas` read from `store` as a reader asks for a run of them.
+async fn get_run(store: &Arc<DiskStore>, metas: &[ChunkMeta]) -> Vec<Result<Option<Bytes>>> {
+    futures::future::join_all(store.clone().get_run_verified(metas)).await
+}
+
+#[tokio::test]
+async fn a_blobs_chunks_are_read_a_span_of_them_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open_with(dir.path(), 1 << 30, true).await;
+    let blob = pseudo_random(12 << 20, 66);
+    let digest = put(&svc, &blob).await;
+    let chunks = svc.stat(&digest).await.unwrap().unwrap().chunks;
+    assert!(chunks.len() >= 2 * READ_RUN, "{} chunks", chunks.len());
+    assert_eq!(svc.store().run_len(), READ_RUN);
+
+    let before = svc.store().packs.reads();
+    assert!(read_all(&svc, &digest).await == blob);
+    let (one, spans) = svc.store().packs.reads();
+    let (one, spans) = (one - before.0, spans - before.1);
+    assert!(spans > 0, "no span read");
+    assert!(
+        one + spans <= chunks.len() / 2,
+        "{one} single reads and {spans} span reads for {} chunks",
+        chunks.len()
+    );
+
+    // Each span is of records one right after another, in place order,
+    // none longer than a span buffer takes; the chunks in none are read
+    // on their own.
+    let run = &chunks[..READ_RUN];
+    let spans = svc.store().spans(run);
+    let mut seen = vec![false; run.len()];
+    for span in &spans {
+        assert!(span.members.len() >= 2);
+        assert!(span.at.len as usize <= SPAN);
+        for pair in span.members.windows(2) {
+            let (a, b) = (pair[0].1, pair[1].1);
+            assert_eq!(b.pack, span.at.pack);
+            assert_eq!(
+                b.offset,
+                a.offset + u64::from(a.len) + pack::RECORD_HEADER_LEN
+            );
+        }
+        for &(i, at) in &span.members {
+            assert!(!seen[i], "chunk {i} in two spans");
+            seen[i] = true;
+            assert!(at.offset >= span.at.offset);
+            assert!(at.offset + u64::from(at.len) <= span.at.offset + u64::from(span.at.len));
+        }
+    }
+    let mut at = 0;
+    for (meta, got) in run.iter().zip(get_run(svc.shared_store(), run).await) {
+        let got = got.unwrap().unwrap();
+        assert!(got[..] == blob[at..at + meta.size as usize]);
+        at += meta.size as usize;
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_chunk_in_a_span_fails_alone_and_is_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open_with(dir.path(), 1 << 30, true).await;
+    let blob = pseudo_random(6 << 20, 67);
+    let digest = put(&svc, &blob).await;
+    let chunks = svc.stat(&digest).await.unwrap().unwrap().chunks;
+    let run = &chunks[..READ_RUN];
+    let span = svc.store().spans(run).into_iter().next().expect("a span");
+    let (victim, at) = span.members[1];
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(svc.store().packs.path(at.pack))
+        .unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at.offset + 100).unwrap();
+    file.write_all_at(&[byte[0] ^ 1], at.offset + 100).unwrap();
+
+    let gets = get_run(svc.shared_store(), run).await;
+    for (i, got) in gets.into_iter().enumerate() {
+        match got {
+            Err(e) if i == victim => assert!(matches!(e.root(), Error::Verification(_)), "{e}"),
+            Ok(Some(_)) if i != victim => {}
+            other => panic!("chunk {i}: {:?}", other.map(|b| b.map(|b| b.len()))),
+        }
+    }
+    // Read as a blob, the damaged chunk is handed back and forgotten.
+    let mut r = svc.open_read(&digest).await.unwrap().unwrap();
+    let mut out = Vec::new();
+    assert!(r.read_to_end(&mut out).await.is_err());
+    assert!(!svc.store().holds(&run[victim].digest));
+    assert!(svc.store().holds(&run[span.members[0].0].digest));
+}
+
+#[tokio::test]
+async fn a_span_the_disk_cannot_read_is_read_chunk_by_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open_with(dir.path(), 1 << 30, true).await;
+    let blob = pseudo_random(6 << 20, 68);
+    let digest = put(&svc, &blob).await;
+    let chunks = svc.stat(&digest).await.unwrap().unwrap().chunks;
+    let run = &chunks[..READ_RUN];
+    assert!(!svc.store().spans(run).is_empty());
+
+    // Each chunk's own read, after the span's, meets the same bad sector:
+    // the chunks are forgotten, to be stored again.
+    svc.store().packs.fail_reads(libc::EIO);
+    let before = svc.store().packs.reads();
+    for got in get_run(svc.shared_store(), run).await {
+        assert!(
+            matches!(got, Ok(None)),
+            "{:?}",
+            got.map(|b| b.map(|b| b.len()))
+        );
+    }
+    let after = svc.store().packs.reads();
+    assert_eq!(after.0 - before.0, run.len(), "each chunk read on its own");
+    assert!(run.iter().all(|c| !svc.store().holds(&c.digest)));
+    svc.store().packs.fail_reads(0);
+}
