@@ -33,8 +33,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tracing::instrument;
 
 use crate::blobservice::{
@@ -42,7 +41,6 @@ use crate::blobservice::{
 };
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
-use crate::task::spawn_owned;
 use crate::verify::{
     BlobCheck, Outboard, check_kept_chunk, spool_verified_shared, verify_chunk, verify_chunk_meta,
 };
@@ -191,38 +189,6 @@ pub trait ChunkStore: Send + Sync + 'static {
         4
     }
 
-    /// How many chunks in a row a reader should ask for at once
-    /// ([`ChunkStore::get_run_verified`]): 1 (the default) for a store
-    /// that gains nothing from being asked for several.
-    fn run_len(&self) -> usize {
-        1
-    }
-
-    /// Chunks `metas`, each checked as [`ChunkStore::get_chunk_verified`]
-    /// checks it: one future per chunk, in order. The futures make
-    /// progress without being polled, so a reader can keep a run in
-    /// flight while it is busy sending.
-    ///
-    /// The default runs each chunk's `get_chunk_verified` as a task of its
-    /// own. A store that reads chunks stored side by side in one request
-    /// (the `disk` tier) reads a run that way: one wait for the disk and
-    /// one thread hand-off per run instead of per chunk.
-    fn get_run_verified(
-        self: Arc<Self>,
-        metas: &[ChunkMeta],
-    ) -> Vec<BoxFuture<'static, Result<Option<Bytes>>>>
-    where
-        Self: Sized,
-    {
-        metas
-            .iter()
-            .map(|meta| {
-                let (store, meta) = (self.clone(), *meta);
-                spawn_owned(async move { store.get_chunk_verified(&meta).await }).boxed()
-            })
-            .collect()
-    }
-
     /// How many chunk uploads a writer may have in flight.
     fn write_concurrency(&self) -> usize {
         1
@@ -249,12 +215,6 @@ impl<S: ChunkStore> ChunkedBlobService<S> {
 
     /// The backend.
     pub fn store(&self) -> &S {
-        &self.store
-    }
-
-    /// The backend, as the readers share it.
-    #[cfg(test)]
-    pub(crate) fn shared_store(&self) -> &Arc<S> {
         &self.store
     }
 

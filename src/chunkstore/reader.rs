@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use futures::FutureExt;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
@@ -25,28 +24,6 @@ use crate::verify::{GroupVerifier, Outboard};
 pub trait ChunkSource: Send + Sync + 'static {
     /// Chunk `chunk` of blob `blob`, verified.
     fn fetch(&self, blob: B3Digest, chunk: ChunkMeta) -> BoxFuture<'static, Result<Bytes>>;
-
-    /// How many chunks in a row the reader should ask for at once
-    /// ([`ChunkSource::fetch_run`]).
-    fn run_len(&self) -> usize {
-        1
-    }
-
-    /// Chunks `chunks` of blob `blob`, verified: one future per chunk, in
-    /// order, each making progress without being polled. The default runs
-    /// each [`ChunkSource::fetch`] as a task of its own, so that the
-    /// chunks' checks run on as many cores as are free, and go on while
-    /// the reader is busy sending.
-    fn fetch_run(
-        &self,
-        blob: B3Digest,
-        chunks: &[ChunkMeta],
-    ) -> Vec<BoxFuture<'static, Result<Bytes>>> {
-        chunks
-            .iter()
-            .map(|chunk| spawn_owned(self.fetch(blob, *chunk)).boxed())
-            .collect()
-    }
 }
 
 /// The chunks of a [`ChunkStore`]. A chunk that fails verification is
@@ -65,35 +42,6 @@ impl<S: ChunkStore> ChunkSource for StoreChunks<S> {
                 })
         })
     }
-
-    fn run_len(&self) -> usize {
-        self.0.run_len()
-    }
-
-    /// The store's [`ChunkStore::get_run_verified`], each chunk's failure
-    /// handled as [`StoreChunks::fetch`] handles it.
-    fn fetch_run(
-        &self,
-        blob: B3Digest,
-        chunks: &[ChunkMeta],
-    ) -> Vec<BoxFuture<'static, Result<Bytes>>> {
-        let gets = self.0.clone().get_run_verified(chunks);
-        gets.into_iter()
-            .zip(chunks)
-            .map(|(get, meta)| {
-                let (store, meta) = (self.0.clone(), *meta);
-                async move {
-                    discard_failed(&*store, &meta, get.await)
-                        .await?
-                        .ok_or(Error::MissingChunk {
-                            blob,
-                            chunk: meta.digest,
-                        })
-                }
-                .boxed()
-            })
-            .collect()
-    }
 }
 
 /// Chunk `meta` from `store`, checked by [`ChunkStore::get_chunk_verified`].
@@ -104,18 +52,7 @@ pub(super) async fn checked_chunk<S: ChunkStore>(
     store: &S,
     meta: &ChunkMeta,
 ) -> Result<Option<Bytes>> {
-    let got = store.get_chunk_verified(meta).await;
-    discard_failed(store, meta, got).await
-}
-
-/// `got`, the checked read of chunk `meta` from `store`; a copy that
-/// failed the check is handed to [`ChunkStore::discard_chunk`] first.
-async fn discard_failed<S: ChunkStore>(
-    store: &S,
-    meta: &ChunkMeta,
-    got: Result<Option<Bytes>>,
-) -> Result<Option<Bytes>> {
-    match got {
+    match store.get_chunk_verified(meta).await {
         Err(e) if matches!(e.root(), Error::Verification(_)) => {
             tracing::warn!(chunk = %meta.digest, error = %e, "stored chunk failed verification");
             store.discard_chunk(&meta.digest).await?;
@@ -260,31 +197,17 @@ impl<C: ChunkSource> ChunkedReader<C> {
         self.active && pos >= self.ready_start && pos <= self.offsets[self.next_fetch]
     }
 
-    /// Starts fetches while the window has room: in runs of the source's
-    /// [`run_len`](ChunkSource::run_len) (fewer at the end of the blob, or
-    /// while the window is narrower), each run once there is room for all
-    /// of it.
-    fn fetch_more(&mut self) {
-        let run = self.source.run_len().clamp(1, self.window.max(1));
-        loop {
-            let room = self.window.saturating_sub(self.inflight.len());
-            let left = self.chunks.len() - self.next_fetch;
-            let n = run.min(left);
-            if n == 0 || room < n {
-                return;
-            }
-            let chunks = &self.chunks[self.next_fetch..self.next_fetch + n];
-            for fetch in self.source.fetch_run(self.blob, chunks) {
-                self.inflight.push_back(fetch);
-            }
-            self.next_fetch += n;
-        }
-    }
-
     /// Polls the pipeline until it released more bytes.
     fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         loop {
-            self.fetch_more();
+            while self.inflight.len() < self.window && self.next_fetch < self.chunks.len() {
+                // Each fetch, which checks its chunk, is a task of its own:
+                // the window's checks run on as many cores as are free, and
+                // go on while this task is busy sending.
+                let fetch = self.source.fetch(self.blob, self.chunks[self.next_fetch]);
+                self.inflight.push_back(Box::pin(spawn_owned(fetch)));
+                self.next_fetch += 1;
+            }
             let mut data = match ready!(self.inflight.poll_next_unpin(cx)) {
                 Some(Ok(data)) => data,
                 Some(Err(e)) => return Poll::Ready(Err(e)),
@@ -393,7 +316,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    use tokio::io::AsyncReadExt;
     use tokio::sync::watch;
 
     use super::*;
@@ -475,73 +398,6 @@ mod tests {
             "counter stayed at {} of {n}",
             counter.load(Ordering::SeqCst)
         );
-    }
-
-    /// Chunks of 1 KiB handed out at once, asked for in runs of `run`;
-    /// records the length of each run asked for.
-    struct Runs {
-        chunks: Vec<(ChunkMeta, Bytes)>,
-        run: usize,
-        asked: std::sync::Mutex<Vec<usize>>,
-    }
-
-    impl ChunkSource for Runs {
-        fn fetch(&self, _blob: B3Digest, chunk: ChunkMeta) -> BoxFuture<'static, Result<Bytes>> {
-            let data = self
-                .chunks
-                .iter()
-                .find(|(c, _)| *c == chunk)
-                .map(|c| c.1.clone());
-            Box::pin(async move { data.ok_or(Error::Io(io::Error::other("no such chunk"))) })
-        }
-
-        fn run_len(&self) -> usize {
-            self.run
-        }
-
-        fn fetch_run(
-            &self,
-            blob: B3Digest,
-            chunks: &[ChunkMeta],
-        ) -> Vec<BoxFuture<'static, Result<Bytes>>> {
-            self.asked.lock().unwrap().push(chunks.len());
-            chunks.iter().map(|c| self.fetch(blob, *c)).collect()
-        }
-    }
-
-    #[tokio::test]
-    async fn a_source_is_asked_for_runs_of_chunks_once_the_window_has_room() {
-        let chunks: Vec<(ChunkMeta, Bytes)> = (0..22u8)
-            .map(|i| {
-                let data = Bytes::from(vec![i; 1024]);
-                let meta = ChunkMeta {
-                    digest: B3Digest::of(&data),
-                    size: 1024,
-                };
-                (meta, data)
-            })
-            .collect();
-        let source = Arc::new(Runs {
-            chunks: chunks.clone(),
-            run: 4,
-            asked: Default::default(),
-        });
-        let metas: Vec<ChunkMeta> = chunks.iter().map(|(m, _)| *m).collect();
-        let mut reader = ChunkedReader::new(B3Digest::EMPTY, metas, source.clone(), 8, None);
-        let mut all = Vec::new();
-        reader.read_to_end(&mut all).await.unwrap();
-        let want: Vec<u8> = (0..22u8).flat_map(|i| vec![i; 1024]).collect();
-        assert_eq!(all, want);
-        // Whole runs while the blob lasts, then what is left.
-        assert_eq!(*source.asked.lock().unwrap(), [4, 4, 4, 4, 4, 2]);
-
-        // After a seek the window starts at one chunk, and so do the runs.
-        source.asked.lock().unwrap().clear();
-        reader.seek(SeekFrom::Start(20 * 1024)).await.unwrap();
-        let mut tail = Vec::new();
-        reader.read_to_end(&mut tail).await.unwrap();
-        assert_eq!(tail, want[20 * 1024..]);
-        assert_eq!(*source.asked.lock().unwrap(), [1, 1]);
     }
 
     #[tokio::test]

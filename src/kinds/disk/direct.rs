@@ -224,14 +224,9 @@ pub fn io_buffer(len: usize) -> AlignedBuf {
 /// range, where 4 KiB pages made it pin and map 130 of them. Warm reads
 /// from the disk tier ran about a third faster that way here, at less CPU
 /// (`docs/benchmarks.md`).
-///
-/// A second pool ([`BufPool::spans`]) keeps whole huge pages, for reads of
-/// several chunks stored side by side ([`SPAN`]).
 pub struct BufPool {
     free: Mutex<Vec<AlignedBuf>>,
     keep: usize,
-    /// The size of each buffer.
-    size: usize,
 }
 
 /// The size of a pooled buffer: a third of a huge page, in whole blocks.
@@ -239,39 +234,25 @@ const POOLED: usize = HUGE_PAGE / 3 / ALIGN * ALIGN;
 // A chunk of the default chunking and the blocks around it fit.
 const _: () = assert!(POOLED >= crate::chunkstore::MAX_CHUNK_SIZE as usize + 2 * ALIGN);
 
-/// The most bytes one read into a buffer of [`BufPool::spans`] takes: a
-/// huge page, less the block the bytes may start inside.
-pub const SPAN: usize = HUGE_PAGE - ALIGN;
-
 impl BufPool {
     /// A pool that keeps up to `keep` buffers of [`POOLED`] bytes.
     pub fn new(keep: usize) -> Arc<BufPool> {
-        Self::of(keep, POOLED)
-    }
-
-    /// A pool that keeps up to `keep` buffers of a whole huge page each.
-    pub fn spans(keep: usize) -> Arc<BufPool> {
-        Self::of(keep, HUGE_PAGE)
-    }
-
-    fn of(keep: usize, size: usize) -> Arc<BufPool> {
         Arc::new(BufPool {
             free: Mutex::new(Vec::with_capacity(keep)),
             keep,
-            size,
         })
     }
 
     /// A buffer for `len` bytes: a pooled one if it fits, else one of its
     /// own (freed, not kept).
     fn take(&self, len: usize) -> AlignedBuf {
-        if len <= self.size {
+        if len <= POOLED {
             if let Some(kept) = self.free().pop() {
                 return kept;
             }
             // A fresh huge page: one piece for this read, the others kept
             // for the next ones while there is room.
-            let mut pieces = AlignedBuf::pieces(self.size);
+            let mut pieces = AlignedBuf::pieces(POOLED);
             let buf = pieces.pop().expect("a huge page holds a pooled buffer");
             let mut free = self.free();
             let room = self.keep.saturating_sub(free.len());
@@ -285,7 +266,7 @@ impl BufPool {
     /// Keeps `buf` for the next [`BufPool::take`], if it is of the pooled
     /// size and there is room.
     fn give(&self, mut buf: AlignedBuf) {
-        if buf.cap == self.size {
+        if buf.cap == POOLED {
             buf.len = 0;
             let mut free = self.free();
             if free.len() < self.keep {

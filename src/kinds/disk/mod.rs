@@ -63,8 +63,6 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use tracing::{info, instrument, warn};
@@ -77,7 +75,6 @@ use crate::composition::{BuildContext, ByteSize, TierConfig};
 use crate::digest::B3Digest;
 use crate::error::{Error, Result};
 use crate::metrics::TierMetrics;
-use crate::task::spawn_owned;
 use crate::verify::verify_chunk_meta;
 
 mod direct;
@@ -86,18 +83,11 @@ mod packs;
 
 pub use direct::{AlignedBuf, io_buffer};
 
-use direct::SPAN;
-
 use packs::{Answer, Location, Packs, Sealed, Wrote};
 
 /// Chunks a reader keeps in flight from a disk tier that reads with direct
 /// I/O (see [`ChunkStore::read_ahead`] on [`DiskStore`]).
-pub const DIRECT_READ_AHEAD: usize = 32;
-
-/// Chunks a reader asks a disk tier that reads with direct I/O for at once
-/// (see [`ChunkStore::get_run_verified`] on [`DiskStore`]): half the
-/// read-ahead, so that a run is asked for while the last is read.
-pub const READ_RUN: usize = DIRECT_READ_AHEAD / 2;
+pub const DIRECT_READ_AHEAD: usize = 16;
 
 /// Default `max_size` of a disk tier.
 pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
@@ -760,117 +750,6 @@ impl DiskStore {
     }
 }
 
-/// Chunks of a run stored one right after another in one pack: what one
-/// read takes ([`DiskStore::spans`]).
-#[derive(Debug)]
-struct Span {
-    /// The pack, and the bytes from the first chunk's start to the last
-    /// one's end.
-    at: Location,
-    /// Each chunk's index in the run, and where it is.
-    members: Vec<(usize, Location)>,
-}
-
-impl DiskStore {
-    /// The chunks of `metas` (a run of a blob's chunks) stored side by
-    /// side in a pack, in spans of two or more, each at most [`SPAN`] bytes
-    /// long with the record headers between them. The others (found in no
-    /// pack, longer than a chunk of the default chunking, or alone where
-    /// they are) are in none.
-    ///
-    /// A Put stores its chunks as their hashing ends, up to
-    /// [`ChunkStore::write_concurrency`] at a time, so a run's chunks lie
-    /// side by side out of order: they are sorted by place first.
-    fn spans(&self, metas: &[ChunkMeta]) -> Vec<Span> {
-        let mut placed: Vec<(usize, Location)> = metas
-            .iter()
-            .enumerate()
-            .filter_map(|(i, meta)| Some((i, self.packs.locate(&meta.digest)?)))
-            .filter(|(_, at)| at.len <= MAX_CHUNK_SIZE)
-            .collect();
-        placed.sort_by_key(|(_, at)| (at.pack, at.offset));
-        let mut spans = Vec::new();
-        let mut placed = placed.into_iter().peekable();
-        while let Some((i, first)) = placed.next() {
-            let mut members = vec![(i, first)];
-            let mut last = first;
-            while let Some(&(j, at)) = placed.peek() {
-                let next = last.offset + u64::from(last.len) + pack::RECORD_HEADER_LEN;
-                let end = at.offset + u64::from(at.len);
-                // The same chunk twice in a run is read once.
-                let again = at == last;
-                if at.pack != first.pack
-                    || !(again || at.offset == next)
-                    || end - first.offset > SPAN as u64
-                {
-                    break;
-                }
-                members.push((j, at));
-                last = at;
-                placed.next();
-            }
-            if members.len() < 2 {
-                continue;
-            }
-            let len = (last.offset + u64::from(last.len) - first.offset) as u32;
-            spans.push(Span {
-                at: Location { len, ..first },
-                members,
-            });
-        }
-        spans
-    }
-
-    /// Reads `span` in one direct read and checks its chunks (`metas`,
-    /// the run it was cut from) on that read's blocking thread, each
-    /// sent to its future in `gets` as soon as it is checked. If the read
-    /// fails, each chunk is read on its own ([`DiskStore::read_chunk`]),
-    /// which tells a pack lost from a bad sector and forgets what it must.
-    fn read_span(
-        self: &Arc<Self>,
-        span: Span,
-        metas: &[ChunkMeta],
-        gets: &mut [Option<BoxFuture<'static, Result<Option<Bytes>>>>],
-    ) {
-        let mut checks = Vec::with_capacity(span.members.len());
-        for &(i, at) in &span.members {
-            let (sender, receiver) = tokio::sync::oneshot::channel::<Result<Bytes>>();
-            let (store, meta) = (self.clone(), metas[i]);
-            gets[i] = Some(
-                async move {
-                    match receiver.await {
-                        Ok(checked) => checked.map(Some),
-                        Err(_) => store.read_chunk(meta.digest, Some(meta)).await,
-                    }
-                }
-                .boxed(),
-            );
-            checks.push((meta, at, sender));
-        }
-        // A use of its pack.
-        let _ = self.index.get(&Entry::Pack(span.at.pack));
-        let packs = self.packs.clone();
-        let at = span.at;
-        let trace = tracing::debug_span!(
-            "read_span",
-            pack = at.pack,
-            chunks = checks.len(),
-            len = at.len
-        );
-        tokio::task::spawn_blocking(move || {
-            let _trace = trace.enter();
-            let Ok(bytes) = packs.read_span(at.pack, at.offset, at.len) else {
-                return;
-            };
-            for (meta, chunk, sender) in checks {
-                let start = (chunk.offset - at.offset) as usize;
-                let data = bytes.slice(start..start + chunk.len as usize);
-                let _ = sender.send(checked(data, Some(meta)));
-            }
-        });
-    }
-}
-
 /// Whether a read failed because the disk lost the bytes it was asked for
 /// (a bad sector, a file system's failed checksum), rather than for a
 /// reason of the moment (no file handles left, say): the chunk is then as
@@ -1150,45 +1029,6 @@ impl ChunkStore for DiskStore {
         } else {
             4
         }
-    }
-
-    /// With direct I/O, runs of [`READ_RUN`] chunks: see
-    /// [`ChunkStore::get_run_verified`] on [`DiskStore`].
-    fn run_len(&self) -> usize {
-        if self.packs.direct() { READ_RUN } else { 1 }
-    }
-
-    /// Chunks stored side by side in one pack, as a Put or a fill leaves
-    /// a blob's chunks, are read in one direct read of up to 2 MiB and
-    /// checked on its blocking thread ([`DiskStore::spans`]); any other
-    /// chunk is read on its own. One read for several chunks, instead of
-    /// one each, saves the disk's waits and the blocking pool's hand-offs
-    /// and wake-ups (`docs/benchmarks.md`).
-    #[instrument(skip_all, fields(chunks = metas.len()))]
-    fn get_run_verified(
-        self: Arc<Self>,
-        metas: &[ChunkMeta],
-    ) -> Vec<BoxFuture<'static, Result<Option<Bytes>>>> {
-        let spans = if self.packs.direct() {
-            self.spans(metas)
-        } else {
-            Vec::new()
-        };
-        let mut gets: Vec<Option<BoxFuture<'static, Result<Option<Bytes>>>>> =
-            (0..metas.len()).map(|_| None).collect();
-        for span in spans {
-            self.read_span(span, metas, &mut gets);
-        }
-        // The chunks in no span are read on their own.
-        gets.into_iter()
-            .zip(metas)
-            .map(|(get, meta)| {
-                get.unwrap_or_else(|| {
-                    let (store, meta) = (self.clone(), *meta);
-                    spawn_owned(async move { store.get_chunk_verified(&meta).await }).boxed()
-                })
-            })
-            .collect()
     }
 
     fn holds_chunks(&self, chunks: &[ChunkMeta]) -> Vec<bool> {

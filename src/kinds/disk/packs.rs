@@ -181,24 +181,15 @@ pub(super) struct Packs {
     direct: bool,
     /// Buffers for direct reads.
     buffers: Arc<BufPool>,
-    /// Buffers for reads of several chunks at once ([`Packs::read_span`]).
-    spans: Arc<BufPool>,
     /// An OS error every read answers with instead of reading (0: none),
     /// set by tests to stand for a failing disk.
     #[cfg(test)]
     failing: std::sync::atomic::AtomicI32,
-    /// Reads of one chunk, then of a span, since the store opened.
-    #[cfg(test)]
-    reads: [std::sync::atomic::AtomicUsize; 2],
 }
 
 /// Direct-read buffers kept for reuse: enough for the read-ahead of two
 /// readers (about 17 MiB).
 const BUFFERS: usize = 32;
-
-/// Span buffers kept for reuse (2 MiB each): the runs of two readers'
-/// read-ahead.
-const SPANS: usize = 8;
 
 /// Most read handles kept open.
 const READERS: u64 = 64;
@@ -430,11 +421,8 @@ impl Packs {
             nowait: AtomicBool::new(!direct),
             direct,
             buffers: BufPool::new(BUFFERS),
-            spans: BufPool::spans(SPANS),
             #[cfg(test)]
             failing: Default::default(),
-            #[cfg(test)]
-            reads: Default::default(),
         };
         Ok((packs, found))
     }
@@ -478,8 +466,29 @@ impl Packs {
     /// `UnexpectedEof`, a pack gone as `NotFound`.
     pub fn read(&self, at: &Location) -> std::io::Result<Bytes> {
         #[cfg(test)]
-        self.reads[0].fetch_add(1, Ordering::Relaxed);
-        let file = self.reader(at.pack)?;
+        match self.failing.load(Ordering::Relaxed) {
+            0 => {}
+            code => return Err(std::io::Error::from_raw_os_error(code)),
+        }
+        let file = match self.readers.get(&at.pack) {
+            Some(file) => file,
+            None => {
+                // One open per pack, however many reads miss at once.
+                let file = self
+                    .readers
+                    .try_get_with(at.pack, || {
+                        direct::open(&self.path(at.pack), direct::Open::Read, self.direct)
+                            .map(Arc::new)
+                    })
+                    .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+                // Forgotten meanwhile (evicted, say): keep no handle that
+                // would hold its deleted file's space.
+                if !self.map().members.contains_key(&at.pack) {
+                    self.close_reader(at.pack);
+                }
+                file
+            }
+        };
         if self.direct {
             direct::read_at(&file, at.offset, at.len, &self.buffers)
         } else {
@@ -487,58 +496,11 @@ impl Packs {
         }
     }
 
-    /// The `len` bytes at `offset` of pack `id` (blocking), in one read:
-    /// several records side by side, their headers between them. Reads as
-    /// [`Packs::read`] does, into a buffer of a huge page while `len` is
-    /// at most [`direct::SPAN`].
-    pub fn read_span(&self, id: u64, offset: u64, len: u32) -> std::io::Result<Bytes> {
-        #[cfg(test)]
-        self.reads[1].fetch_add(1, Ordering::Relaxed);
-        let file = self.reader(id)?;
-        if self.direct {
-            direct::read_at(&file, offset, len, &self.spans)
-        } else {
-            pack::read_at(&file, offset, len)
-        }
-    }
-
-    /// A read handle of pack `id`, opened on first use.
-    fn reader(&self, id: u64) -> std::io::Result<Arc<File>> {
-        #[cfg(test)]
-        match self.failing.load(Ordering::Relaxed) {
-            0 => {}
-            code => return Err(std::io::Error::from_raw_os_error(code)),
-        }
-        if let Some(file) = self.readers.get(&id) {
-            return Ok(file);
-        }
-        // One open per pack, however many reads miss at once.
-        let file = self
-            .readers
-            .try_get_with(id, || {
-                direct::open(&self.path(id), direct::Open::Read, self.direct).map(Arc::new)
-            })
-            .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
-        // Forgotten meanwhile (evicted, say): keep no handle that would
-        // hold its deleted file's space.
-        if !self.map().members.contains_key(&id) {
-            self.close_reader(id);
-        }
-        Ok(file)
-    }
-
     /// Marks a batch as being written (or not), as an append writing one
     /// does, without writing anything.
     #[cfg(test)]
     pub fn pretend_writing(&self, writing: bool) {
         self.writer().flushing = writing;
-    }
-
-    /// Reads of one chunk, and reads of a span, so far.
-    #[cfg(test)]
-    pub fn reads(&self) -> (usize, usize) {
-        let [one, span] = &self.reads;
-        (one.load(Ordering::Relaxed), span.load(Ordering::Relaxed))
     }
 
     /// Makes every read fail with OS error `code` (0: read again).
