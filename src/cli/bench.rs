@@ -148,6 +148,13 @@ pub struct BenchReport {
     pub put_bound_mbps: f64,
     /// Put into the sidecar (lands on its disk tier).
     pub put_mbps: f64,
+    /// Single-thread BLAKE3 of the main blob, taken right after each Put
+    /// (median): the machine's hashing speed at the time of the Puts.
+    pub blake3_beside_put_mbps: f64,
+    /// Each Put's rate over the BLAKE3 taken right after it (median of the
+    /// pairs): the Put target's ratio, with the machine's speed changing
+    /// from one minute to the next taken out.
+    pub put_ratio: f64,
     /// Put of a blob the sidecar already holds: the same transport, cut
     /// scan and hashing, every chunk found stored and nothing written. What
     /// a Put costs with storage out of the picture, and what a client that
@@ -157,6 +164,13 @@ pub struct BenchReport {
     /// its disk tier when the blob is larger than half its 256 MiB memory
     /// tier (the full run), from the memory tier otherwise.
     pub warm_read_mbps: f64,
+    /// The raw stream of `grpc_limit_mbps`, read again right after each
+    /// warm read (median).
+    pub grpc_limit_beside_warm_mbps: f64,
+    /// Each warm read's rate over the raw stream read right after it
+    /// (median of the pairs): the warm target's ratio, measured side by
+    /// side.
+    pub warm_read_ratio: f64,
     /// Read of the same blob from a sidecar whose memory tier holds it,
     /// checked by the client.
     pub warm_memory_read_mbps: f64,
@@ -232,16 +246,7 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     let main = Bytes::from(pseudo_random(opts.size, 1));
 
     let samples = opts.samples.max(1);
-    let blake3_mbps = median((0..samples).map(|_| {
-        mbps(
-            opts.size,
-            time(|| {
-                let mut h = blake3::Hasher::new();
-                h.update(&main);
-                h.finalize()
-            }),
-        )
-    }));
+    let blake3_mbps = median((0..samples).map(|_| blake3_mbps_of(&main)));
     progress(&format!("blake3 (1 thread): {blake3_mbps:.0} MB/s"));
 
     let mut limits = Vec::with_capacity(samples);
@@ -301,6 +306,7 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     // before the clock starts: the bench's own check is not part of it.
     let digest = B3Digest::of(&main);
     let mut puts = Samples::default();
+    let mut blake3_beside_put = Vec::with_capacity(samples);
     for i in 0..samples {
         let (blob, want) = match i {
             0 => (main.clone(), digest),
@@ -308,12 +314,15 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         };
         puts.time(opts.size, &sidecar, put(&sidecar_client, &blob, want))
             .await?;
+        blake3_beside_put.push(blake3_mbps_of(&main));
     }
     let (put_mbps, put_cpu_s_per_gib) = puts.medians();
+    let blake3_beside_put_mbps = median(blake3_beside_put.iter().copied());
+    let put_ratio = median(ratios(&puts.mbps, &blake3_beside_put));
     let put_client_cpu_s_per_gib = puts.client_median();
     progress(&format!(
         "put: {put_mbps:.0} MB/s (sidecar: {put_cpu_s_per_gib:.2} CPU-s per GiB, \
-         client: {put_client_cpu_s_per_gib:.2})"
+         client: {put_client_cpu_s_per_gib:.2}); {put_ratio:.2} of BLAKE3 taken beside it"
     ));
     let mut puts_again = Samples::default();
     for _ in 0..samples {
@@ -329,9 +338,12 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
 
     // The disk's own reads, taken beside each warm read (its speed here
     // changes from one minute to the next).
+    // So is the raw stream's, which the warm read is held against.
     let (direct_file, disk_write) = DirectFile::write(work.path(), &main)?;
+    let raw = RawServer::start(main.clone()).await?;
     let mut warm = Samples::default();
     let mut disk_parallel = Vec::with_capacity(samples);
+    let mut grpc_beside = Vec::with_capacity(samples);
     for _ in 0..samples {
         warm.time(
             opts.size,
@@ -339,14 +351,20 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
             read_checked(&sidecar_client, &digest, &main),
         )
         .await?;
+        grpc_beside.push(raw.read_mbps().await?);
         let parallel = tokio::task::block_in_place(|| direct_file.read_parallel())?;
         disk_parallel.push(mbps(direct_file.len, parallel));
     }
+    drop(raw);
     let (warm_read_mbps, warm_cpu_s_per_gib) = warm.medians();
     let disk_read_parallel_mbps = median(disk_parallel);
+    let grpc_limit_beside_warm_mbps = median(grpc_beside.iter().copied());
+    let warm_read_ratio = median(ratios(&warm.mbps, &grpc_beside));
     progress(&format!(
         "warm read: {warm_read_mbps:.0} MB/s (sidecar: {warm_cpu_s_per_gib:.2} CPU-s per GiB); \
-         the disk, read as the disk tier reads: {disk_read_parallel_mbps:.0} MB/s"
+         the disk, read as the disk tier reads: {disk_read_parallel_mbps:.0} MB/s; \
+         {warm_read_ratio:.2} of the raw stream read beside it \
+         ({grpc_limit_beside_warm_mbps:.0} MB/s)"
     ));
 
     // The same blob from the nearest tier: a sidecar whose memory tier
@@ -532,8 +550,12 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
         put_work_cpu_s_per_gib,
         put_bound_mbps,
         put_mbps,
+        blake3_beside_put_mbps,
+        put_ratio,
         put_again_mbps,
         warm_read_mbps,
+        grpc_limit_beside_warm_mbps,
+        warm_read_ratio,
         warm_memory_read_mbps,
         cold_read_mbps,
         direct_read_mbps,
@@ -998,49 +1020,96 @@ struct RawLimits {
     put_cpu_s: f64,
 }
 
+/// A raw server ([`RawStream`]) of one buffer on a loopback port, in this
+/// process, with a client of it; the server stops when this drops.
+struct RawServer {
+    client: BlobServiceClient<Channel>,
+    len: usize,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RawServer {
+    async fn start(data: Bytes) -> anyhow::Result<RawServer> {
+        let len = data.len();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = format!("grpc+http://{}", listener.local_addr()?);
+        let task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME_SIZE)
+                .tcp_nodelay(true)
+                .add_service(BlobServiceServer::new(RawStream(data)))
+                .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
+        );
+        Ok(RawServer {
+            client: client(&addr)?,
+            len,
+            task,
+        })
+    }
+
+    /// The rate of one Read of the whole buffer.
+    async fn read_mbps(&self) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let mut stream = self
+            .client
+            .clone()
+            .read(ReadBlobRequest {
+                digest: B3Digest::EMPTY.into(),
+            })
+            .await?
+            .into_inner();
+        let mut got = 0;
+        while let Some(msg) = stream.next().await {
+            got += msg?.data.len();
+        }
+        let read = started.elapsed();
+        anyhow::ensure!(got == self.len, "raw stream was cut short");
+        Ok(mbps(self.len, read))
+    }
+}
+
+impl Drop for RawServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Throughput of a raw tonic stream of `data` over loopback: a Read of it
 /// from a server, then a Put of it into one. Client and server both run in
 /// this process, so its CPU time covers both ends.
 async fn raw_limits(data: Bytes) -> anyhow::Result<RawLimits> {
     let len = data.len();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = format!("grpc+http://{}", listener.local_addr()?);
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME_SIZE)
-            .tcp_nodelay(true)
-            .add_service(BlobServiceServer::new(RawStream(data.clone())))
-            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
-    );
-    let c = client(&addr)?;
-    let started = Instant::now();
-    let mut stream = c
-        .clone()
-        .read(ReadBlobRequest {
-            digest: B3Digest::EMPTY.into(),
-        })
-        .await?
-        .into_inner();
-    let mut got = 0;
-    while let Some(msg) = stream.next().await {
-        got += msg?.data.len();
-    }
-    let read = started.elapsed();
-    anyhow::ensure!(got == len, "raw stream was cut short");
-
+    let raw = RawServer::start(data.clone()).await?;
+    let read_mbps = raw.read_mbps().await?;
     let cpu = cpu_seconds(std::process::id())?;
     let started = Instant::now();
-    c.clone().put(put_messages(&data)).await?;
+    raw.client.clone().put(put_messages(&data)).await?;
     let put = started.elapsed();
     let put_cpu_s = cpu_seconds(std::process::id())? - cpu;
-    server.abort();
     Ok(RawLimits {
-        read_mbps: mbps(len, read),
+        read_mbps,
         put_mbps: mbps(len, put),
         put_cpu_s,
     })
+}
+
+/// Single-thread BLAKE3 of `data`, in MB/s.
+fn blake3_mbps_of(data: &[u8]) -> f64 {
+    mbps(
+        data.len(),
+        time(|| {
+            let mut h = blake3::Hasher::new();
+            h.update(data);
+            h.finalize()
+        }),
+    )
+}
+
+/// `a[i] / b[i]` for each pair.
+fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(a, b)| a / b).collect()
 }
 
 /// Seconds one thread takes to copy `data`, 1 MiB at a time, into one
