@@ -72,6 +72,7 @@ pub async fn run_cli(args: Args) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let report = run(&opts, |line| println!("  {line}")).await?;
+    print!("{}", report.targets());
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
@@ -122,7 +123,7 @@ impl BenchOptions {
 }
 
 /// The figures (MB = 10^6 bytes).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct BenchReport {
     /// Bytes in the main blob.
     pub size_bytes: u64,
@@ -581,6 +582,55 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     })
 }
 
+/// The sidecar's memory tier, in bytes: the peak RSS target allows 256 MiB
+/// beyond it.
+const SIDECAR_MEMORY: u64 = 256 << 20;
+
+impl BenchReport {
+    /// The issue's targets beside what this run measured, one per line:
+    /// a reading aid, not a verdict (the figures move with the machine).
+    pub fn targets(&self) -> String {
+        let rss_allowed = format!("<= {:.0}", (SIDECAR_MEMORY + (256 << 20)) as f64 / 1e6);
+        let rows = [
+            (
+                "put / BLAKE3 beside it",
+                format!("{:.2}", self.put_ratio),
+                ">= 0.40",
+            ),
+            (
+                "warm read / raw stream beside it",
+                format!("{:.2}", self.warm_read_ratio),
+                ">= 0.60",
+            ),
+            (
+                "cold read / warm read",
+                format!("{:.2}", self.cold_read_mbps / self.warm_read_mbps),
+                ">= 0.50",
+            ),
+            (
+                "coalesce factor",
+                format!("{:.3}", self.coalesce_factor),
+                "<= 1.05",
+            ),
+            (
+                "peak RSS, MB (memory tier included)",
+                format!("{:.0}", self.peak_rss_mb),
+                &rss_allowed,
+            ),
+            (
+                "1 MiB range of a cold blob, ms",
+                format!("{:.1}", self.range_read_ms),
+                "<= 20",
+            ),
+        ];
+        let mut out = String::from("  targets (this run; a full run is the one that counts):\n");
+        for (what, measured, wanted) in rows {
+            out.push_str(&format!("    {what:<38} {measured:>8}  {wanted}\n"));
+        }
+        out
+    }
+}
+
 fn sidecar_config(disk: &Path, peer: &str, size: usize) -> String {
     sidecar_config_filling(disk, peer, size, "sync")
 }
@@ -589,7 +639,7 @@ fn sidecar_config(disk: &Path, peer: &str, size: usize) -> String {
 fn sidecar_config_filling(disk: &Path, peer: &str, size: usize, fill: &str) -> String {
     format!(
         "[blobservices.root]\ntype = \"tiers\"\ntiers = [\"mem\", \"disk\", \"peer\"]\nfill = \"{fill}\"\n\n\
-         [blobservices.mem]\ntype = \"memory\"\nmax_size = \"256MiB\"\n\n\
+         [blobservices.mem]\ntype = \"memory\"\nmax_size = {SIDECAR_MEMORY}\n\n\
          [blobservices.disk]\ntype = \"disk\"\npath = {}\nmax_size = {}\n\n\
          [blobservices.peer]\ntype = \"grpc\"\nurl = \"{peer}\"\n",
         toml::Value::String(disk.display().to_string()),
@@ -1206,5 +1256,43 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_targets_table_shows_each_ratio_beside_its_target() {
+        let report = BenchReport {
+            put_ratio: 0.27,
+            warm_read_ratio: 0.612,
+            cold_read_mbps: 600.0,
+            warm_read_mbps: 1200.0,
+            coalesce_factor: 1.0,
+            peak_rss_mb: 93.4,
+            range_read_ms: 12.84,
+            ..BenchReport::default()
+        };
+        let table = report.targets();
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .skip(1)
+            .map(|line| line.rsplitn(3, ' ').collect())
+            .collect();
+        let want = [
+            ("0.27", ">= 0.40"),
+            ("0.61", ">= 0.60"),
+            ("0.50", ">= 0.50"),
+            ("1.000", "<= 1.05"),
+            ("93", "<= 537"),
+            ("12.8", "<= 20"),
+        ];
+        assert_eq!(rows.len(), want.len(), "{table}");
+        for (row, (measured, target)) in rows.iter().zip(want) {
+            assert_eq!(row[0], target.rsplit(' ').next().unwrap(), "{table}");
+            assert!(row[2].trim_end().ends_with(measured), "{table}");
+        }
     }
 }
