@@ -337,9 +337,9 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
          (sidecar: {put_again_cpu_s_per_gib:.2} CPU-s per GiB)"
     ));
 
-    // The disk's own reads, taken beside each warm read (its speed here
-    // changes from one minute to the next).
-    // So is the raw stream's, which the warm read is held against.
+    // The disk's own reads and the raw stream, each taken right after
+    // every warm read: their speed here changes from one minute to the
+    // next, and the warm read is held against both.
     let (direct_file, disk_write) = DirectFile::write(work.path(), &main)?;
     let raw = RawServer::start(main.clone()).await?;
     let mut warm = Samples::default();
