@@ -22,7 +22,7 @@ use strata::B3Digest;
 use strata::addr::PeerAddr;
 use strata::proto::snix::ReadBlobRequest;
 use strata::proto::snix::blob_service_client::BlobServiceClient;
-use strata::testkit::cpu_seconds;
+use strata::testkit::{cpu_seconds, per_gib};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -70,7 +70,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 got += msg?.data.len();
             }
             let secs = started.elapsed().as_secs_f64();
-            let cpu = (cpu_seconds(*pid)? - cpu) * (1u64 << 30) as f64 / got as f64;
+            let cpu = per_gib(got, cpu_seconds(*pid)? - cpu);
             let rate = got as f64 / secs / 1e6;
             println!("{name} {round} {rate:.0} {cpu:.2}");
             rates.push(rate);

@@ -16,7 +16,7 @@ use strata::B3Digest;
 use strata::addr::PeerAddr;
 use strata::proto::snix::BlobChunk;
 use strata::proto::snix::blob_service_client::BlobServiceClient;
-use strata::testkit::cpu_seconds;
+use strata::testkit::{cpu_seconds, per_gib};
 
 const MESSAGE: usize = 1 << 20;
 
@@ -46,7 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "{digest} {:.0} MB/s client {:.2} CPU-s/GiB",
         data.len() as f64 / elapsed.as_secs_f64() / 1e6,
-        cpu * (1u64 << 30) as f64 / data.len() as f64
+        per_gib(data.len(), cpu)
     );
     Ok(())
 }

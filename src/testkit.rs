@@ -31,6 +31,12 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// `seconds` spent on `bytes`, scaled to a GiB: how the benchmarks report
+/// CPU time.
+pub fn per_gib(bytes: usize, seconds: f64) -> f64 {
+    seconds * (1u64 << 30) as f64 / bytes as f64
+}
+
 /// CPU time (user and system, all threads) process `pid` has used so far,
 /// in seconds, from `/proc/PID/stat`.
 pub fn cpu_seconds(pid: u32) -> std::io::Result<f64> {

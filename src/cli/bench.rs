@@ -29,7 +29,7 @@ use strata::proto::snix::blob_service_server::{BlobService, BlobServiceServer};
 use strata::proto::snix::{
     BlobChunk, PutBlobResponse, ReadBlobRequest, StatBlobRequest, StatBlobResponse,
 };
-use strata::testkit::{CountingProxy, cpu_seconds, pseudo_random, read_range};
+use strata::testkit::{CountingProxy, cpu_seconds, per_gib, pseudo_random, read_range};
 use strata::verify::STORED_SHIFT;
 use strata::verify::bao::outboard_of;
 
@@ -582,15 +582,20 @@ pub async fn run(opts: &BenchOptions, progress: impl Fn(&str)) -> anyhow::Result
     })
 }
 
-/// The sidecar's memory tier, in bytes: the peak RSS target allows 256 MiB
-/// beyond it.
+/// The sidecar's memory tier, in bytes.
 const SIDECAR_MEMORY: u64 = 256 << 20;
+
+/// What the peak RSS target allows the sidecar beyond its memory tier.
+const RSS_BEYOND_MEMORY: u64 = 256 << 20;
 
 impl BenchReport {
     /// The targets beside what this run measured, one per line:
     /// a reading aid, not a verdict (the figures move with the machine).
     pub fn targets(&self) -> String {
-        let rss_allowed = format!("<= {:.0}", (SIDECAR_MEMORY + (256 << 20)) as f64 / 1e6);
+        let rss_allowed = format!(
+            "<= {:.0}",
+            (SIDECAR_MEMORY + RSS_BEYOND_MEMORY) as f64 / 1e6
+        );
         let rows = [
             (
                 "put / BLAKE3 beside it",
@@ -934,11 +939,6 @@ fn time<T>(f: impl FnOnce() -> T) -> Duration {
 
 fn mbps(bytes: usize, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64() / 1e6
-}
-
-/// `seconds` spent on `bytes`, scaled to a GiB.
-fn per_gib(bytes: usize, seconds: f64) -> f64 {
-    seconds * (1u64 << 30) as f64 / bytes as f64
 }
 
 fn client(addr: &str) -> anyhow::Result<BlobServiceClient<Channel>> {
